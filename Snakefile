@@ -1,0 +1,27 @@
+# kidney-seg: a 2D U-Net for KiTS kidney and tumour segmentation, end to end.
+# Run: snakemake --cores 8 --resources gpu=1   (see README.md)
+from snakemake.utils import min_version, validate
+
+min_version("9.0")
+
+
+configfile: "config.yaml"
+
+
+validate(config, "kidney_seg/schemas/config.schema.yaml")
+
+
+include: "rules/common.smk"
+include: "rules/download.smk"
+include: "rules/preprocess.smk"
+include: "rules/split.smk"
+include: "rules/train.smk"
+include: "rules/predict.smk"
+include: "rules/evaluate.smk"
+include: "rules/report.smk"
+
+
+rule all:
+    input:
+        f"{RESULTS}/report.html",
+    default_target: True

@@ -1,0 +1,93 @@
+"""Load, merge and validate the workflow configuration against its JSON schema."""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(str(resources.files("kidney_seg") / "schemas" / "config.schema.yaml"))
+
+#: Label values per dataset source: 0 background, 1 kidney, 2 tumour (3 cyst for KiTS21/23).
+LABELS = {"kits19": (0, 1, 2), "phantom": (0, 1, 2), "local": (0, 1, 2), "kits21": (0, 1, 2, 3), "kits23": (0, 1, 2, 3)}
+CLASS_NAMES = ("background", "kidney", "tumor", "cyst")
+
+
+def load_schema() -> dict:
+    """The config schema (JSON Schema 2020-12) as a dict."""
+    return yaml.safe_load(SCHEMA_PATH.read_text())
+
+
+def deep_merge(base: dict, override: dict) -> dict:
+    """Recursively merge ``override`` into a copy of ``base`` (as Snakemake's --configfile does)."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _with_defaults(validator_class):
+    """A validator class that fills in schema defaults while validating."""
+    validate_properties = validator_class.VALIDATORS["properties"]
+
+    def set_defaults(validator, properties, instance, schema):
+        if isinstance(instance, dict):
+            for name, sub in properties.items():
+                if "default" in sub and name not in instance:
+                    instance[name] = copy.deepcopy(sub["default"])
+        yield from validate_properties(validator, properties, instance, schema)
+
+    return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
+
+
+def validate_config(config: dict) -> dict:
+    """Validate a config, returning a copy with defaults filled in; raise ValueError on errors."""
+    schema = load_schema()
+    out = copy.deepcopy(config)
+    validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
+    errors = sorted(validator.iter_errors(out), key=lambda e: list(e.path))
+    if errors:
+        lines = [f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors]
+        raise ValueError("invalid config:\n  " + "\n  ".join(lines))
+    check_consistency(out)
+    return out
+
+
+def check_consistency(config: dict) -> None:
+    """Checks that a schema cannot express (sums, divisibility)."""
+    fractions = config["split"]["fractions"]
+    if abs(sum(fractions) - 1.0) > 1e-6:
+        raise ValueError(f"split.fractions must sum to 1, got {fractions}")
+    divisor = 2 ** (config["model"]["levels"] - 1)
+    for size in config["training"]["patch_size"]:
+        if size % divisor:
+            raise ValueError(f"training.patch_size {size} is not divisible by 2^(levels-1) = {divisor}")
+    if config["training"]["foreground_per_batch"] > config["training"]["batch_size"]:
+        raise ValueError("training.foreground_per_batch exceeds training.batch_size")
+    if config["dataset"]["source"] == "local" and not config["dataset"].get("root"):
+        raise ValueError("dataset.root is required when dataset.source is 'local'")
+
+
+def load_config(*paths: str | Path) -> dict:
+    """Read and merge YAML files left to right, then validate."""
+    merged: dict[str, Any] = {}
+    for path in paths:
+        merged = deep_merge(merged, yaml.safe_load(Path(path).read_text()) or {})
+    return validate_config(merged)
+
+
+def labels_for(source: str) -> tuple[int, ...]:
+    """Valid label values of a dataset source."""
+    return LABELS[source]
+
+
+def class_names(num_classes: int) -> tuple[str, ...]:
+    """Names of the model's output classes."""
+    return CLASS_NAMES[:num_classes]

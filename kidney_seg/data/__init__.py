@@ -1,0 +1,1 @@
+"""Data sources: phantom, KiTS downloads, local folders."""

@@ -1,0 +1,111 @@
+"""The paper's 2D U-Net, written on Keras 3's backend-neutral API (channels-last).
+
+A block is Conv2D 3x3 'same' -> LeakyReLU(0.3) -> BatchNorm (the authors' code; the
+order is configurable). Each level has ``blocks_per_level`` blocks and f0 * 2^level
+filters; the encoder max-pools between levels, the decoder upsamples by 2 (bilinear as
+the paper says, or nearest as the authors' code did), concatenates the skip and applies
+the same blocks. A 1x1 convolution gives one logit per class; the softmax lives in the
+loss. With f0=20, 6 levels and 2 blocks this has about 12.3M parameters.
+"""
+
+from __future__ import annotations
+
+import keras
+from keras import layers, ops
+
+
+@keras.saving.register_keras_serializable(package="kidney_seg")
+class BilinearUpsample2x(layers.Layer):
+    """Bilinear x2 upsampling (half-pixel centres, edge clamped) for inputs of any size.
+
+    Equal to ``UpSampling2D(2, interpolation="bilinear")``, which in Keras 3 cannot trace
+    inputs whose height and width are unknown.
+    """
+
+    @staticmethod
+    def _along(x, axis: int):
+        """Double ``x`` along one spatial axis: 0.75 of each pixel plus 0.25 of a neighbour."""
+        n = ops.shape(x)[axis]
+        first = ops.take(x, [0], axis=axis)
+        last = ops.take(x, ops.expand_dims(n - 1, 0), axis=axis)
+        prev = ops.concatenate([first, ops.take(x, ops.arange(0, n - 1), axis=axis)], axis=axis)
+        nxt = ops.concatenate([ops.take(x, ops.arange(1, n), axis=axis), last], axis=axis)
+        pair = ops.stack([0.75 * x + 0.25 * prev, 0.75 * x + 0.25 * nxt], axis=axis + 1)
+        shape = ops.shape(x)
+        new = [shape[0], shape[1], shape[2], shape[3]]
+        new[axis] = new[axis] * 2
+        return ops.reshape(pair, new)
+
+    def call(self, x):
+        return self._along(self._along(x, 1), 2)
+
+    def compute_output_shape(self, input_shape):
+        b, h, w, c = input_shape
+        return (b, None if h is None else 2 * h, None if w is None else 2 * w, c)
+
+
+def conv_block(x, filters: int, block_order: str, leaky_alpha: float, name: str):
+    """Conv 3x3 followed by LeakyReLU and BatchNorm in the configured order."""
+    x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv")(x)
+    act = layers.LeakyReLU(negative_slope=leaky_alpha, name=f"{name}_act")
+    norm = layers.BatchNormalization(name=f"{name}_bn")
+    if block_order == "conv_act_norm":
+        return norm(act(x))
+    if block_order == "conv_norm_act":
+        return act(norm(x))
+    raise ValueError(f"unknown block_order {block_order!r}")
+
+
+def build_unet(
+    num_classes: int = 3,
+    in_channels: int = 1,
+    base_filters: int = 20,
+    levels: int = 6,
+    blocks_per_level: int = 2,
+    block_order: str = "conv_act_norm",
+    leaky_alpha: float = 0.3,
+    upsampling: str = "bilinear",
+    name: str = "unet2d",
+) -> keras.Model:
+    """Build the U-Net; it accepts any H, W divisible by 2^(levels-1)."""
+    if upsampling not in ("bilinear", "nearest"):
+        raise ValueError(f"unknown upsampling {upsampling!r}")
+    inputs = keras.Input(shape=(None, None, in_channels), name="image")
+    x = inputs
+    skips = []
+    for level in range(levels):
+        filters = base_filters * 2**level
+        for b in range(blocks_per_level):
+            x = conv_block(x, filters, block_order, leaky_alpha, f"enc{level}_{b}")
+        if level < levels - 1:
+            skips.append(x)
+            x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
+    for level in reversed(range(levels - 1)):
+        filters = base_filters * 2**level
+        up = BilinearUpsample2x(name=f"up{level}") if upsampling == "bilinear" else layers.UpSampling2D(2, name=f"up{level}")
+        x = up(x)
+        x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
+        for b in range(blocks_per_level):
+            x = conv_block(x, filters, block_order, leaky_alpha, f"dec{level}_{b}")
+    logits = layers.Conv2D(num_classes, 1, name="logits", dtype="float32")(x)
+    return keras.Model(inputs, logits, name=name)
+
+
+def build_from_config(model_cfg: dict, num_classes: int) -> keras.Model:
+    """Build the U-Net from the config's ``model`` section."""
+    return build_unet(
+        num_classes=num_classes,
+        base_filters=model_cfg["base_filters"],
+        levels=model_cfg["levels"],
+        blocks_per_level=model_cfg["blocks_per_level"],
+        block_order=model_cfg["block_order"],
+        leaky_alpha=model_cfg["leaky_alpha"],
+        upsampling=model_cfg["upsampling"],
+    )
+
+
+def load_model(path, compile: bool = True) -> keras.Model:
+    """Load a saved U-Net (safe mode) with this package's custom layers, loss and metrics."""
+    import kidney_seg.losses  # noqa: F401  (registers the custom loss and metrics)
+
+    return keras.models.load_model(path, compile=compile, safe_mode=True)

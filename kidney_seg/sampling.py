@@ -1,0 +1,123 @@
+"""Positive-slice batches with batchgenerators augmentation, reproducible batch by batch.
+
+Batch ``k`` of a run is a pure function of ``(seed, k)``: its slices, crops, scalings
+and flips are drawn from generators seeded with both. A resumed run therefore sees the
+same batches as an uninterrupted one, and worker order cannot change the stream.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from batchgenerators.transforms.abstract_transforms import Compose
+from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
+
+from kidney_seg.io import load_npy
+
+
+@dataclass
+class CaseSlices:
+    """A preprocessed case: memory-mapped image and label, and its foreground slices."""
+
+    case_id: str
+    image: np.ndarray
+    label: np.ndarray
+    foreground: np.ndarray
+
+
+def load_case(case_dir: str | Path) -> CaseSlices:
+    """Open one case of the slice cache."""
+    case_dir = Path(case_dir)
+    meta = json.loads((case_dir / "meta.json").read_text())
+    image, label = load_npy(case_dir / "image.npy"), load_npy(case_dir / "label.npy")
+    if image.shape != label.shape:
+        raise ValueError(f"{case_dir}: image {image.shape} and label {label.shape} differ")
+    return CaseSlices(meta["case_id"], image, label, np.asarray(meta["slices"]["foreground"], dtype=np.int64))
+
+
+def slice_table(cases: list[CaseSlices]) -> tuple[np.ndarray, np.ndarray]:
+    """(case, slice) pairs of all slices and of the foreground slices."""
+    every = np.array([(i, s) for i, c in enumerate(cases) for s in range(c.image.shape[0])], dtype=np.int64)
+    fg = np.array([(i, s) for i, c in enumerate(cases) for s in c.foreground], dtype=np.int64).reshape(-1, 2)
+    return every, fg
+
+
+def choose_slices(rng: np.random.Generator, every: np.ndarray, fg: np.ndarray, batch_size: int, n_fg: int) -> np.ndarray:
+    """Draw ``n_fg`` foreground slices and ``batch_size - n_fg`` random ones."""
+    n_fg = n_fg if len(fg) else 0
+    picks = [fg[rng.integers(len(fg), size=n_fg)]] if n_fg else []
+    picks.append(every[rng.integers(len(every), size=batch_size - n_fg)])
+    return np.concatenate(picks)
+
+
+def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> Compose:
+    """The paper's augmentation: random crop, rare scaling, mirroring of both axes."""
+    patch = tuple(int(p) for p in patch_size)
+    return Compose([
+        SpatialTransform(
+            patch, patch_center_dist_from_border=[p // 2 for p in patch], do_elastic_deform=False,
+            do_rotation=False, do_scale=p_scale > 0, scale=tuple(scale_range), border_mode_data="nearest",
+            order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0, random_crop=True,
+            p_scale_per_sample=p_scale,
+        ),
+        MirrorTransform(axes=(0, 1), p_per_sample=p_mirror),
+    ])
+
+
+def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Apply the transform to one 2D slice with a given seed."""
+    np.random.seed(seed % 2**32)  # batchgenerators draws from NumPy's global generator
+    out = transform(data=image[None, None].astype(np.float32), seg=label[None, None].astype(np.float32))
+    return out["data"][0, 0], np.rint(out["seg"][0, 0]).astype(np.uint8)
+
+
+def make_batch(k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int):
+    """Batch number ``k``: images (B, H, W, 1) float32 and labels (B, H, W) uint8."""
+    rng = np.random.default_rng([seed, k])
+    picks = choose_slices(rng, tables[0], tables[1], batch_size, n_fg)
+    seeds = rng.integers(0, 2**31, size=len(picks))
+    images, labels = zip(*(augment(transform, cases[c].image[s], cases[c].label[s], int(sd))
+                           for (c, s), sd in zip(picks, seeds)))
+    return np.stack(images)[..., None], np.stack(labels)
+
+
+def batch_stream(cases, transform, batch_size: int, n_fg: int, seed: int, start: int = 0):
+    """Endless batches ``start, start+1, ...`` in order."""
+    tables = slice_table(cases)
+    k = start
+    while True:
+        yield make_batch(k, cases, tables, transform, batch_size, n_fg, seed)
+        k += 1
+
+
+def crop_or_pad(array: np.ndarray, size, center, pad_value: float) -> np.ndarray:
+    """A ``size`` window of a 2D array around ``center``, padded where it leaves the array."""
+    out = np.full(tuple(size), pad_value, dtype=array.dtype)
+    src, dst = [], []
+    for n, s, c in zip(array.shape, size, center):
+        start = int(np.clip(round(c - s / 2), 0, max(n - s, 0))) if n >= s else 0
+        length = min(s, n)
+        offset = 0 if n >= s else (s - n) // 2
+        src.append(slice(start, start + length))
+        dst.append(slice(offset, offset + length))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
+
+
+def validation_set(cases: list[CaseSlices], n_slices: int, patch_size, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Fixed validation crops: mostly foreground slices, centred on the foreground."""
+    rng = np.random.default_rng([seed, 7919])
+    every, fg = slice_table(cases)
+    n_fg = min(len(fg), int(round(n_slices * 5 / 7)))
+    picks = np.concatenate([fg[rng.permutation(len(fg))[:n_fg]], every[rng.permutation(len(every))[: n_slices - n_fg]]])
+    xs, ys = [], []
+    for c, s in picks:
+        img, lab = np.asarray(cases[c].image[s]), np.asarray(cases[c].label[s])
+        where = np.argwhere(lab > 0)
+        center = where.mean(axis=0) if len(where) else np.asarray(lab.shape) / 2
+        xs.append(crop_or_pad(img, patch_size, center, float(img.min())))
+        ys.append(crop_or_pad(lab, patch_size, center, 0))
+    return np.stack(xs)[..., None].astype(np.float32), np.stack(ys).astype(np.uint8)

@@ -1,0 +1,239 @@
+"""Training: Adam, ReduceLROnPlateau on validation loss, best/last checkpoints, resume.
+
+Outputs in ``model_dir``: ``model.keras`` (best validation loss), ``history.csv`` (one row
+per epoch) and ``inference.json`` (everything ``predict`` needs to preprocess a new scan).
+While training runs, ``checkpoint_dir`` holds ``last.keras`` (with optimizer state),
+``best.keras`` and ``history.csv``. It is kept apart from the declared outputs, which
+Snakemake deletes before rerunning a job, so a killed run resumes from its last epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from kidney_seg.config import class_names
+from kidney_seg.io import atomic_path, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+HISTORY_COLUMNS = ("epoch", "lr", "loss", "val_loss", "seconds")
+
+
+def configure_threads(threads: int | None) -> None:
+    """Limit the backend's CPU threads to what the scheduler granted."""
+    if not threads:
+        return
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
+        except RuntimeError:  # runtime already initialised
+            log.warning("could not set TensorFlow thread counts; the runtime was already initialised")
+
+
+def read_history(path: Path) -> pd.DataFrame:
+    """The training log so far, or an empty frame."""
+    if path.is_file() and path.stat().st_size:
+        return pd.read_csv(path)
+    return pd.DataFrame(columns=list(HISTORY_COLUMNS))
+
+
+def write_history(df: pd.DataFrame, path: Path) -> None:
+    """Write the training log atomically."""
+    with atomic_path(path) as tmp:
+        df.to_csv(tmp, index=False)
+
+
+def _current_lr(model) -> float:
+    """The optimizer's learning rate as a float."""
+    import keras
+
+    return float(keras.ops.convert_to_numpy(model.optimizer.learning_rate))
+
+
+def make_epoch_logger(state_dir: Path, history: pd.DataFrame):
+    """A callback that saves last.keras and appends to history.csv after every epoch."""
+    import keras
+
+    class EpochLogger(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.rows = history.to_dict("records")
+            self.t0 = time.perf_counter()
+
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            logs = dict(logs or {})
+            row = {"epoch": epoch + 1, "lr": _current_lr(self.model), "loss": logs.get("loss"),
+                   "val_loss": logs.get("val_loss"), "seconds": round(time.perf_counter() - self.t0, 3)}
+            row.update({k: float(v) for k, v in logs.items() if k.startswith("val_dice_")})
+            self.rows.append(row)
+            with atomic_path(state_dir / "last.keras") as tmp:
+                self.model.save(tmp)
+            write_history(pd.DataFrame(self.rows), state_dir / "history.csv")
+            log.info("epoch %d: %s", epoch + 1, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+
+    return EpochLogger()
+
+
+def make_best_checkpoint(state_dir: Path, history: pd.DataFrame):
+    """A callback that keeps the weights with the lowest validation loss in best.keras."""
+    import keras
+
+    class BestCheckpoint(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.best = float(history["val_loss"].min()) if len(history) else math.inf
+
+        def on_epoch_end(self, epoch, logs=None):
+            val = float((logs or {}).get("val_loss", math.inf))
+            if val < self.best or not (state_dir / "best.keras").exists():
+                self.best = min(val, self.best)
+                with atomic_path(state_dir / "best.keras") as tmp:
+                    self.model.save(tmp)
+
+    return BestCheckpoint()
+
+
+def compile_model(model, num_classes: int, train_cfg: dict) -> None:
+    """Attach Adam, the Dice+CE loss and per-class Dice metrics."""
+    import keras
+
+    from kidney_seg.losses import DiceCELoss, HardDice
+
+    names = class_names(num_classes)
+    model.compile(
+        optimizer=keras.optimizers.Adam(learning_rate=train_cfg["learning_rate"]),
+        loss=DiceCELoss(num_classes, include_background=train_cfg["dice_include_background"]),
+        metrics=[HardDice(c, names[c]) for c in range(1, num_classes)],
+    )
+
+
+def restore_or_build(state_dir: Path, model_cfg: dict, train_cfg: dict, num_classes: int, history: pd.DataFrame):
+    """Resume from last.keras when a previous run left one; otherwise build a fresh model."""
+    from kidney_seg.model import build_from_config, load_model
+
+    last = state_dir / "last.keras"
+    if last.is_file() and len(history):
+        log.info("resuming from %s after epoch %d", last, len(history))
+        return load_model(last), int(len(history))
+    model = build_from_config(model_cfg, num_classes)
+    compile_model(model, num_classes, train_cfg)
+    return model, 0
+
+
+def inference_settings(preprocessing_cfg: dict, train_cfg: dict, num_classes: int, labels) -> dict:
+    """What predict needs besides the weights."""
+    return {
+        "num_classes": num_classes,
+        "labels": list(labels),
+        "patch_size": list(train_cfg["patch_size"]),
+        "target_spacing": list(preprocessing_cfg["target_spacing"]),
+        "clip": list(preprocessing_cfg["clip"]),
+        "normalization": preprocessing_cfg["normalization"],
+    }
+
+
+def train(
+    train_dirs: list[str | os.PathLike],
+    val_dirs: list[str | os.PathLike],
+    model_dir: str | os.PathLike,
+    model_cfg: dict,
+    train_cfg: dict,
+    preprocessing_cfg: dict,
+    labels: tuple[int, ...],
+    seed: int,
+    checkpoint_dir: str | os.PathLike | None = None,
+    threads: int | None = None,
+) -> pd.DataFrame:
+    """Train (or resume training) the U-Net, publish the best model, return the history."""
+    configure_threads(threads)
+    import keras
+
+    from kidney_seg.sampling import load_case
+
+    model_dir = Path(model_dir)
+    state_dir = Path(checkpoint_dir) if checkpoint_dir else model_dir / "checkpoint"
+    state_dir.mkdir(parents=True, exist_ok=True)
+    num_classes = len(labels)
+    keras.utils.set_random_seed(seed)
+    train_cases = [load_case(d) for d in train_dirs]
+    val_cases = [load_case(d) for d in val_dirs]
+    if not train_cases or not val_cases:
+        raise ValueError("training needs at least one training and one validation case")
+    reset_stale_state(state_dir, run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing_cfg, labels, seed))
+    history = read_history(state_dir / "history.csv")
+    model, initial_epoch = restore_or_build(state_dir, model_cfg, train_cfg, num_classes, history)
+    if initial_epoch < train_cfg["epochs"]:
+        fit(model, train_cases, val_cases, train_cfg, seed, initial_epoch, state_dir, history)
+    else:
+        log.info("training already complete (%d epochs)", initial_epoch)
+    return publish(state_dir, model_dir, inference_settings(preprocessing_cfg, train_cfg, num_classes, labels))
+
+
+def run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing_cfg, labels, seed) -> dict:
+    """What a checkpoint must match to be resumed: settings, cases and their cache files."""
+    def stamp(d):
+        return [str(d)] + [os.stat(Path(d) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
+
+    return json.loads(json.dumps({
+        "model": model_cfg, "training": train_cfg, "preprocessing": preprocessing_cfg, "labels": list(labels),
+        "seed": seed, "train": [stamp(d) for d in train_dirs], "val": [stamp(d) for d in val_dirs],
+    }))
+
+
+def reset_stale_state(state_dir: Path, fingerprint: dict) -> None:
+    """Discard checkpoints left by a run with other settings or inputs."""
+    path = state_dir / "fingerprint.json"
+    if path.is_file() and json.loads(path.read_text()) != fingerprint:
+        log.info("settings or inputs changed since the checkpoint in %s: starting afresh", state_dir)
+        for name in ("last.keras", "best.keras", "history.csv"):
+            (state_dir / name).unlink(missing_ok=True)
+    write_json_atomic(path, fingerprint)
+
+
+def publish(state_dir: Path, model_dir: Path, settings: dict) -> pd.DataFrame:
+    """Copy the best model and the history to the declared outputs, atomically."""
+    with atomic_path(model_dir / "model.keras") as tmp:
+        shutil.copyfile(state_dir / "best.keras", tmp)
+    history = read_history(state_dir / "history.csv")
+    write_history(history, model_dir / "history.csv")
+    write_json_atomic(model_dir / "inference.json", settings)
+    return history
+
+
+def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch: int, state_dir: Path, history) -> None:
+    """Run model.fit from ``initial_epoch`` with the paper's callbacks."""
+    import keras
+
+    from kidney_seg.sampling import batch_stream, make_transform, validation_set
+
+    transform = make_transform(train_cfg["patch_size"], train_cfg["scale_range"], train_cfg["p_scale"], train_cfg["p_mirror"])
+    stream = batch_stream(train_cases, transform, train_cfg["batch_size"], train_cfg["foreground_per_batch"], seed,
+                          start=initial_epoch * train_cfg["steps_per_epoch"])
+    x_val, y_val = validation_set(val_cases, train_cfg["val_slices"], train_cfg["patch_size"], seed)
+    log.info("%d train cases, %d val cases, %d val slices; epochs %d-%d x %d steps",
+             len(train_cases), len(val_cases), len(x_val), initial_epoch + 1, train_cfg["epochs"], train_cfg["steps_per_epoch"])
+    callbacks = [
+        keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=train_cfg["lr_factor"], patience=train_cfg["lr_patience"],
+                                          min_delta=train_cfg["lr_min_delta"], min_lr=train_cfg["min_lr"]),
+        make_best_checkpoint(state_dir, history),
+        make_epoch_logger(state_dir, history),
+    ]
+    model.fit(stream, steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"], initial_epoch=initial_epoch,
+              validation_data=(x_val, y_val), validation_batch_size=train_cfg["batch_size"], callbacks=callbacks, verbose=2)

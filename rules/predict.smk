@@ -1,0 +1,21 @@
+rule predict:
+    input:
+        image=raw_image,
+        model=f"{RESULTS}/model/model.keras",
+        settings=f"{RESULTS}/model/inference.json",
+        code=library("inference.py", "preprocessing.py", "losses.py"),
+    output:
+        f"{RESULTS}/predictions/{{case}}.nii.gz",
+    params:
+        inference=config["inference"],
+    threads: 2
+    resources:
+        gpu=1,
+    log:
+        f"{RESULTS}/logs/predict/{{case}}.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/predict/{{case}}.tsv"
+    conda:
+        "../envs/gpu.yaml"
+    script:
+        "../workflow_scripts/predict.py"

@@ -1,0 +1,17 @@
+rule split:
+    input:
+        code=library("split.py"),
+    output:
+        f"{RESULTS}/split.csv",
+    params:
+        cases=CASES,
+        fractions=config["split"]["fractions"],
+        seed=config["split"]["seed"],
+    log:
+        f"{RESULTS}/logs/split.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/split.tsv"
+    conda:
+        "../envs/core.yaml"
+    script:
+        "../workflow_scripts/split.py"

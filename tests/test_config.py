@@ -1,0 +1,50 @@
+import pytest
+import yaml
+
+from kidney_seg.config import deep_merge, load_config, load_schema, validate_config
+from tests.conftest import REPO
+
+
+def test_schema_is_2020_12_and_documents_every_key():
+    schema = load_schema()
+    assert schema["$schema"] == "https://json-schema.org/draft/2020-12/schema"
+
+    def walk(node, path):
+        for name, sub in node.get("properties", {}).items():
+            assert "description" in sub, f"{path}{name} has no description"
+            walk(sub, f"{path}{name}.")
+
+    walk(schema, "")
+
+
+def test_default_and_demo_configs_validate():
+    paper = load_config(REPO / "config.yaml")
+    assert paper["dataset"]["source"] == "kits19"
+    assert paper["preprocessing"]["target_spacing"] == [3.0, 0.7816, 0.7816]
+    assert paper["model"]["base_filters"] == 20 and paper["training"]["batch_size"] == 7
+    assert paper["training"]["epochs"] * paper["training"]["steps_per_epoch"] == 1920
+    demo = load_config(REPO / "config.yaml", REPO / "presets" / "demo.yaml")
+    assert demo["dataset"]["source"] == "phantom" and demo["results_dir"] == "results/demo"
+
+
+def base():
+    return yaml.safe_load((REPO / "config.yaml").read_text())
+
+
+def test_unknown_keys_and_bad_values_are_rejected():
+    with pytest.raises(ValueError, match="dataset.source"):
+        validate_config(deep_merge(base(), {"dataset": {"source": "kits99"}}))
+    with pytest.raises(ValueError, match="Additional properties"):
+        validate_config(deep_merge(base(), {"training": {"epoch": 3}}))
+    with pytest.raises(ValueError, match="divisible"):
+        validate_config(deep_merge(base(), {"training": {"patch_size": [100, 100]}}))
+    with pytest.raises(ValueError, match="sum to 1"):
+        validate_config(deep_merge(base(), {"split": {"fractions": [0.5, 0.1, 0.1]}}))
+    with pytest.raises(ValueError, match="root"):
+        validate_config(deep_merge(base(), {"dataset": {"source": "local"}}))
+
+
+def test_defaults_are_filled():
+    cfg = base()
+    del cfg["inference"]["step"]
+    assert validate_config(cfg)["inference"]["step"] == 0.5

@@ -1,0 +1,115 @@
+import json
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kidney_seg.inference import (gaussian_importance_map, predict_case, predict_slice_logits, probabilities_to_labels,
+                                  tile_starts)
+from tests.conftest import kits_affine, write_nifti
+
+
+def constant_model(x):
+    return np.broadcast_to(np.array([1.0, 3.0, -2.0], np.float32), x.shape[:3] + (3,)).copy()
+
+
+def passthrough_model(x):
+    return np.concatenate([x, -x], axis=-1)
+
+
+def flip_equivariant_model(x):
+    """A symmetric 3x3 box filter: commutes with flips."""
+    from scipy import ndimage
+
+    out = ndimage.uniform_filter(x[..., 0], size=(1, 3, 3), mode="nearest")
+    return np.stack([out, -out], axis=-1)
+
+
+def test_tile_starts_cover_and_end_flush():
+    assert tile_starts(100, 128, 0.5) == [0]
+    starts = tile_starts(300, 128, 0.5)
+    assert starts[0] == 0 and starts[-1] == 300 - 128
+    assert all(b - a <= 64 for a, b in zip(starts, starts[1:]))
+
+
+def test_gaussian_map():
+    w = gaussian_importance_map((32, 32))
+    assert w.max() == pytest.approx(1.0) and w.min() > 0
+    assert w[16, 16] == w.max() and w[0, 0] < w[8, 8]
+
+
+def test_constant_model_gives_constant_output_without_seams():
+    image = np.random.default_rng(0).normal(size=(77, 101)).astype(np.float32)
+    out = predict_slice_logits(image, constant_model, 3, (32, 32), step=0.5)
+    assert out.shape == (77, 101, 3)
+    np.testing.assert_allclose(out, np.broadcast_to([1.0, 3.0, -2.0], out.shape), atol=1e-5)
+
+
+@pytest.mark.parametrize("shape,patch,step,gaussian", [((77, 101), (32, 32), 0.5, True), ((50, 50), (16, 32), 0.3, False),
+                                                        ((10, 7), (32, 32), 0.5, True)])
+def test_passthrough_model_reproduces_input(shape, patch, step, gaussian):
+    image = np.random.default_rng(1).normal(size=shape).astype(np.float32)
+    out = predict_slice_logits(image, passthrough_model, 2, patch, step=step, gaussian=gaussian, mirror_tta=True, batch_size=5)
+    np.testing.assert_allclose(out[..., 0], image, atol=1e-5)
+
+
+def test_tta_equals_no_tta_for_flip_equivariant_model():
+    image = np.random.default_rng(2).normal(size=(45, 60)).astype(np.float32)
+    with_tta = predict_slice_logits(image, flip_equivariant_model, 2, (32, 32), mirror_tta=True)
+    without = predict_slice_logits(image, flip_equivariant_model, 2, (32, 32), mirror_tta=False)
+    np.testing.assert_allclose(with_tta, without, atol=1e-5)
+
+
+def test_probabilities_to_labels_resamples_to_shape():
+    probs = np.zeros((3, 2, 4, 4), np.float32)
+    probs[0] = 1
+    probs[:, :, 1:3, 1:3] = 0
+    probs[2, :, 1:3, 1:3] = 1
+    labels = probabilities_to_labels(probs, (5, 8, 8))
+    assert labels.shape == (5, 8, 8) and labels.dtype == np.uint8
+    assert set(np.unique(labels)) == {0, 2}
+
+
+def fake_settings():
+    return {"num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32], "target_spacing": [3.0, 1.5, 1.5],
+            "clip": [-100, 300], "normalization": "zscore_slice"}
+
+
+def threshold_model(x):
+    """Class 1 where the normalised intensity is high."""
+    return np.concatenate([np.zeros_like(x), 4 * (x - 2.0), np.full_like(x, -10)], axis=-1)
+
+
+def layouts(data):
+    """The same KiTS-layout volume written three ways: KiTS, RAS slices-last, and an odd oblique-free layout."""
+    ras = np.ascontiguousarray(np.flip(np.transpose(data, (2, 1, 0)), axis=(0, 1, 2)))
+    odd = np.ascontiguousarray(np.transpose(data, (1, 0, 2))[:, :, ::-1])
+    return {
+        "kits": (data, kits_affine((2.5, 0.9, 0.8)), lambda a: a),
+        "ras": (ras, np.diag([0.8, 0.9, 2.5, 1.0]), lambda a: np.flip(a, axis=(0, 1, 2)).transpose(2, 1, 0)),
+        "odd": (odd, np.array([[0, 0, 0.8, -10], [0.9, 0, 0, 5], [0, 2.5, 0, 100], [0, 0, 0, 1]], float),
+                lambda a: np.transpose(a[:, :, ::-1], (1, 0, 2))),
+    }
+
+
+def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 20, (9, 41, 37)).astype(np.float32)
+    data[3:6, 10:20, 10:25] = 250
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "inference.json").write_text(json.dumps(fake_settings()))
+    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4}
+    back_in_kits = {}
+    for name, (arr, affine, to_kits) in layouts(data).items():
+        path = write_nifti(tmp_path / f"{name}.nii.gz", arr, affine, qcode=1, scode=1)
+        predict_case(name, path, tmp_path / "model", tmp_path / f"pred_{name}.nii.gz", cfg,
+                     predictor=(threshold_model, fake_settings()))
+        out = nib.load(str(tmp_path / f"pred_{name}.nii.gz"))
+        assert out.shape == arr.shape and out.get_data_dtype() == np.uint8
+        np.testing.assert_allclose(out.affine, affine)
+        assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 1
+        back_in_kits[name] = to_kits(np.asanyarray(out.dataobj))
+    np.testing.assert_array_equal(back_in_kits["ras"], back_in_kits["kits"])
+    np.testing.assert_array_equal(back_in_kits["odd"], back_in_kits["kits"])
+    pred, bright = back_in_kits["kits"], data > 200
+    assert (pred[bright] == 1).mean() > 0.7 and (pred[~bright] == 1).mean() < 0.05

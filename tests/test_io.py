@@ -1,0 +1,131 @@
+import gzip
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kidney_seg.errors import CaseDataError
+from kidney_seg.io import (atomic_path, from_internal, geometry_of, load_image, load_label, load_nifti, save_like,
+                           to_internal)
+from tests.conftest import kits_affine, write_nifti
+
+
+def test_atomic_path_leaves_nothing_on_failure(tmp_path):
+    target = tmp_path / "out.txt"
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("partial")
+            raise RuntimeError("boom")
+    assert not target.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_atomic_path_renames_on_success(tmp_path):
+    target = tmp_path / "sub" / "out.nii.gz"
+    with atomic_path(target) as tmp:
+        assert tmp.name.endswith(".nii.gz") and tmp.parent == target.parent
+        tmp.write_bytes(b"x")
+    assert target.read_bytes() == b"x"
+
+
+def test_kits_layout_is_already_internal(tmp_path):
+    data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
+    path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine((3.0, 0.7, 0.8)))
+    image, geometry = load_image(path)
+    np.testing.assert_array_equal(image, data)
+    assert geometry.spacing == pytest.approx((3.0, 0.7, 0.8))
+    assert geometry.internal_shape == (4, 5, 6)
+
+
+def ras_slices_last(data: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
+    """Re-express a KiTS-layout array (I, P, L) as RAS with slices on the last axis."""
+    ras = np.flip(np.transpose(data, (2, 1, 0)), axis=(0, 1, 2))
+    s0, s1, s2 = spacing
+    return np.ascontiguousarray(ras), np.diag([s2, s1, s0, 1.0])
+
+
+def test_ras_volume_maps_to_the_same_internal_array(tmp_path):
+    data = np.random.default_rng(1).integers(0, 3, size=(4, 5, 6)).astype(np.uint8)
+    ras, affine = ras_slices_last(data, (3.0, 0.7, 0.8))
+    path = write_nifti(tmp_path / "ras.nii.gz", ras, affine)
+    assert nib.aff2axcodes(affine) == ("R", "A", "S")
+    internal = load_label(path, "case_00001", (0, 1, 2))
+    np.testing.assert_array_equal(internal, data)
+    geometry = geometry_of(nib.load(str(path)))
+    assert geometry.spacing == pytest.approx((3.0, 0.7, 0.8))
+    np.testing.assert_array_equal(from_internal(internal, geometry), ras)
+
+
+def test_save_like_keeps_grid_and_codes(tmp_path):
+    affine = kits_affine((2.5, 0.9, 0.9))
+    ref = write_nifti(tmp_path / "ref.nii.gz", np.zeros((3, 4, 5), np.int16), affine, qcode=1, scode=2)
+    labels = np.ones((3, 4, 5), np.uint8)
+    save_like(tmp_path / "pred.nii.gz", labels, ref)
+    out = nib.load(str(tmp_path / "pred.nii.gz"))
+    assert out.get_data_dtype() == np.uint8
+    np.testing.assert_allclose(out.affine, affine)
+    assert int(out.header["qform_code"]) == 1 and int(out.header["sform_code"]) == 2
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), labels)
+
+
+def test_truncated_gzip_names_case_and_file(tmp_path):
+    path = write_nifti(tmp_path / "img.nii.gz", np.zeros((8, 16, 16), np.float32), kits_affine())
+    blob = path.read_bytes()
+    path.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(CaseDataError, match=r"case_00007.*img\.nii\.gz.*truncated"):
+        load_nifti(path, "case_00007")
+
+
+def test_not_nifti_is_rejected(tmp_path):
+    path = tmp_path / "img.nii.gz"
+    with gzip.open(path, "wb") as fh:
+        fh.write(b"not a nifti header at all" * 20)
+    with pytest.raises(CaseDataError, match="case_00003"):
+        load_nifti(path, "case_00003")
+
+
+def test_nan_image_is_rejected(tmp_path):
+    data = np.zeros((2, 3, 4), np.float32)
+    data[1, 1, 1] = np.nan
+    path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine())
+    with pytest.raises(CaseDataError, match="NaN"):
+        load_image(path, "case_00002")
+
+
+def test_scl_slope_is_applied(tmp_path):
+    img = nib.Nifti1Image(np.full((2, 3, 4), 10, np.int16), kits_affine())
+    img.header.set_slope_inter(2.0, -5.0)
+    nib.save(img, str(tmp_path / "img.nii.gz"))
+    image, _ = load_image(tmp_path / "img.nii.gz")
+    assert np.all(image == 15.0)
+
+
+def test_wrong_label_values_and_grid(tmp_path):
+    image_path = write_nifti(tmp_path / "img.nii.gz", np.zeros((2, 3, 4), np.float32), kits_affine())
+    _, geometry = load_image(image_path, "case_00009")
+    bad = write_nifti(tmp_path / "seg.nii.gz", np.full((2, 3, 4), 5, np.uint8), kits_affine())
+    with pytest.raises(CaseDataError, match=r"case_00009.*seg\.nii\.gz.*unexpected label values \[5\]"):
+        load_label(bad, "case_00009", (0, 1, 2), geometry)
+    moved = write_nifti(tmp_path / "seg2.nii.gz", np.zeros((2, 3, 4), np.uint8), kits_affine((3.0, 0.9, 0.8)))
+    with pytest.raises(CaseDataError, match="grid mismatch"):
+        load_label(moved, "case_00009", (0, 1, 2), geometry)
+    small = write_nifti(tmp_path / "seg3.nii.gz", np.zeros((2, 3, 5), np.uint8), kits_affine())
+    with pytest.raises(CaseDataError, match="shape"):
+        load_label(small, "case_00009", (0, 1, 2), geometry)
+
+
+def test_real_kits_headers_round_trip(kits_labels_dir, tmp_path):
+    path = kits_labels_dir / "case_00037" / "segmentation.nii.gz"  # uint16 on disk
+    img = nib.load(str(path))
+    assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
+    label = load_label(path, "case_00037", (0, 1, 2))
+    geometry = geometry_of(img)
+    assert geometry.spacing == pytest.approx((5.0, 0.9375, 0.9375))
+    assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1, 2}
+    ras, affine = ras_slices_last(label, geometry.spacing)
+    write_nifti(tmp_path / "ras.nii.gz", ras, affine)
+    np.testing.assert_array_equal(load_label(tmp_path / "ras.nii.gz", "case_00037", (0, 1, 2)), label)
+    save_like(tmp_path / "back.nii.gz", from_internal(label, geometry), path)
+    back = nib.load(str(tmp_path / "back.nii.gz"))
+    np.testing.assert_allclose(back.affine, img.affine)
+    np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(img.dataobj))

@@ -1,0 +1,50 @@
+import numpy as np
+import pytest
+
+from kidney_seg.model import build_unet, load_model
+
+
+def test_paper_settings_have_about_12_3m_parameters():
+    model = build_unet(num_classes=3, base_filters=20, levels=6, blocks_per_level=2)
+    assert 12.2e6 < model.count_params() < 12.4e6
+
+
+@pytest.mark.parametrize("upsampling", ["bilinear", "nearest"])
+@pytest.mark.parametrize("order", ["conv_act_norm", "conv_norm_act"])
+def test_small_unet_shapes(upsampling, order):
+    model = build_unet(num_classes=3, base_filters=4, levels=3, upsampling=upsampling, block_order=order)
+    for shape in [(2, 16, 16, 1), (1, 24, 40, 1)]:
+        out = model.predict_on_batch(np.zeros(shape, np.float32))
+        assert out.shape == shape[:3] + (3,)
+    names = [layer.name for layer in model.layers]
+    first = [n for n in names if n.startswith("enc0_0")]
+    expected = ["enc0_0_conv", "enc0_0_act", "enc0_0_bn"] if order == "conv_act_norm" else ["enc0_0_conv", "enc0_0_bn", "enc0_0_act"]
+    assert first == expected
+
+
+def test_bad_options():
+    with pytest.raises(ValueError):
+        build_unet(upsampling="cubic", levels=2, base_filters=2)
+    with pytest.raises(ValueError):
+        build_unet(block_order="norm_first", levels=2, base_filters=2)
+
+
+def test_bilinear_upsampling_matches_resize():
+    import keras
+
+    from kidney_seg.model import BilinearUpsample2x
+
+    x = np.random.default_rng(0).normal(size=(2, 5, 7, 3)).astype(np.float32)
+    ours = keras.ops.convert_to_numpy(BilinearUpsample2x()(x))
+    ref = keras.ops.convert_to_numpy(keras.layers.UpSampling2D(2, interpolation="bilinear")(x))
+    np.testing.assert_allclose(ours, ref, atol=1e-5)
+
+
+def test_saved_model_round_trip(tmp_path):
+    import keras
+
+    model = build_unet(num_classes=3, base_filters=4, levels=3)
+    x = np.random.default_rng(1).normal(size=(1, 16, 24, 1)).astype(np.float32)
+    model.save(tmp_path / "m.keras")
+    again = load_model(tmp_path / "m.keras")
+    np.testing.assert_allclose(again.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)

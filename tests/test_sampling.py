@@ -1,0 +1,69 @@
+import json
+
+import numpy as np
+import pytest
+
+from kidney_seg.sampling import (batch_stream, choose_slices, crop_or_pad, load_case, make_batch, make_transform,
+                                 slice_table, validation_set)
+
+
+@pytest.fixture
+def cache(tmp_path):
+    dirs = []
+    rng = np.random.default_rng(0)
+    for i, shape in enumerate([(6, 40, 50), (4, 30, 30)]):
+        d = tmp_path / f"case_{i:05d}"
+        d.mkdir()
+        image = rng.normal(size=shape).astype(np.float32)
+        label = np.zeros(shape, np.uint8)
+        label[2, 10:20, 10:20] = 1
+        label[2, 12:15, 12:15] = 2
+        np.save(d / "image.npy", image)
+        np.save(d / "label.npy", label)
+        (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [2]}}))
+        dirs.append(d)
+    return [load_case(d) for d in dirs]
+
+
+def test_choose_slices_takes_foreground_first(cache):
+    every, fg = slice_table(cache)
+    assert len(every) == 10 and fg.tolist() == [[0, 2], [1, 2]]
+    picks = choose_slices(np.random.default_rng(0), every, fg, 7, 5)
+    assert len(picks) == 7 and all(tuple(p) in {(0, 2), (1, 2)} for p in picks[:5])
+
+
+def test_batches_are_reproducible_and_shaped(cache):
+    transform = make_transform((32, 32), (0.6, 1.25), 0.1, 1.0)
+    tables = slice_table(cache)
+    x1, y1 = make_batch(5, cache, tables, transform, 7, 5, seed=1)
+    x2, y2 = make_batch(5, cache, tables, transform, 7, 5, seed=1)
+    x3, _ = make_batch(6, cache, tables, transform, 7, 5, seed=1)
+    assert x1.shape == (7, 32, 32, 1) and y1.shape == (7, 32, 32) and x1.dtype == np.float32
+    np.testing.assert_array_equal(x1, x2)
+    np.testing.assert_array_equal(y1, y2)
+    assert not np.array_equal(x1, x3)
+    assert set(np.unique(y1)) <= {0, 1, 2}
+
+
+def test_stream_resumes_at_the_same_batch(cache):
+    transform = make_transform((32, 32), (0.6, 1.25), 0.1, 1.0)
+    full = batch_stream(cache, transform, 3, 2, seed=2)
+    batches = [next(full) for _ in range(4)]
+    resumed = batch_stream(cache, transform, 3, 2, seed=2, start=2)
+    np.testing.assert_array_equal(next(resumed)[0], batches[2][0])
+
+
+def test_crop_or_pad():
+    a = np.arange(20).reshape(4, 5)
+    out = crop_or_pad(a, (6, 3), center=(2, 4), pad_value=-1)
+    assert out.shape == (6, 3)
+    assert (out[0] == -1).all() and (out[-1] == -1).all()
+    np.testing.assert_array_equal(out[1:5], a[:, 2:5])
+
+
+def test_validation_set_is_fixed(cache):
+    x, y = validation_set(cache, 5, (32, 32), seed=0)
+    x2, _ = validation_set(cache, 5, (32, 32), seed=0)
+    assert x.shape == (5, 32, 32, 1) and y.shape == (5, 32, 32)
+    np.testing.assert_array_equal(x, x2)
+    assert (y > 0).any()
