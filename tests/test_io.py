@@ -129,3 +129,14 @@ def test_real_kits_headers_round_trip(kits_labels_dir, tmp_path):
     back = nib.load(str(tmp_path / "back.nii.gz"))
     np.testing.assert_allclose(back.affine, img.affine)
     np.testing.assert_array_equal(np.asanyarray(back.dataobj), np.asanyarray(img.dataobj))
+
+
+def test_atomic_files_get_normal_permissions(tmp_path):
+    import os
+
+    with atomic_path(tmp_path / "x.txt") as tmp:
+        tmp.write_text("x")
+    mode = (tmp_path / "x.txt").stat().st_mode & 0o777
+    mask = os.umask(0)
+    os.umask(mask)
+    assert mode == 0o666 & ~mask
