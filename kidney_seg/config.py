@@ -71,6 +71,8 @@ def check_consistency(config: dict) -> None:
             raise ValueError(f"training.patch_size {size} is not divisible by 2^(levels-1) = {divisor}")
     if config["training"]["foreground_per_batch"] > config["training"]["batch_size"]:
         raise ValueError("training.foreground_per_batch exceeds training.batch_size")
+    if config["training"]["tumor_per_batch"] > config["training"]["foreground_per_batch"]:
+        raise ValueError("training.tumor_per_batch exceeds training.foreground_per_batch")
     if config["dataset"]["source"] == "local" and not config["dataset"].get("root"):
         raise ValueError("dataset.root is required when dataset.source is 'local'")
 

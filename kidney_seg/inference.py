@@ -49,28 +49,27 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
     return [int(round(v)) for v in np.linspace(0, size - patch, n)]
 
 
-def pad_to(image: np.ndarray, patch: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Pad a 2D slice (edge values) to at least ``patch``; return the region of the original."""
-    pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(image.shape, patch)]
-    padded = np.pad(image, pads, mode="edge")
-    region = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, image.shape))
+def pad_to(stack: np.ndarray, patch: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
+    """Pad a stack of 2D slices (edge values) to at least ``patch`` in-plane; return the original region."""
+    pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(stack.shape[1:], patch)]
+    padded = np.pad(stack, [(0, 0)] + pads, mode="edge")
+    region = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, stack.shape[1:]))
     return padded, region
 
 
 def _run_batches(tiles: np.ndarray, predict_fn: PredictFn, batch_size: int) -> np.ndarray:
-    """Logits of (N, H, W, 1) tiles in fixed-size batches (the last one padded)."""
-    outs = []
-    for start in range(0, len(tiles), batch_size):
-        chunk = tiles[start : start + batch_size]
-        n = len(chunk)
-        if n < batch_size:
-            chunk = np.concatenate([chunk, np.zeros((batch_size - n,) + chunk.shape[1:], chunk.dtype)])
-        outs.append(np.asarray(predict_fn(chunk), dtype=np.float32)[:n])
-    return np.concatenate(outs)
+    """Logits of (N, H, W, 1) tiles, ``batch_size`` at a time."""
+    return np.concatenate([np.asarray(predict_fn(tiles[i : i + batch_size]), dtype=np.float32)
+                           for i in range(0, len(tiles), batch_size)])
 
 
-def predict_slice_logits(
-    image: np.ndarray,
+def tile_corners(shape: tuple[int, int], patch: tuple[int, int], step: float) -> list[tuple[int, int]]:
+    """Top-left corners of the tiles covering a (padded) slice."""
+    return [(y, x) for y in tile_starts(shape[0], patch[0], step) for x in tile_starts(shape[1], patch[1], step)]
+
+
+def predict_slab_logits(
+    slab: np.ndarray,
     predict_fn: PredictFn,
     num_classes: int,
     patch: tuple[int, int],
@@ -79,24 +78,35 @@ def predict_slice_logits(
     mirror_tta: bool = True,
     batch_size: int = 16,
 ) -> np.ndarray:
-    """Aggregated logits (H, W, C) of one normalised 2D slice."""
-    padded, region = pad_to(np.asarray(image, dtype=np.float32), patch)
+    """Aggregated logits (K, H, W, C) of a stack of K normalised slices, all tiles batched together."""
+    padded, region = pad_to(np.asarray(slab, dtype=np.float32), patch)
     weights = gaussian_importance_map(patch) if gaussian else np.ones(patch, dtype=np.float32)
-    corners = [(y, x) for y in tile_starts(padded.shape[0], patch[0], step) for x in tile_starts(padded.shape[1], patch[1], step)]
-    tiles = np.stack([padded[y : y + patch[0], x : x + patch[1]] for y, x in corners])[..., None]
+    corners = tile_corners(padded.shape[1:], patch, step)
+    tiles = np.stack([padded[k, y : y + patch[0], x : x + patch[1]] for k in range(len(padded)) for y, x in corners])[..., None]
     mirrors = MIRRORS if mirror_tta else ((),)
-    logits = np.zeros((len(tiles),) + tuple(patch) + (num_classes,), dtype=np.float32)
-    for axes in mirrors:
-        flipped = np.flip(tiles, axis=axes) if axes else tiles
-        out = _run_batches(np.ascontiguousarray(flipped), predict_fn, batch_size)
-        logits += np.flip(out, axis=axes) if axes else out
-    logits /= len(mirrors)
+    batch = np.concatenate([np.flip(tiles, axis=axes) if axes else tiles for axes in mirrors])
+    out = _run_batches(np.ascontiguousarray(batch), predict_fn, batch_size).reshape((len(mirrors),) + tiles.shape[:3] + (num_classes,))
+    logits = sum(np.flip(o, axis=axes) if axes else o for o, axes in zip(out, mirrors)) / len(mirrors)
     total = np.zeros(padded.shape + (num_classes,), dtype=np.float32)
-    norm = np.zeros(padded.shape, dtype=np.float32)
-    for (y, x), tile_logits in zip(corners, logits):
-        total[y : y + patch[0], x : x + patch[1]] += tile_logits * weights[..., None]
+    norm = np.zeros(padded.shape[1:], dtype=np.float32)
+    for i, tile_logits in enumerate(logits):
+        k, (y, x) = i // len(corners), corners[i % len(corners)]
+        total[k, y : y + patch[0], x : x + patch[1]] += tile_logits * weights[..., None]
+    for y, x in corners:
         norm[y : y + patch[0], x : x + patch[1]] += weights
-    return (total / norm[..., None])[region]
+    return (total / norm[..., None])[(slice(None),) + region]
+
+
+def predict_slice_logits(image: np.ndarray, predict_fn: PredictFn, num_classes: int, patch: tuple[int, int], **kwargs) -> np.ndarray:
+    """Aggregated logits (H, W, C) of one normalised 2D slice."""
+    return predict_slab_logits(np.asarray(image)[None], predict_fn, num_classes, patch, **kwargs)[0]
+
+
+def slab_size(shape: tuple[int, int], patch: tuple[int, int], step: float, mirror_tta: bool, batch_size: int) -> int:
+    """Slices per slab so that one slab fills about one batch of tiles."""
+    padded = tuple(max(s, p) for s, p in zip(shape, patch))
+    per_slice = len(tile_corners(padded, patch, step)) * (len(MIRRORS) if mirror_tta else 1)
+    return max(1, batch_size // per_slice)
 
 
 def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
@@ -106,11 +116,15 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn, num_classes: int, patch, **kwargs) -> np.ndarray:
-    """Softmax probabilities (C, Z, Y, X) of a preprocessed volume, slice by slice."""
+def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn, num_classes: int, patch, step: float = 0.5,
+                          gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16) -> np.ndarray:
+    """Softmax probabilities (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time."""
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
-    for z in range(volume.shape[0]):
-        probs[:, z] = np.moveaxis(softmax(predict_slice_logits(volume[z], predict_fn, num_classes, patch, **kwargs)), -1, 0)
+    k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
+    for z in range(0, volume.shape[0], k):
+        logits = predict_slab_logits(volume[z : z + k], predict_fn, num_classes, tuple(patch), step=step, gaussian=gaussian,
+                                     mirror_tta=mirror_tta, batch_size=batch_size)
+        probs[:, z : z + k] = np.moveaxis(softmax(logits), -1, 0)
     return probs
 
 

@@ -44,11 +44,11 @@ class BilinearUpsample2x(layers.Layer):
         return (b, None if h is None else 2 * h, None if w is None else 2 * w, c)
 
 
-def conv_block(x, filters: int, block_order: str, leaky_alpha: float, name: str):
+def conv_block(x, filters: int, block_order: str, leaky_alpha: float, name: str, bn_momentum: float = 0.99):
     """Conv 3x3 followed by LeakyReLU and BatchNorm in the configured order."""
     x = layers.Conv2D(filters, 3, padding="same", name=f"{name}_conv")(x)
     act = layers.LeakyReLU(negative_slope=leaky_alpha, name=f"{name}_act")
-    norm = layers.BatchNormalization(name=f"{name}_bn")
+    norm = layers.BatchNormalization(momentum=bn_momentum, name=f"{name}_bn")
     if block_order == "conv_act_norm":
         return norm(act(x))
     if block_order == "conv_norm_act":
@@ -65,6 +65,7 @@ def build_unet(
     block_order: str = "conv_act_norm",
     leaky_alpha: float = 0.3,
     upsampling: str = "bilinear",
+    bn_momentum: float = 0.99,
     name: str = "unet2d",
 ) -> keras.Model:
     """Build the U-Net; it accepts any H, W divisible by 2^(levels-1)."""
@@ -76,7 +77,7 @@ def build_unet(
     for level in range(levels):
         filters = base_filters * 2**level
         for b in range(blocks_per_level):
-            x = conv_block(x, filters, block_order, leaky_alpha, f"enc{level}_{b}")
+            x = conv_block(x, filters, block_order, leaky_alpha, f"enc{level}_{b}", bn_momentum)
         if level < levels - 1:
             skips.append(x)
             x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
@@ -86,7 +87,7 @@ def build_unet(
         x = up(x)
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
         for b in range(blocks_per_level):
-            x = conv_block(x, filters, block_order, leaky_alpha, f"dec{level}_{b}")
+            x = conv_block(x, filters, block_order, leaky_alpha, f"dec{level}_{b}", bn_momentum)
     logits = layers.Conv2D(num_classes, 1, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
@@ -101,6 +102,7 @@ def build_from_config(model_cfg: dict, num_classes: int) -> keras.Model:
         block_order=model_cfg["block_order"],
         leaky_alpha=model_cfg["leaky_alpha"],
         upsampling=model_cfg["upsampling"],
+        bn_momentum=model_cfg["bn_momentum"],
     )
 
 

@@ -17,15 +17,18 @@ from batchgenerators.transforms.spatial_transforms import MirrorTransform, Spati
 
 from kidney_seg.io import load_npy
 
+TUMOR_LABEL = 2
+
 
 @dataclass
 class CaseSlices:
-    """A preprocessed case: memory-mapped image and label, and its foreground slices."""
+    """A preprocessed case: memory-mapped image and label, and its foreground and tumour slices."""
 
     case_id: str
     image: np.ndarray
     label: np.ndarray
     foreground: np.ndarray
+    tumor: np.ndarray
 
 
 def load_case(case_dir: str | Path) -> CaseSlices:
@@ -35,20 +38,28 @@ def load_case(case_dir: str | Path) -> CaseSlices:
     image, label = load_npy(case_dir / "image.npy"), load_npy(case_dir / "label.npy")
     if image.shape != label.shape:
         raise ValueError(f"{case_dir}: image {image.shape} and label {label.shape} differ")
-    return CaseSlices(meta["case_id"], image, label, np.asarray(meta["slices"]["foreground"], dtype=np.int64))
+    slices = meta["slices"]
+    return CaseSlices(meta["case_id"], image, label, np.asarray(slices["foreground"], dtype=np.int64),
+                      np.asarray(slices.get(f"class_{TUMOR_LABEL}", []), dtype=np.int64))
 
 
-def slice_table(cases: list[CaseSlices]) -> tuple[np.ndarray, np.ndarray]:
-    """(case, slice) pairs of all slices and of the foreground slices."""
+def _pairs(cases: list[CaseSlices], attr: str) -> np.ndarray:
+    """(case, slice) pairs of the slices listed in one attribute of each case."""
+    return np.array([(i, s) for i, c in enumerate(cases) for s in getattr(c, attr)], dtype=np.int64).reshape(-1, 2)
+
+
+def slice_table(cases: list[CaseSlices]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(case, slice) pairs of all slices, of the foreground slices and of the tumour slices."""
     every = np.array([(i, s) for i, c in enumerate(cases) for s in range(c.image.shape[0])], dtype=np.int64)
-    fg = np.array([(i, s) for i, c in enumerate(cases) for s in c.foreground], dtype=np.int64).reshape(-1, 2)
-    return every, fg
+    return every, _pairs(cases, "foreground"), _pairs(cases, "tumor")
 
 
-def choose_slices(rng: np.random.Generator, every: np.ndarray, fg: np.ndarray, batch_size: int, n_fg: int) -> np.ndarray:
-    """Draw ``n_fg`` foreground slices and ``batch_size - n_fg`` random ones."""
+def choose_slices(rng: np.random.Generator, tables, batch_size: int, n_fg: int, n_tumor: int = 0) -> np.ndarray:
+    """Draw ``n_tumor`` tumour slices, ``n_fg - n_tumor`` foreground slices and random ones for the rest."""
+    every, fg, tumor = tables
     n_fg = n_fg if len(fg) else 0
-    picks = [fg[rng.integers(len(fg), size=n_fg)]] if n_fg else []
+    n_tumor = min(n_tumor, n_fg) if len(tumor) else 0
+    picks = [tumor[rng.integers(len(tumor), size=n_tumor)], fg[rng.integers(len(fg), size=n_fg - n_tumor)]] if n_fg else []
     picks.append(every[rng.integers(len(every), size=batch_size - n_fg)])
     return np.concatenate(picks)
 
@@ -74,22 +85,23 @@ def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int)
     return out["data"][0, 0], np.rint(out["seg"][0, 0]).astype(np.uint8)
 
 
-def make_batch(k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int):
+def make_batch(k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int,
+               n_tumor: int = 0):
     """Batch number ``k``: images (B, H, W, 1) float32 and labels (B, H, W) uint8."""
     rng = np.random.default_rng([seed, k])
-    picks = choose_slices(rng, tables[0], tables[1], batch_size, n_fg)
+    picks = choose_slices(rng, tables, batch_size, n_fg, n_tumor)
     seeds = rng.integers(0, 2**31, size=len(picks))
     images, labels = zip(*(augment(transform, cases[c].image[s], cases[c].label[s], int(sd))
                            for (c, s), sd in zip(picks, seeds)))
     return np.stack(images)[..., None], np.stack(labels)
 
 
-def batch_stream(cases, transform, batch_size: int, n_fg: int, seed: int, start: int = 0):
+def batch_stream(cases, transform, batch_size: int, n_fg: int, seed: int, start: int = 0, n_tumor: int = 0):
     """Endless batches ``start, start+1, ...`` in order."""
     tables = slice_table(cases)
     k = start
     while True:
-        yield make_batch(k, cases, tables, transform, batch_size, n_fg, seed)
+        yield make_batch(k, cases, tables, transform, batch_size, n_fg, seed, n_tumor)
         k += 1
 
 
@@ -110,7 +122,7 @@ def crop_or_pad(array: np.ndarray, size, center, pad_value: float) -> np.ndarray
 def validation_set(cases: list[CaseSlices], n_slices: int, patch_size, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Fixed validation crops: mostly foreground slices, centred on the foreground."""
     rng = np.random.default_rng([seed, 7919])
-    every, fg = slice_table(cases)
+    every, fg, _ = slice_table(cases)
     n_fg = min(len(fg), int(round(n_slices * 5 / 7)))
     picks = np.concatenate([fg[rng.permutation(len(fg))[:n_fg]], every[rng.permutation(len(every))[: n_slices - n_fg]]])
     xs, ys = [], []

@@ -9,6 +9,7 @@ Snakemake deletes before rerunning a job, so a killed run resumes from its last 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -26,6 +27,7 @@ from kidney_seg.io import atomic_path, write_json_atomic
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "lr", "loss", "val_loss", "seconds")
+TRAINING_MODULES = ("model.py", "losses.py", "sampling.py", "training.py")
 
 
 def configure_threads(threads: int | None) -> None:
@@ -187,14 +189,22 @@ def train(
 
 
 def run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing_cfg, labels, seed) -> dict:
-    """What a checkpoint must match to be resumed: settings, cases and their cache files."""
+    """What a checkpoint must match to be resumed: settings (but epochs, which may grow), cases, cache files, code."""
     def stamp(d):
         return [str(d)] + [os.stat(Path(d) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
 
     return json.loads(json.dumps({
-        "model": model_cfg, "training": train_cfg, "preprocessing": preprocessing_cfg, "labels": list(labels),
-        "seed": seed, "train": [stamp(d) for d in train_dirs], "val": [stamp(d) for d in val_dirs],
+        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k != "epochs"}, "preprocessing": preprocessing_cfg, "labels": list(labels),
+        "seed": seed, "train": [stamp(d) for d in train_dirs], "val": [stamp(d) for d in val_dirs], "code": code_digest(),
     }))
+
+
+def code_digest() -> str:
+    """SHA-256 of the library modules that shape training, so edited code never resumes an old run."""
+    digest = hashlib.sha256()
+    for name in TRAINING_MODULES:
+        digest.update((Path(__file__).parent / name).read_bytes())
+    return digest.hexdigest()
 
 
 def reset_stale_state(state_dir: Path, fingerprint: dict) -> None:
@@ -225,7 +235,7 @@ def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch
 
     transform = make_transform(train_cfg["patch_size"], train_cfg["scale_range"], train_cfg["p_scale"], train_cfg["p_mirror"])
     stream = batch_stream(train_cases, transform, train_cfg["batch_size"], train_cfg["foreground_per_batch"], seed,
-                          start=initial_epoch * train_cfg["steps_per_epoch"])
+                          start=initial_epoch * train_cfg["steps_per_epoch"], n_tumor=train_cfg["tumor_per_batch"])
     x_val, y_val = validation_set(val_cases, train_cfg["val_slices"], train_cfg["patch_size"], seed)
     log.info("%d train cases, %d val cases, %d val slices; epochs %d-%d x %d steps",
              len(train_cases), len(val_cases), len(x_val), initial_epoch + 1, train_cfg["epochs"], train_cfg["steps_per_epoch"])
@@ -235,5 +245,5 @@ def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch
         make_best_checkpoint(state_dir, history),
         make_epoch_logger(state_dir, history),
     ]
-    model.fit(stream, steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"], initial_epoch=initial_epoch,
+    model.fit(stream, steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"], initial_epoch=initial_epoch, shuffle=False,
               validation_data=(x_val, y_val), validation_batch_size=train_cfg["batch_size"], callbacks=callbacks, verbose=2)

@@ -113,3 +113,15 @@ def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
     np.testing.assert_array_equal(back_in_kits["odd"], back_in_kits["kits"])
     pred, bright = back_in_kits["kits"], data > 200
     assert (pred[bright] == 1).mean() > 0.7 and (pred[~bright] == 1).mean() < 0.05
+
+
+def test_slab_equals_slice_by_slice():
+    from kidney_seg.inference import predict_probabilities, predict_slab_logits
+
+    volume = np.random.default_rng(4).normal(size=(5, 40, 52)).astype(np.float32)
+    slab = predict_slab_logits(volume, flip_equivariant_model, 2, (32, 32), batch_size=7)
+    for z in range(5):
+        np.testing.assert_allclose(slab[z], predict_slice_logits(volume[z], flip_equivariant_model, 2, (32, 32)), atol=1e-6)
+    probs = predict_probabilities(volume, passthrough_model, 2, (32, 32), batch_size=64)
+    assert probs.shape == (2, 5, 40, 52)
+    np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)

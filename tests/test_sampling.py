@@ -20,16 +20,27 @@ def cache(tmp_path):
         label[2, 12:15, 12:15] = 2
         np.save(d / "image.npy", image)
         np.save(d / "label.npy", label)
-        (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [2]}}))
+        (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [2], "class_2": [2]}}))
         dirs.append(d)
     return [load_case(d) for d in dirs]
 
 
 def test_choose_slices_takes_foreground_first(cache):
-    every, fg = slice_table(cache)
-    assert len(every) == 10 and fg.tolist() == [[0, 2], [1, 2]]
-    picks = choose_slices(np.random.default_rng(0), every, fg, 7, 5)
+    tables = slice_table(cache)
+    every, fg, tumor = tables
+    assert len(every) == 10 and fg.tolist() == [[0, 2], [1, 2]] and tumor.tolist() == [[0, 2], [1, 2]]
+    picks = choose_slices(np.random.default_rng(0), tables, 7, 5)
     assert len(picks) == 7 and all(tuple(p) in {(0, 2), (1, 2)} for p in picks[:5])
+
+
+def test_tumour_oversampling():
+    every = np.array([(0, s) for s in range(10)])
+    fg, tumor = np.array([(0, 3), (0, 4), (0, 5)]), np.array([(0, 5)])
+    picks = choose_slices(np.random.default_rng(1), (every, fg, tumor), 7, 5, n_tumor=2)
+    assert picks[:2].tolist() == [[0, 5], [0, 5]]
+    assert all(p in fg.tolist() for p in picks[2:5].tolist())
+    no_tumour = choose_slices(np.random.default_rng(1), (every, fg, tumor[:0]), 7, 5, n_tumor=2)
+    assert all(p in fg.tolist() for p in no_tumour[:5].tolist())
 
 
 def test_batches_are_reproducible_and_shaped(cache):

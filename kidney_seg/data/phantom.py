@@ -37,7 +37,7 @@ Kidneys are ellipsoids left and right of the spine, tilted (upper pole medial, h
 turned anteromedially) with a renal-sinus notch; their size, position and rotation vary
 per case. Tumours sit inside a kidney or on its surface (bulging out); their centre is
 always a kidney voxel, so every tumour touches kidney tissue. A case has no tumour with
-probability ``p_no_tumor``, a single tiny one (radius 3-6 mm) with ``p_tiny_tumor``, and
+probability ``p_no_tumor``, a single tiny one (radius 4-8 mm, 0.3-2 ml) with ``p_tiny_tumor``, and
 otherwise one or two of radius ~4-30 mm (scaled). The ranges are chosen so that no single
 HU threshold separates the classes: tumour overlaps muscle, liver and medulla, and
 cortex overlaps aorta, bone and oral contrast. Finally a mild partial-volume blur
@@ -91,7 +91,7 @@ class PhantomParams:
     slice_spacing_mm: Range = (2.5, 5.0)
     inplane_spacing_mm: Range = (0.6, 1.0)  # rows and columns share it
     p_no_tumor: float = 0.15  # probability of a case without tumour
-    p_tiny_tumor: float = 0.2  # probability of a single tiny (3-6 mm radius) tumour
+    p_tiny_tumor: float = 0.2  # probability of a single tiny (4-8 mm radius) tumour
     noise_hu: float = 12.0  # standard deviation of the white Gaussian noise
 
     def __post_init__(self) -> None:
@@ -654,7 +654,7 @@ def _tumour_radii(rng: np.random.Generator, params: PhantomParams, sc: float) ->
     if u < params.p_no_tumor:
         return []
     if u < params.p_no_tumor + params.p_tiny_tumor:
-        return [_uniform(rng, (3.0, 6.0))]
+        return [_uniform(rng, (4.0, 8.0))]
     n = 2 if rng.random() < 0.2 else 1
     return [_uniform(rng, (4.0, 30.0)) * sc for _ in range(n)]
 

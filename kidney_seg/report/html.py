@@ -198,13 +198,19 @@ def summary_full_table(summary: pd.DataFrame | None) -> str:
     """All rows of summary.csv."""
     if summary is None or summary.empty:
         return _note("No summary metrics available.")
-    cols = list(summary.columns)
-    head = "".join(f"<th{' class=txt' if c == 'metric' else ''}>{esc(c)}</th>" for c in cols)
-    body = []
-    for rec in summary.to_dict("records"):
-        cells = "".join(_cell(rec[c], text=(c == "metric")) for c in cols)
-        body.append(f"<tr>{cells}</tr>")
-    return f'<table class="sortable"><thead><tr>{head}</tr></thead><tbody>{"".join(body)}</tbody></table>'
+    return f'<table class="sortable">{_table_body(summary, "metric")}</table>'
+
+
+def _table_body(df: pd.DataFrame, text_col: str, row_class: str | None = None) -> str:
+    """<thead> and <tbody> of a sortable table; ``text_col`` holds text, ``row_class`` tags rows by it."""
+    cols = list(df.columns)
+    head = "".join(f"<th{' class=txt' if c == text_col else ''}>{esc(c)}</th>" for c in cols)
+    rows = []
+    for rec in df.to_dict("records"):
+        cells = "".join(_cell(rec[c], text=(c == text_col)) for c in cols)
+        attrs = f' class="{row_class}" data-case="{esc(rec[text_col])}"' if row_class else ""
+        rows.append(f"<tr{attrs}>{cells}</tr>")
+    return f"<thead><tr>{head}</tr></thead><tbody>{''.join(rows)}</tbody>"
 
 
 # ---------------------------------------------------------------- per case
@@ -224,15 +230,8 @@ def per_case_table(per_case: pd.DataFrame | None) -> str:
     """Every case with every metric; rows are <tr class="case-row" data-case=...>."""
     if per_case is None or per_case.empty or "case_id" not in per_case.columns:
         return _note("No per-case metrics available (zero evaluated cases).")
-    cols = list(per_case.columns)
-    head = "".join(f"<th{' class=txt' if c == 'case_id' else ''}>{esc(c)}</th>" for c in cols)
-    body = []
-    for rec in per_case.to_dict("records"):
-        cells = "".join(_cell(rec[c], text=(c == "case_id")) for c in cols)
-        body.append(f'<tr class="case-row" data-case="{esc(rec["case_id"])}">{cells}</tr>')
     return (
-        '<div class="scroll"><table class="sortable per-case">'
-        f"<thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table></div>"
+        f'<div class="scroll"><table class="sortable per-case">{_table_body(per_case, "case_id", "case-row")}</table></div>'
         '<p class="muted">Click a column header to sort.</p>'
     )
 

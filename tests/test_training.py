@@ -1,0 +1,69 @@
+"""Training on a tiny slice cache: outputs, history, resume and stale checkpoints."""
+
+import json
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from kidney_seg.training import code_digest, read_history, train
+
+MODEL = {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "block_order": "conv_act_norm", "leaky_alpha": 0.3,
+         "upsampling": "bilinear", "bn_momentum": 0.9}
+TRAIN = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 3, "foreground_per_batch": 2, "tumor_per_batch": 1, "patch_size": [16, 16],
+         "learning_rate": 1e-3, "lr_factor": 0.8, "lr_patience": 30, "lr_min_delta": 0.005, "min_lr": 1e-6,
+         "scale_range": [0.6, 1.25], "p_scale": 0.1, "p_mirror": 1.0, "dice_include_background": True, "val_slices": 4}
+PRE = {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49], "normalization": "zscore_slice"}
+
+
+@pytest.fixture
+def cache(tmp_path):
+    rng = np.random.default_rng(0)
+    dirs = []
+    for i in range(3):
+        d = tmp_path / "pre" / f"case_{i:05d}"
+        d.mkdir(parents=True)
+        label = np.zeros((4, 20, 20), np.uint8)
+        label[1:3, 5:12, 5:12] = 1
+        label[2, 7:9, 7:9] = 2
+        image = (rng.normal(size=label.shape) + 2.0 * label).astype(np.float32)
+        np.save(d / "image.npy", image)
+        np.save(d / "label.npy", label)
+        (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [1, 2], "class_2": [2]}}))
+        dirs.append(d)
+    return dirs
+
+
+def run(cache, out, **train_overrides):
+    return train(cache[:2], cache[2:], out, MODEL, {**TRAIN, **train_overrides}, PRE, (0, 1, 2), seed=1, threads=1)
+
+
+def test_train_writes_model_history_and_settings(cache, tmp_path):
+    history = run(cache, tmp_path / "model")
+    assert list(history["epoch"]) == [1, 2]
+    assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
+    for name in ("model.keras", "history.csv", "inference.json", "checkpoint/last.keras", "checkpoint/best.keras"):
+        assert (tmp_path / "model" / name).is_file(), name
+    settings = json.loads((tmp_path / "model" / "inference.json").read_text())
+    assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3
+
+
+def test_resume_continues_from_the_last_epoch(cache, tmp_path):
+    out = tmp_path / "model"
+    run(cache, out, epochs=1)
+    first = read_history(out / "checkpoint" / "history.csv")
+    history = run(cache, out, epochs=3)
+    assert list(history["epoch"]) == [1, 2, 3]
+    pd.testing.assert_series_equal(history["loss"].iloc[:1], first["loss"], check_names=False)
+
+
+def test_changed_settings_start_afresh(cache, tmp_path):
+    out = tmp_path / "model"
+    run(cache, out, epochs=2)
+    history = run(cache, out, epochs=2, learning_rate=5e-4)
+    assert list(history["epoch"]) == [1, 2]
+    assert history["lr"].iloc[0] == pytest.approx(5e-4)
+
+
+def test_code_digest_is_stable():
+    assert code_digest() == code_digest() and len(code_digest()) == 64
