@@ -444,7 +444,7 @@ def render_html(
     benchmark_files: list | None,
 ) -> str:
     """The whole report page as an ASCII-safe HTML string."""
-    title = "kidney-seg report: 2D U-Net on KiTS19"
+    title = f"kidney-seg report: 2D U-Net on {dataset_source(config)} data"
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
