@@ -24,4 +24,5 @@ include: "rules/report.smk"
 rule all:
     input:
         f"{RESULTS}/report.html",
+        expand(f"{RESULTS}/predictions/{{case}}.nii.gz", case=PREDICT_ONLY),
     default_target: True

@@ -73,8 +73,9 @@ def check_consistency(config: dict) -> None:
         raise ValueError("training.foreground_per_batch exceeds training.batch_size")
     if config["training"]["tumor_per_batch"] > config["training"]["foreground_per_batch"]:
         raise ValueError("training.tumor_per_batch exceeds training.foreground_per_batch")
-    if config["dataset"]["source"] == "local" and not config["dataset"].get("root"):
-        raise ValueError("dataset.root is required when dataset.source is 'local'")
+    dataset = config["dataset"]
+    if dataset["source"] == "local" and not (dataset.get("root") or dataset.get("manifest")):
+        raise ValueError("dataset.root or dataset.manifest is required when dataset.source is 'local'")
 
 
 def load_config(*paths: str | Path) -> dict:

@@ -1,10 +1,11 @@
 """Per-case segmentation metrics and their summary over a test set.
 
-Labels: 0 background, 1 kidney, 2 tumour. Regions scored (KiTS19 conventions):
+Labels: 0 background, 1 kidney, 2 tumour (and 3 cyst for KiTS21/23). Regions scored:
 
-* ``tk`` (tumour + kidney): label > 0,
+* ``tk`` (tumour + kidney; KiTS21/23 "kidney and masses"): label > 0,
 * ``tu`` (tumour): label == 2,
-* ``kidney``: label == 1 (for the paper's per-class precision and recall).
+* ``kidney``: label == 1 (for the paper's per-class precision and recall),
+* KiTS21/23 only: ``masses`` (tumour + cyst): label in {2, 3}, and cyst volumes.
 
 Empty-mask convention (as in KiTS23 and medpy): when prediction and truth are both
 empty a score is 1.0; when exactly one of them is empty Dice is 0.0. Precision and
@@ -31,7 +32,9 @@ import pandas as pd
 from kidney_seg.io import atomic_path, geometry_of, load_label, load_nifti, write_json_atomic
 
 VALID_LABELS: tuple[int, ...] = (0, 1, 2)
-KIDNEY, TUMOR = 1, 2
+KIDNEY, TUMOR, CYST = 1, 2, 3
+#: Extra per-case columns for 4-class (KiTS21/23) data.
+CYST_COLUMNS: tuple[str, ...] = ("masses_dice", "pred_cyst_ml", "true_cyst_ml")
 
 #: Per-case metric columns, in the order written to per_case.csv (after ``case_id``).
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -95,8 +98,10 @@ def voxel_volume_ml(spacing: tuple[float, float, float]) -> float:
     return float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0
 
 
-def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float]) -> dict[str, float]:
-    """All per-case metrics for two label volumes (0 bg, 1 kidney, 2 tumour) of one shape."""
+def case_metrics(
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], labels: tuple[int, ...] = VALID_LABELS
+) -> dict[str, float]:
+    """All per-case metrics for two label volumes of one shape (KiTS21/23 regions when ``labels`` has a cyst)."""
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:
         raise ValueError(f"label volume shapes differ: prediction {pred.shape} vs truth {truth.shape}")
@@ -116,6 +121,17 @@ def case_metrics(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, floa
         "pred_tumor_ml": int(np.count_nonzero(pt)) * ml,
         "true_tumor_ml": int(np.count_nonzero(tt)) * ml,
         "has_tumor": bool(np.any(tt)),
+        **(cyst_metrics(pred, truth, ml) if CYST in labels else {}),
+    }
+
+
+def cyst_metrics(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict[str, float]:
+    """KiTS21/23 extras: Dice of the masses region (tumour + cyst) and cyst volumes."""
+    pc, tc = pred == CYST, truth == CYST
+    return {
+        "masses_dice": dice(np.isin(pred, (TUMOR, CYST)), np.isin(truth, (TUMOR, CYST))),
+        "pred_cyst_ml": int(np.count_nonzero(pc)) * voxel_ml,
+        "true_cyst_ml": int(np.count_nonzero(tc)) * voxel_ml,
     }
 
 
@@ -128,13 +144,18 @@ def _header_geometry(path: str | os.PathLike, case_id: str):
 
 
 def evaluate_case(
-    case_id: str, prediction_path: str | os.PathLike, label_path: str | os.PathLike, out_json: str | os.PathLike
+    case_id: str,
+    prediction_path: str | os.PathLike,
+    label_path: str | os.PathLike,
+    out_json: str | os.PathLike,
+    labels: tuple[int, ...] = VALID_LABELS,
 ) -> dict:
     """Score a prediction file against its label file, write JSON, return it; CaseDataError on bad input."""
-    truth = load_label(label_path, case_id, VALID_LABELS)
+    labels = tuple(labels)
+    truth = load_label(label_path, case_id, labels)
     label_geometry = _header_geometry(label_path, case_id)
-    pred = load_label(prediction_path, case_id, VALID_LABELS, label_geometry)
-    result = {"case_id": str(case_id), **case_metrics(pred, truth, label_geometry.spacing)}
+    pred = load_label(prediction_path, case_id, labels, label_geometry)
+    result = {"case_id": str(case_id), **case_metrics(pred, truth, label_geometry.spacing, labels)}
     write_json_atomic(out_json, result)
     return result
 
@@ -202,7 +223,8 @@ def composite_row(tk: dict, tu: dict, n_cases: int) -> dict:
 
 def summary_table(per_case: pd.DataFrame) -> pd.DataFrame:
     """Summary rows for every numeric metric plus tu_dice_with_tumor and kits_composite."""
-    rows = [describe(m, per_case[m]) for m in NUMERIC_METRICS]
+    extra = [c for c in CYST_COLUMNS if c in per_case.columns]
+    rows = [describe(m, per_case[m]) for m in (*NUMERIC_METRICS, *extra)]
     with_tumor = per_case.loc[per_case["has_tumor"].astype(bool), "tu_dice"]
     rows.append(describe("tu_dice_with_tumor", with_tumor))
     by_name = {r["metric"]: r for r in rows}

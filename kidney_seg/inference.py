@@ -5,9 +5,12 @@ spread so that the last one ends flush with the edge; each tile's logits are wei
 a Gaussian importance map (sigma = patch / 8) or a constant and summed, then divided by
 the summed weights. Slices smaller than a tile are padded and the padding removed.
 Mirror test-time augmentation averages the logits of the 4 mirrorings over both in-plane
-axes, each flipped back. The softmax probabilities are resampled (linearly) to the
-original spacing one class at a time, keeping a running argmax, so memory stays at a few
-arrays of the original volume's size.
+axes, each flipped back. The scan is first cropped to the body and preprocessed exactly as
+in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from the model's
+inference.json). The softmax probabilities are resampled (linearly) to the cropped
+region's original shape a slab of slices at a time, one class after the other, keeping a
+running argmax, and pasted into a full-size label volume that is 0 outside the crop box:
+at the original resolution only the uint8 labels and a few slab-sized arrays exist.
 """
 
 from __future__ import annotations
@@ -22,8 +25,8 @@ from typing import Callable
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.io import from_internal, load_image, save_like
-from kidney_seg.preprocessing import preprocess_image
+from kidney_seg.io import from_internal, save_like
+from kidney_seg.preprocessing import check_settings, preprocess_image, read_image
 
 log = logging.getLogger(__name__)
 
@@ -128,27 +131,91 @@ def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn, num_classes
     return probs
 
 
-def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int]) -> np.ndarray:
-    """Resample each class's probability linearly to ``shape``; keep a running argmax."""
-    best = np.full(shape, -np.inf, dtype=np.float32)
-    labels = np.zeros(shape, dtype=np.uint8)
-    for c, prob in enumerate(probs):
-        if prob.shape != tuple(shape):
-            prob = ndimage.zoom(prob, [n / o for n, o in zip(shape, prob.shape)], order=1, mode="nearest", grid_mode=True)
-        better = prob > best
-        labels[better] = c
-        best[better] = prob[better]
+def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower/upper source index and weight of the upper one, per output position, for linear resizing
+    along one axis with pixel-extent alignment and edge clamping (``ndimage.zoom(order=1,
+    mode="nearest", grid_mode=True)``)."""
+    x = (np.arange(n_out, dtype=np.float64) + 0.5) * (n_in / n_out) - 0.5
+    x = np.clip(x, 0, n_in - 1)
+    lo = np.floor(x).astype(np.intp)
+    hi = np.minimum(lo + 1, n_in - 1)
+    return lo, hi, (x - lo).astype(np.float32)
+
+
+def _zoom_plane_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    if tuple(plane.shape) == tuple(shape):
+        return plane
+    return ndimage.zoom(plane, [n / o for n, o in zip(shape, plane.shape)], output=np.float32, order=1, mode="nearest",
+                        grid_mode=True)
+
+
+def resample_linear_slab(volume: np.ndarray, shape: tuple[int, int, int], start: int, stop: int) -> np.ndarray:
+    """Output slices ``start:stop`` of ``volume`` (Z, Y, X) resized linearly to ``shape`` (float32).
+
+    Linear resizing is separable: each needed source slice is resized in-plane, then
+    neighbouring slices are blended, which equals a full 3D ``ndimage.zoom(order=1,
+    grid_mode=True, mode="nearest")`` but touches only the slab's slices.
+    """
+    lo, hi, w = linear_weights(volume.shape[0], shape[0])
+    lo, hi, w = lo[start:stop], hi[start:stop], w[start:stop, None, None]
+    first = int(lo.min())
+    planes = np.stack([_zoom_plane_linear(np.asarray(volume[i], dtype=np.float32), shape[1:])
+                       for i in range(first, int(hi.max()) + 1)])
+    out = planes[lo - first] * (1 - w)
+    out += planes[hi - first] * w
+    return out
+
+
+def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int], out: np.ndarray | None = None,
+                            slab: int = 16) -> np.ndarray:
+    """Resample each class's probability linearly to ``shape``; keep a running argmax (uint8).
+
+    Works ``slab`` output slices at a time, one class after the other, so beyond the
+    uint8 labels only a few slab-sized float32 arrays exist at the original resolution.
+    Ties go to the lower class. ``out`` (uint8, ``shape``) receives the labels if given.
+    """
+    shape = tuple(int(s) for s in shape)
+    labels = np.zeros(shape, dtype=np.uint8) if out is None else out
+    if labels.shape != shape:
+        raise ValueError(f"out has shape {labels.shape}, expected {shape}")
+    for start in range(0, shape[0], slab):
+        stop = min(start + slab, shape[0])
+        best = None
+        chunk = np.zeros((stop - start,) + shape[1:], dtype=np.uint8)
+        for c in range(len(probs)):
+            prob = resample_linear_slab(probs[c], shape, start, stop)
+            if best is None:
+                best = prob
+                chunk[...] = c
+                continue
+            better = prob > best
+            chunk[better] = c
+            np.copyto(best, prob, where=better)
+        labels[start:stop] = chunk
     return labels
 
 
 def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: PredictFn, inference_cfg: dict) -> np.ndarray:
-    """Labels on the original internal grid of a raw (HU) internal-orientation volume."""
-    volume = preprocess_image(image, spacing, settings["target_spacing"], settings["clip"], settings["normalization"])
+    """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
+
+    ``settings`` is the model's inference.json: the resolved preprocessing settings
+    (:func:`kidney_seg.preprocessing.resolve_preprocessing`) plus ``num_classes``,
+    ``labels`` and ``patch_size``. The volume is cropped to the body (if
+    ``crop_to_body``), preprocessed and predicted; the probabilities are resampled to
+    the cropped region's original shape and pasted into a volume of ``image.shape``
+    that is 0 (background) outside the crop box.
+    """
+    settings = check_settings(settings)
+    volume, box = preprocess_image(image, spacing, settings)
     probs = predict_probabilities(
-        volume, predict_fn, settings["num_classes"], tuple(settings["patch_size"]), step=inference_cfg["step"],
+        volume, predict_fn, int(settings["num_classes"]), tuple(settings["patch_size"]), step=inference_cfg["step"],
         gaussian=inference_cfg["gaussian"], mirror_tta=inference_cfg["mirror_tta"], batch_size=inference_cfg["batch_size"],
     )
-    return probabilities_to_labels(probs, image.shape)
+    del volume
+    labels = np.zeros(image.shape, dtype=np.uint8)
+    region = labels[box]
+    probabilities_to_labels(probs, region.shape, out=region)
+    return labels
 
 
 def load_predictor(model_dir: str | os.PathLike) -> tuple[PredictFn, dict]:
@@ -167,7 +234,7 @@ def predict_case(case_id: str, image_path: str | os.PathLike, model_dir: str | o
                  inference_cfg: dict, predictor: tuple[PredictFn, dict] | None = None) -> np.ndarray:
     """Segment one scan and write uint8 labels on its exact input grid."""
     predict_fn, settings = predictor or load_predictor(model_dir)
-    image, geometry = load_image(image_path, case_id)
+    image, geometry = read_image(image_path, case_id)
     labels = predict_volume(image, geometry.spacing, settings, predict_fn, inference_cfg)
     out = from_internal(labels, geometry)
     save_like(out_path, out, reference=image_path)

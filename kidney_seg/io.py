@@ -242,3 +242,10 @@ def save_nifti(path: str | os.PathLike, array: np.ndarray, affine: np.ndarray, d
     img.set_sform(np.asarray(affine, dtype=float), 1)
     with atomic_path(path) as tmp:
         nib.save(img, str(tmp))
+
+
+def read_json(path: str | os.PathLike | None) -> dict | None:
+    """A JSON file as a dict, or None when no path is given."""
+    if not path:
+        return None
+    return json.loads(Path(path).read_text())

@@ -25,8 +25,8 @@ def subset_sizes(n: int, fractions: tuple[float, float, float]) -> tuple[int, in
     return n_train, n_val, n_test
 
 
-def make_split(case_ids: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 42) -> pd.DataFrame:
-    """Assign cases to train/val/test, independent of the input order."""
+def make_split(case_ids: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 42, folds: int = 1) -> pd.DataFrame:
+    """Assign cases to train/val/test, independent of the input order; with folds > 1 also to folds."""
     ids = sorted(set(case_ids))
     order = np.random.default_rng(seed).permutation(len(ids))
     n_train, n_val, _ = subset_sizes(len(ids), tuple(fractions))
@@ -34,7 +34,29 @@ def make_split(case_ids: list[str], fractions=(0.8, 0.1, 0.1), seed: int = 42) -
     subset[order[:n_train]] = "train"
     subset[order[n_train : n_train + n_val]] = "val"
     subset[order[n_train + n_val :]] = "test"
-    return pd.DataFrame({"case_id": ids, "subset": subset})
+    df = pd.DataFrame({"case_id": ids, "subset": subset})
+    if folds > 1:
+        df["fold"] = assign_folds(order[: n_train + n_val], len(ids), folds)
+    return df
+
+
+def assign_folds(development: np.ndarray, n: int, folds: int) -> list[str]:
+    """Deal the (already shuffled) train+val cases into ``folds`` folds; test cases get none."""
+    if folds > len(development):
+        raise ValueError(f"{folds} folds need at least {folds} train+val cases, got {len(development)}")
+    fold = [""] * n
+    for rank, index in enumerate(development):
+        fold[index] = str(rank % folds)
+    return fold
+
+
+def fold_cases(df: pd.DataFrame, fold: int) -> tuple[list[str], list[str]]:
+    """(train, val) case ids of one cross-validation fold: the fold validates, the others train."""
+    if "fold" not in df.columns:
+        raise ValueError("split.csv has no fold column (set split.folds > 1)")
+    dev = df[df["subset"] != "test"]
+    val = dev["fold"].astype(str) == str(fold)
+    return sorted(dev.loc[~val, "case_id"]), sorted(dev.loc[val, "case_id"])
 
 
 def write_split(df: pd.DataFrame, path: str | os.PathLike) -> None:
@@ -45,7 +67,7 @@ def write_split(df: pd.DataFrame, path: str | os.PathLike) -> None:
 
 def read_split(path: str | os.PathLike) -> pd.DataFrame:
     """Read split.csv and check its columns and subsets."""
-    df = pd.read_csv(path, dtype=str)
+    df = pd.read_csv(path, dtype=str, keep_default_na=False)
     if list(df.columns[:2]) != ["case_id", "subset"] or not set(df["subset"]) <= set(SUBSETS):
         raise ValueError(f"{path}: not a split file (columns case_id, subset in {SUBSETS})")
     return df

@@ -139,16 +139,9 @@ def restore_or_build(state_dir: Path, model_cfg: dict, train_cfg: dict, num_clas
     return model, 0
 
 
-def inference_settings(preprocessing_cfg: dict, train_cfg: dict, num_classes: int, labels) -> dict:
-    """What predict needs besides the weights."""
-    return {
-        "num_classes": num_classes,
-        "labels": list(labels),
-        "patch_size": list(train_cfg["patch_size"]),
-        "target_spacing": list(preprocessing_cfg["target_spacing"]),
-        "clip": list(preprocessing_cfg["clip"]),
-        "normalization": preprocessing_cfg["normalization"],
-    }
+def inference_settings(preprocessing: dict, train_cfg: dict, num_classes: int, labels) -> dict:
+    """What predict needs besides the weights: the resolved preprocessing, classes and patch size."""
+    return {**preprocessing, "num_classes": num_classes, "labels": list(labels), "patch_size": list(train_cfg["patch_size"])}
 
 
 def train(
@@ -157,13 +150,17 @@ def train(
     model_dir: str | os.PathLike,
     model_cfg: dict,
     train_cfg: dict,
-    preprocessing_cfg: dict,
+    preprocessing: dict,
     labels: tuple[int, ...],
     seed: int,
     checkpoint_dir: str | os.PathLike | None = None,
     threads: int | None = None,
 ) -> pd.DataFrame:
-    """Train (or resume training) the U-Net, publish the best model, return the history."""
+    """Train (or resume training) the U-Net, publish the best model, return the history.
+
+    ``preprocessing`` is the resolved preprocessing (concrete clip window, normalisation
+    statistics) the slice cache was made with; it is stored for prediction.
+    """
     configure_threads(threads)
     import keras
 
@@ -178,23 +175,23 @@ def train(
     val_cases = [load_case(d) for d in val_dirs]
     if not train_cases or not val_cases:
         raise ValueError("training needs at least one training and one validation case")
-    reset_stale_state(state_dir, run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing_cfg, labels, seed))
+    reset_stale_state(state_dir, run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing, labels, seed))
     history = read_history(state_dir / "history.csv")
     model, initial_epoch = restore_or_build(state_dir, model_cfg, train_cfg, num_classes, history)
     if initial_epoch < train_cfg["epochs"]:
         fit(model, train_cases, val_cases, train_cfg, seed, initial_epoch, state_dir, history)
     else:
         log.info("training already complete (%d epochs)", initial_epoch)
-    return publish(state_dir, model_dir, inference_settings(preprocessing_cfg, train_cfg, num_classes, labels))
+    return publish(state_dir, model_dir, inference_settings(preprocessing, train_cfg, num_classes, labels))
 
 
-def run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing_cfg, labels, seed) -> dict:
+def run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing, labels, seed) -> dict:
     """What a checkpoint must match to be resumed: settings (but epochs, which may grow), cases, cache files, code."""
     def stamp(d):
         return [str(d)] + [os.stat(Path(d) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
 
     return json.loads(json.dumps({
-        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k != "epochs"}, "preprocessing": preprocessing_cfg, "labels": list(labels),
+        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k != "epochs"}, "preprocessing": preprocessing, "labels": list(labels),
         "seed": seed, "train": [stamp(d) for d in train_dirs], "val": [stamp(d) for d in val_dirs], "code": code_digest(),
     }))
 

@@ -1,19 +1,46 @@
-rule download:
-    output:
-        image=f"{RAW}/{{case}}/imaging.nii.gz",
-        label=f"{RAW}/{{case}}/segmentation.nii.gz",
-    input:
-        code=library("data/sources.py", "data/phantom.py"),
-    params:
-        dataset=config["dataset"],
-        seed=config["seed"],
-    log:
-        f"{RESULTS}/logs/download/{{case}}.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/download/{{case}}.tsv"
-    conda:
-        "../envs/core.yaml"
-    resources:
-        downloads=1,
-    script:
-        "../workflow_scripts/download.py"
+# One job per file, so cases download (or are generated) in parallel. A local dataset is
+# read where it lies: no rule may ever produce (or delete) a user's own files.
+# Only the phantom's files depend on library code; downloaded files never go stale.
+SOURCE_CODE = library("data/phantom.py") if FETCH["source"] == "phantom" else []
+
+
+if FETCH["source"] != "local":
+
+    rule download_image:
+        output:
+            f"{RAW}/{{case}}/imaging.nii.gz",
+        input:
+            code=SOURCE_CODE,
+        params:
+            dataset=FETCH,
+            seed=config["seed"],
+        log:
+            f"{RESULTS}/logs/download_image/{{case}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/download_image/{{case}}.tsv"
+        conda:
+            "../envs/core.yaml"
+        resources:
+            downloads=1,
+        script:
+            "../workflow_scripts/download_image.py"
+
+    rule download_label:
+        output:
+            f"{RAW}/{{case}}/segmentation.nii.gz",
+        input:
+            image=raw_image,
+            code=SOURCE_CODE,
+        params:
+            dataset=FETCH,
+            seed=config["seed"],
+        log:
+            f"{RESULTS}/logs/download_label/{{case}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/download_label/{{case}}.tsv"
+        conda:
+            "../envs/core.yaml"
+        resources:
+            downloads=1,
+        script:
+            "../workflow_scripts/download_label.py"

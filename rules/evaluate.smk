@@ -5,6 +5,8 @@ rule evaluate_case:
         code=library("evaluation.py"),
     output:
         f"{RESULTS}/metrics/cases/{{case}}.json",
+    params:
+        labels=LABELS,
     log:
         f"{RESULTS}/logs/evaluate_case/{{case}}.log",
     benchmark:

@@ -3,6 +3,7 @@ rule train:
         split=f"{RESULTS}/split.csv",
         train=preprocessed(TRAIN),
         val=preprocessed(VAL),
+        fingerprint=fingerprint,
         code=library("model.py", "losses.py", "sampling.py", "training.py", "config.py"),
     output:
         model=f"{RESULTS}/model/model.keras",
@@ -11,7 +12,7 @@ rule train:
     params:
         model=config["model"],
         training=config["training"],
-        preprocessing=config["preprocessing"],
+        preprocessing=PREPROCESSING,
         labels=LABELS,
         seed=config["seed"],
         checkpoint_dir=f"{RESULTS}/model/checkpoint",

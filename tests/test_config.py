@@ -40,7 +40,7 @@ def test_unknown_keys_and_bad_values_are_rejected():
         validate_config(deep_merge(base(), {"training": {"patch_size": [100, 100]}}))
     with pytest.raises(ValueError, match="sum to 1"):
         validate_config(deep_merge(base(), {"split": {"fractions": [0.5, 0.1, 0.1]}}))
-    with pytest.raises(ValueError, match="root"):
+    with pytest.raises(ValueError, match="root or dataset.manifest"):
         validate_config(deep_merge(base(), {"dataset": {"source": "local"}}))
 
 

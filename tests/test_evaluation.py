@@ -322,3 +322,21 @@ def test_summarize_duplicate_case_ids_raise(tmp_path):
     p2.write_text(json.dumps(rec))
     with pytest.raises(ValueError, match="duplicate"):
         ev.summarize([p1, p2], tmp_path / "p.csv", tmp_path / "s.csv")
+
+
+def test_kits23_regions_with_cysts():
+    from kidney_seg.evaluation import case_metrics, summary_table
+
+    truth = np.zeros((1, 4, 4), np.uint8)
+    truth[0, 0, :] = 1
+    truth[0, 1, :2] = 2
+    truth[0, 1, 2:] = 3
+    pred = truth.copy()
+    pred[0, 1, 2:] = 2  # cyst called tumour: masses region still perfect
+    m = case_metrics(pred, truth, (1.0, 1.0, 1.0), labels=(0, 1, 2, 3))
+    assert m["masses_dice"] == 1.0 and m["tk_dice"] == 1.0
+    assert m["tu_dice"] == pytest.approx(2 * 2 / (4 + 2))
+    assert m["true_cyst_ml"] == pytest.approx(0.002) and m["pred_cyst_ml"] == 0.0
+    assert "masses_dice" not in case_metrics(pred, truth, (1.0, 1.0, 1.0), labels=(0, 1, 2, 3, 4)[:3])
+    df = pd.DataFrame([{"case_id": "case_00000", **m}])
+    assert "masses_dice" in summary_table(df)["metric"].tolist()

@@ -4,8 +4,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kidney_seg.inference import (gaussian_importance_map, predict_case, predict_slice_logits, probabilities_to_labels,
-                                  tile_starts)
+from scipy import ndimage
+
+from kidney_seg.inference import (gaussian_importance_map, linear_weights, predict_case, predict_slice_logits,
+                                  predict_volume, probabilities_to_labels, resample_linear_slab, tile_starts)
+from kidney_seg.preprocessing import body_box, resolve_preprocessing
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -70,9 +73,11 @@ def test_probabilities_to_labels_resamples_to_shape():
     assert set(np.unique(labels)) == {0, 2}
 
 
-def fake_settings():
-    return {"num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32], "target_spacing": [3.0, 1.5, 1.5],
-            "clip": [-100, 300], "normalization": "zscore_slice"}
+def fake_settings(**overrides):
+    """A model's inference.json: resolved preprocessing settings plus the model's own keys."""
+    pre = resolve_preprocessing({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300], "normalization": "zscore_slice",
+                                 "crop_to_body": True, **overrides}, None)
+    return {**pre, "num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32]}
 
 
 def threshold_model(x):
@@ -96,6 +101,9 @@ def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
     rng = np.random.default_rng(3)
     data = rng.normal(0, 20, (9, 41, 37)).astype(np.float32)
     data[3:6, 10:20, 10:25] = 250
+    data[:, :9] = -1000  # an air margin: the body crop is not the whole grid
+    box = body_box(data)
+    assert box[1].start == 5
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "inference.json").write_text(json.dumps(fake_settings()))
     cfg = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4}
@@ -113,6 +121,9 @@ def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
     np.testing.assert_array_equal(back_in_kits["odd"], back_in_kits["kits"])
     pred, bright = back_in_kits["kits"], data > 200
     assert (pred[bright] == 1).mean() > 0.7 and (pred[~bright] == 1).mean() < 0.05
+    outside = np.ones(data.shape, bool)
+    outside[box] = False
+    assert np.all(pred[outside] == 0)
 
 
 def test_slab_equals_slice_by_slice():
@@ -125,3 +136,84 @@ def test_slab_equals_slice_by_slice():
     probs = predict_probabilities(volume, passthrough_model, 2, (32, 32), batch_size=64)
     assert probs.shape == (2, 5, 40, 52)
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
+
+
+CFG = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 8}
+
+
+def body_phantom(shape=(7, 60, 70)):
+    """Air around an elliptical 40 HU body with a bright 250 HU block inside."""
+    image = np.full(shape, -1000.0, np.float32)
+    yy, xx = np.mgrid[: shape[1], : shape[2]]
+    image[:, ((yy - 30) / 20.0) ** 2 + ((xx - 35) / 25.0) ** 2 <= 1] = 40
+    image[2:5, 25:35, 30:40] = 250
+    return image
+
+
+def test_crop_is_undone_and_outside_the_body_is_background():
+    image = body_phantom()
+    labels = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(), constant_model, CFG)  # class 1 everywhere it looks
+    box = body_box(image)
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    assert np.all(labels[box] == 1)
+    outside = np.ones(image.shape, bool)
+    outside[box] = False
+    assert outside.any() and np.all(labels[outside] == 0)
+    uncropped = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=False), constant_model, CFG)
+    assert np.all(uncropped == 1)
+
+
+def test_threshold_model_finds_the_block_with_and_without_crop():
+    image = body_phantom()
+    for crop in (True, False):
+        for spacing in ([3.0, 1.5, 1.5], None):
+            labels = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=crop, target_spacing=spacing),
+                                    threshold_model, CFG)
+            bright = image > 200
+            assert labels.shape == image.shape
+            assert (labels[bright] == 1).mean() > 0.7 and (labels[~bright] == 1).mean() < 0.05
+
+
+def test_dataset_normalisation_settings_are_used():
+    image = body_phantom()
+    fp = {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 100.0}
+    pre = resolve_preprocessing({"target_spacing": None, "clip": "auto", "normalization": "dataset"}, fp)
+    settings = {**pre, "num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32]}
+    labels = predict_volume(image, (2.5, 1.0, 1.0), settings, threshold_model, CFG)  # (250-40)/100 = 2.1 > 2
+    assert (labels[image > 200] == 1).mean() > 0.7 and (labels[image < 200] == 1).mean() < 0.05
+    with pytest.raises(ValueError, match="mean"):
+        predict_volume(image, (2.5, 1.0, 1.0), {**settings, "mean": None}, threshold_model, CFG)
+
+
+def test_legacy_inference_json_without_crop_keys_still_works():
+    legacy = {"num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32], "target_spacing": [3.0, 1.5, 1.5],
+              "clip": [-100, 300], "normalization": "zscore_slice"}
+    image = body_phantom()
+    assert np.all(predict_volume(image, (2.5, 1.0, 1.0), legacy, constant_model, CFG) == 1)  # no crop
+
+
+@pytest.mark.parametrize("shape", [(9, 25, 31), (3, 8, 8), (4, 12, 10), (13, 12, 10)])
+def test_slab_linear_resampling_equals_full_zoom(shape):
+    vol = np.random.default_rng(7).random((4, 12, 10)).astype(np.float32)
+    ref = ndimage.zoom(vol, [n / o for n, o in zip(shape, vol.shape)], order=1, mode="nearest", grid_mode=True)
+    np.testing.assert_allclose(resample_linear_slab(vol, shape, 0, shape[0]), ref, atol=1e-5)
+    np.testing.assert_allclose(np.concatenate([resample_linear_slab(vol, shape, z, min(z + 2, shape[0]))
+                                               for z in range(0, shape[0], 2)]), ref, atol=1e-5)
+    lo, hi, w = linear_weights(4, shape[0])
+    assert lo.min() >= 0 and hi.max() <= 3 and np.all((w >= 0) & (w <= 1))
+
+
+def test_probabilities_to_labels_matches_per_class_full_zoom():
+    rng = np.random.default_rng(8)
+    logits = ndimage.gaussian_filter(rng.normal(size=(3, 5, 16, 14)), sigma=(0, 1, 2, 2)) * 5
+    probs = np.exp(logits) / np.exp(logits).sum(0)
+    shape = (11, 30, 27)
+    full = np.stack([ndimage.zoom(p, [n / o for n, o in zip(shape, p.shape)], order=1, mode="nearest", grid_mode=True)
+                     for p in probs.astype(np.float32)])
+    top2 = np.sort(full, axis=0)[-2:]
+    clear = top2[1] - top2[0] > 1e-4
+    for slab in (1, 4, 64):
+        labels = probabilities_to_labels(probs.astype(np.float32), shape, slab=slab)
+        np.testing.assert_array_equal(labels[clear], full.argmax(0)[clear])
+    out = np.full(shape, 9, np.uint8)
+    assert probabilities_to_labels(probs.astype(np.float32), shape, out=out) is out and out.max() <= 2

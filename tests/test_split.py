@@ -31,3 +31,22 @@ def test_split_round_trip(tmp_path):
     pd.testing.assert_frame_equal(back, df.astype(str))
     assert cases_in(back, "test") == sorted(df.loc[df.subset == "test", "case_id"])
     assert (tmp_path / "split.csv").read_text().splitlines()[0] == "case_id,subset"
+
+
+def test_folds_partition_train_and_val():
+    from kidney_seg.split import fold_cases
+
+    df = make_split(ids(50), seed=5, folds=5)
+    dev = df[df.subset != "test"]
+    assert sorted(dev["fold"].unique()) == ["0", "1", "2", "3", "4"]
+    assert (df.loc[df.subset == "test", "fold"] == "").all()
+    assert dev["fold"].value_counts().tolist() == [9, 9, 9, 9, 9]
+    vals = []
+    for k in range(5):
+        train, val = fold_cases(df, k)
+        assert not set(train) & set(val) and len(train) + len(val) == 45
+        vals += val
+    assert sorted(vals) == sorted(dev["case_id"])
+    pd.testing.assert_frame_equal(df[["case_id", "subset"]], make_split(ids(50), seed=5))
+    with pytest.raises(ValueError):
+        fold_cases(make_split(ids(10)), 0)

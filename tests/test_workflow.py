@@ -110,3 +110,79 @@ def test_editing_a_library_module_triggers_its_rules(tiny_run):
         module.write_bytes(original)
         os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert planned_jobs(cfg) == set()
+
+
+def test_keep_going_finishes_the_good_cases(tmp_path):
+    from tests.conftest import kits_affine, write_nifti
+
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        label = np.zeros((6, 40, 40), np.uint8)
+        label[2:4, 10:20, 10:20] = 1
+        image = rng.normal(40, 20, label.shape).astype(np.float32)
+        write_nifti(tmp_path / "data" / f"case_{i:05d}" / "imaging.nii.gz", image, kits_affine())
+        write_nifti(tmp_path / "data" / f"case_{i:05d}" / "segmentation.nii.gz", label, kits_affine())
+    broken = tmp_path / "data" / "case_00001" / "imaging.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:200])
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["dataset"] = {"source": "local", "root": str(tmp_path / "data")}
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    targets = [str(tmp_path / "results" / "preprocessed" / f"case_{i:05d}" / "meta.json") for i in range(3)]
+    proc = snakemake(*targets, "--cores", "2", "--keep-going", "--configfile", str(cfg_path), check=False)
+    assert proc.returncode != 0
+    assert Path(targets[0]).is_file() and Path(targets[2]).is_file()
+    assert not (tmp_path / "results" / "preprocessed" / "case_00001").exists() or not any(
+        (tmp_path / "results" / "preprocessed" / "case_00001").iterdir())
+    log = (tmp_path / "results" / "logs" / "preprocess" / "case_00001.log").read_text()
+    assert "case_00001" in log and str(broken) in log and "truncated" in log
+
+
+@pytest.fixture
+def kits_server(tmp_path):
+    """A local HTTP server standing in for the KiTS imaging host and label repository."""
+    import functools
+    import http.server
+    import threading
+
+    from kidney_seg.data.phantom import PhantomParams, generate_case
+    from kidney_seg.io import save_nifti
+
+    root = tmp_path / "www"
+    params = PhantomParams(field_of_view_mm=(120.0, 130.0), z_extent_mm=(80.0, 90.0))
+    for index in (0, 1, 2, 3, 4, 5, 210):
+        case = generate_case(index, 7, params)
+        save_nifti(root / "img" / f"case_{index:05d}.nii.gz", case.image, case.affine)
+        if index < 210:
+            save_nifti(root / "lab" / f"case_{index:05d}" / "segmentation.nii.gz", case.label, case.affine)
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_kits19_through_the_real_rules_against_a_local_server(tmp_path, kits_server):
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["dataset"] = {"source": "kits19", "root": str(tmp_path / "kits19"), "cases": 6, "unlabelled_cases": 1,
+                      "kits_imaging_url": f"{kits_server}/img", "kits_labels_url": f"{kits_server}/lab"}
+    cfg["preprocessing"].update({"clip": "auto", "normalization": "dataset"})
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    snakemake("--cores", "2", "--configfile", str(cfg_path))
+    results = tmp_path / "results"
+    assert (tmp_path / "kits19" / "case_00210" / "imaging.nii.gz").is_file()
+    assert not (tmp_path / "kits19" / "case_00210" / "segmentation.nii.gz").exists()
+    pred = nib.load(str(results / "predictions" / "case_00210.nii.gz"))
+    assert pred.shape == nib.load(str(tmp_path / "kits19" / "case_00210" / "imaging.nii.gz")).shape
+    assert "case_00210" not in pd.read_csv(results / "split.csv")["case_id"].tolist()
+    assert "case_00210" not in pd.read_csv(results / "metrics" / "per_case.csv")["case_id"].tolist()
+    fingerprint = yaml.safe_load((results / "fingerprint.json").read_text())
+    assert fingerprint["percentile_00_5"] < fingerprint["percentile_99_5"]
+    assert planned_jobs(cfg_path) == set()  # a second run downloads nothing

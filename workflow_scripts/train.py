@@ -1,11 +1,14 @@
 """Snakemake script: train (or resume) the U-Net."""
 from pathlib import Path
 
+from kidney_seg.io import read_json
 from kidney_seg.logs import log_to
+from kidney_seg.preprocessing import resolve_preprocessing
 from kidney_seg.training import train
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
+    settings = resolve_preprocessing(p.preprocessing, read_json(next(iter(snakemake.input.fingerprint), None)))
     train([Path(m).parent for m in snakemake.input.train], [Path(m).parent for m in snakemake.input.val],
-          Path(snakemake.output.model).parent, p.model, p.training, p.preprocessing, tuple(p.labels), p.seed,
+          Path(snakemake.output.model).parent, p.model, p.training, settings, tuple(p.labels), p.seed,
           checkpoint_dir=p.checkpoint_dir, threads=snakemake.threads)

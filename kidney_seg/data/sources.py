@@ -1,96 +1,160 @@
-"""Case lists and fetching for each dataset source (phantom, kits19, local)."""
+"""The cases each dataset source offers, the selection the config makes, and fetching one file.
+
+Sources: ``phantom`` (generated on the fly), ``kits19``/``kits21``/``kits23`` (downloaded;
+facts in :mod:`kidney_seg.data.kits`) and ``local`` (the user's files;
+:mod:`kidney_seg.data.local`). Generated and downloaded cases are stored as
+``<root>/<case>/imaging.nii.gz`` and ``<root>/<case>/segmentation.nii.gz``; local cases
+point at the user's own files.
+"""
 
 from __future__ import annotations
 
-import logging
+import functools
 import os
-import shutil
-import time
-import urllib.error
-import urllib.request
-from pathlib import Path
+from dataclasses import dataclass
 
+import numpy as np
+
+from kidney_seg.data import kits, local
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import atomic_path, load_nifti
+from kidney_seg.io import save_nifti
 
-log = logging.getLogger(__name__)
+IMAGE_NAME, LABEL_NAME = kits.IMAGE_NAME, kits.LABEL_NAME
+BASE_LABELS: dict[str, tuple[int, ...]] = {"phantom": (0, 1, 2), "local": (0, 1, 2)}
+DEFAULT_PHANTOM_CASES = 40
+KITS19_LABELLED = kits.SOURCES["kits19"].case_ids(kits.SOURCES["kits19"].labelled)
 
-KITS19_LABELLED = [f"case_{i:05d}" for i in range(210)]
-IMAGE_NAME, LABEL_NAME = "imaging.nii.gz", "segmentation.nii.gz"
+
+@dataclass(frozen=True)
+class Case:
+    """One case: its id, where the image is (or will be), and its label (None = imaging-only)."""
+
+    case_id: str
+    image: str
+    label: str | None
 
 
 def raw_root(dataset_cfg: dict) -> str:
-    """Folder that holds (or receives) the raw cases."""
+    """Folder that holds (or receives) the raw cases: ``dataset.root`` or ``data/<source>``."""
     return dataset_cfg.get("root") or os.path.join("data", dataset_cfg["source"])
 
 
-def labelled_cases(dataset_cfg: dict) -> list[str]:
-    """All labelled case ids a source offers."""
+def labels_of(source: str) -> tuple[int, ...]:
+    """Valid label values of a source: (0, 1, 2), plus 3 (cyst) for kits21 and kits23."""
+    if source in kits.SOURCES:
+        return kits.SOURCES[source].labels
+    if source in BASE_LABELS:
+        return BASE_LABELS[source]
+    raise ValueError(f"unknown dataset.source {source!r}")
+
+
+def list_cases(dataset_cfg: dict) -> list[Case]:
+    """Every case the source offers, labelled and imaging-only, sorted by id."""
+    source = dataset_cfg["source"]
+    if source == "local":
+        return [Case(c, image, label) for c, image, label in local.list_local(dataset_cfg)]
+    if source == "phantom":
+        labelled, unlabelled = _phantom_ids(dataset_cfg), []
+    elif source in kits.SOURCES:
+        src = kits.SOURCES[source]
+        labelled, unlabelled = src.case_ids(src.labelled), src.case_ids(src.unlabelled)
+    else:
+        raise ValueError(f"unknown dataset.source {source!r}")
+    root = raw_root(dataset_cfg)
+    cases = [_stored(root, c, True) for c in labelled] + [_stored(root, c, False) for c in unlabelled]
+    return sorted(cases, key=lambda c: c.case_id)
+
+
+def _stored(root: str, case_id: str, labelled: bool) -> Case:
+    """A case kept in KiTS layout under ``root``."""
+    folder = os.path.join(root, case_id)
+    return Case(case_id, os.path.join(folder, IMAGE_NAME), os.path.join(folder, LABEL_NAME) if labelled else None)
+
+
+def _phantom_ids(dataset_cfg: dict) -> list[str]:
+    """Case ids of the phantom set (``dataset.phantom.n_cases``, default 40)."""
+    n = (dataset_cfg.get("phantom") or {}).get("n_cases", DEFAULT_PHANTOM_CASES)
+    return [f"case_{i:05d}" for i in range(n)]
+
+
+# ----------------------------------------------------------------------------- selection
+
+
+def select(cases: list[Case], dataset_cfg: dict) -> tuple[list[Case], list[Case]]:
+    """(labelled cases chosen by ``dataset.cases``, imaging-only cases chosen by ``dataset.unlabelled_cases``)."""
+    labelled = [c for c in cases if c.label is not None]
+    unlabelled = [c for c in cases if c.label is None]
+    chosen = _choose(labelled, unlabelled, dataset_cfg.get("cases", "all"), "dataset.cases", "labelled")
+    spec = dataset_cfg.get("unlabelled_cases", "none")
+    if spec in (None, "none"):
+        return chosen, []
+    return chosen, _choose(unlabelled, labelled, spec, "dataset.unlabelled_cases", "imaging-only")
+
+
+def _choose(pool: list[Case], others: list[Case], spec, key: str, kind: str) -> list[Case]:
+    """Apply "all", a count N (the first N) or a list of ids to ``pool``; name offending ids."""
+    if spec in (None, "all"):
+        return list(pool)
+    if isinstance(spec, int) and not isinstance(spec, bool):
+        if not 1 <= spec <= len(pool):
+            raise ValueError(f"{key} = {spec} but the source offers {len(pool)} {kind} cases")
+        return pool[:spec]
+    if isinstance(spec, str) or not isinstance(spec, (list, tuple)):
+        raise ValueError(f"{key} must be 'all', a positive integer or a list of case ids, got {spec!r}")
+    wanted, other_ids = set(spec), {c.case_id for c in others}
+    wrong_kind = sorted(wanted & other_ids)
+    if wrong_kind:
+        raise ValueError(f"{key} names cases that are not {kind}: {wrong_kind}")
+    unknown = sorted(wanted - {c.case_id for c in pool})
+    if unknown:
+        raise ValueError(f"{key} names cases the source does not offer: {unknown}")
+    return [c for c in pool if c.case_id in wanted]
+
+
+# ----------------------------------------------------------------------------- fetching
+
+
+def fetch_image(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
+    """Download or generate one case's image file at ``out`` (atomically)."""
     source = dataset_cfg["source"]
     if source == "phantom":
-        return [f"case_{i:05d}" for i in range((dataset_cfg.get("phantom") or {}).get("n_cases", 40))]
-    if source == "kits19":
-        return list(KITS19_LABELLED)
-    if source == "local":
-        root = Path(raw_root(dataset_cfg))
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset.root {root} is not a folder")
-        return sorted(p.parent.name for p in root.glob(f"case_*/{LABEL_NAME}") if (p.parent / IMAGE_NAME).is_file())
-    raise NotImplementedError(f"dataset.source {source!r} is not supported yet (KiTS21/23 support is tracked in issue 3)")
+        case = _phantom_case(case_id, dataset_cfg, seed)
+        save_nifti(out, case.image, case.affine, dtype=np.int16)
+    elif source in kits.SOURCES:
+        kits.fetch_kits_image(case_id, dataset_cfg, out)
+    elif source == "local":
+        raise local.missing_file(case_id, out, "image")
+    else:
+        raise ValueError(f"unknown dataset.source {source!r}")
 
 
-def select_cases(available: list[str], cases) -> list[str]:
-    """Apply ``dataset.cases``: 'all', the first N, or an explicit list."""
-    if cases in (None, "all"):
-        return list(available)
-    if isinstance(cases, int):
-        if cases > len(available):
-            raise ValueError(f"dataset.cases = {cases} but only {len(available)} cases are available")
-        return list(available[:cases])
-    missing = sorted(set(cases) - set(available))
-    if missing:
-        raise ValueError(f"dataset.cases names unknown cases: {missing}")
-    return sorted(cases)
-
-
-def case_index(case_id: str) -> int:
-    """The number in ``case_XXXXX``."""
-    return int(case_id.split("_")[1])
-
-
-def download(url: str, dest: str | os.PathLike, case_id: str, retries: int = 4, timeout: float = 60.0) -> None:
-    """Stream ``url`` to a temporary file, check it is a readable NIfTI, then rename into place."""
-    for attempt in range(retries + 1):
-        try:
-            with atomic_path(dest) as tmp:
-                with urllib.request.urlopen(url, timeout=timeout) as resp, open(tmp, "wb") as fh:
-                    shutil.copyfileobj(resp, fh, length=1 << 20)
-                load_nifti(tmp, case_id)
-            return
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500 or attempt == retries:
-                raise CaseDataError(case_id, url, f"download failed: HTTP {exc.code}") from exc
-        except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
-            if attempt == retries:
-                raise CaseDataError(case_id, url, f"download failed: {exc}") from exc
-        log.warning("%s: retrying %s (attempt %d)", case_id, url, attempt + 2)
-        time.sleep(min(2**attempt, 30))
-
-
-def fetch_case(case_id: str, dataset_cfg: dict, seed: int, image_out: str | os.PathLike, label_out: str | os.PathLike) -> None:
-    """Produce a raw case at the given paths: generate (phantom) or download (kits19)."""
+def fetch_label(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
+    """Download or generate one case's label file at ``out`` (atomically)."""
     source = dataset_cfg["source"]
     if source == "phantom":
-        from kidney_seg.data.phantom import PhantomParams, generate_case, write_case
+        case = _phantom_case(case_id, dataset_cfg, seed)
+        save_nifti(out, case.label, case.affine, dtype=np.uint8)
+    elif source in kits.SOURCES:
+        kits.fetch_kits_label(case_id, dataset_cfg, out)
+    elif source == "local":
+        raise local.missing_file(case_id, out, "label")
+    else:
+        raise ValueError(f"unknown dataset.source {source!r}")
 
-        case = generate_case(case_index(case_id), seed, PhantomParams.from_config(dataset_cfg.get("phantom")))
-        write_case(Path(image_out).parent, case)
-        return
-    if source == "kits19":
-        download(f"{dataset_cfg['kits_imaging_url']}/{case_id}.nii.gz", image_out, case_id)
-        download(f"{dataset_cfg['kits_labels_url']}/{case_id}/{LABEL_NAME}", label_out, case_id)
-        return
-    if source == "local":
-        missing = [p for p in (image_out, label_out) if not Path(p).is_file()]
-        raise CaseDataError(case_id, missing[0] if missing else image_out, "file not found in dataset.root")
-    raise NotImplementedError(f"dataset.source {source!r} is not supported yet")
+
+def _phantom_case(case_id: str, dataset_cfg: dict, seed: int):
+    """The generated phantom case (cached, so image and label of one case are built once per process)."""
+    from kidney_seg.data.phantom import PhantomParams
+
+    known = _phantom_ids(dataset_cfg)
+    if case_id not in known:
+        raise CaseDataError(case_id, "phantom", f"not a case of the phantom set (n_cases = {len(known)})")
+    return _generate(int(case_id.split("_")[1]), int(seed), PhantomParams.from_config(dataset_cfg.get("phantom")))
+
+
+@functools.lru_cache(maxsize=1)
+def _generate(index: int, seed: int, params):
+    """Generate one phantom case; depends only on (index, seed, params)."""
+    from kidney_seg.data.phantom import generate_case
+
+    return generate_case(index, seed, params)

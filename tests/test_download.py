@@ -1,0 +1,282 @@
+"""The downloader against a real HTTP server on 127.0.0.1 with scripted failures."""
+
+import gzip
+import http.server
+import io
+import re
+import threading
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from kidney_seg.data.kits import download, partial_path
+from kidney_seg.data.sources import fetch_image, fetch_label
+from kidney_seg.errors import CaseDataError
+from tests.conftest import kits_affine
+
+pytestmark = pytest.mark.timeout(60)
+
+
+def nifti_gz(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
+    """The bytes of a gzip NIfTI file (large enough to span several reads)."""
+    img = nib.Nifti1Image(array, kits_affine() if affine is None else affine)
+    img.set_qform(img.affine, 1)
+    img.set_sform(img.affine, 1)
+    return gzip.compress(img.to_bytes(), compresslevel=1)
+
+
+def noisy_image(shape=(4, 32, 32), seed=0) -> np.ndarray:
+    """Incompressible int16 data, so the gzip file is tens of kB."""
+    return np.random.default_rng(seed).integers(-1000, 1000, shape, dtype=np.int16)
+
+
+class Handler(http.server.BaseHTTPRequestHandler):
+    """Serves ``files`` with Range support; ``scripts[path]`` lists behaviours for the next requests."""
+
+    files: dict[str, bytes]
+    scripts: dict[str, list[str]]
+    requests: list[tuple[str, str | None]]
+
+    def log_message(self, *args):  # keep test output quiet
+        pass
+
+    def do_GET(self):
+        self.requests.append((self.path, self.headers.get("Range")))
+        behaviour = self.scripts.get(self.path, []).pop(0) if self.scripts.get(self.path) else "ok"
+        if behaviour.isdigit():
+            self.send_error(int(behaviour))
+            return
+        if self.path not in self.files:
+            self.send_error(404)
+            return
+        body, start = self.files[self.path], 0
+        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
+        if match and behaviour != "ignore_range":
+            start = int(match.group(1))
+            self.send_response(206)
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        else:
+            self.send_response(200)
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        payload = body[start:]
+        if behaviour == "cut":  # promise everything, send half, hang up
+            payload = payload[: len(payload) // 2]
+            self.close_connection = True
+        self.wfile.write(payload)
+
+
+@pytest.fixture
+def server():
+    """A fresh threaded server; yields (base URL, handler class with files/scripts/requests)."""
+    handler = type("H", (Handler,), {"files": {}, "scripts": {}, "requests": []})
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    httpd.daemon_threads = True
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+def _leftovers(folder):
+    """Partial or staging files left in a folder."""
+    return [p.name for p in folder.iterdir() if p.name.endswith(".part") or p.name.startswith(".")]
+
+
+def test_normal_download(server, tmp_path):
+    base, h = server
+    h.files["/img/case_00001.nii.gz"] = data = nifti_gz(noisy_image())
+    dest = tmp_path / "case_00001" / "imaging.nii.gz"
+    download(f"{base}/img/case_00001.nii.gz", dest, "case_00001", backoff=0.01)
+    assert dest.read_bytes() == data
+    assert _leftovers(dest.parent) == []
+    assert h.requests == [("/img/case_00001.nii.gz", None)]
+
+
+def test_cut_connection_resumes_with_range(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = data = nifti_gz(noisy_image())
+    h.scripts["/f.nii.gz"] = ["cut"]
+    dest = tmp_path / "imaging.nii.gz"
+    download(f"{base}/f.nii.gz", dest, "case_00002", backoff=0.01)
+    assert dest.read_bytes() == data and _leftovers(tmp_path) == []
+    assert len(h.requests) == 2 and h.requests[0][1] is None
+    offset = int(re.fullmatch(r"bytes=(\d+)-", h.requests[1][1]).group(1))
+    assert 0 < offset < len(data)
+
+
+def test_server_ignoring_range_restarts_from_zero(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = data = nifti_gz(noisy_image())
+    h.scripts["/f.nii.gz"] = ["cut", "ignore_range"]
+    dest = tmp_path / "imaging.nii.gz"
+    download(f"{base}/f.nii.gz", dest, "case_00002", backoff=0.01)
+    assert dest.read_bytes() == data
+    assert h.requests[1][1] is not None  # asked to resume, got the whole file
+
+
+def test_stale_partial_file_is_resumed(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = data = nifti_gz(noisy_image())
+    dest = tmp_path / "imaging.nii.gz"
+    partial_path(dest).write_bytes(data[:1000])
+    download(f"{base}/f.nii.gz", dest, "case_00004", backoff=0.01)
+    assert dest.read_bytes() == data
+    assert h.requests == [("/f.nii.gz", "bytes=1000-")]
+
+
+def test_404_names_case_and_url(server, tmp_path):
+    base, h = server
+    url = f"{base}/img/case_00003.nii.gz"
+    dest = tmp_path / "imaging.nii.gz"
+    with pytest.raises(CaseDataError, match="HTTP 404") as err:
+        download(url, dest, "case_00003", backoff=0.01)
+    assert "case_00003" in str(err.value) and url in str(err.value)
+    assert not dest.exists() and _leftovers(tmp_path) == []
+    assert len(h.requests) == 1  # not retried
+
+
+def test_500_then_success_is_retried(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = data = nifti_gz(noisy_image())
+    h.scripts["/f.nii.gz"] = ["500"]
+    dest = tmp_path / "imaging.nii.gz"
+    download(f"{base}/f.nii.gz", dest, "case_00005", backoff=0.01)
+    assert dest.read_bytes() == data and len(h.requests) == 2
+
+
+def test_persistent_500_gives_up_after_retries(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = nifti_gz(noisy_image())
+    h.scripts["/f.nii.gz"] = ["503"] * 10
+    with pytest.raises(CaseDataError, match=r"case_00006.*after 2 retries.*HTTP 503"):
+        download(f"{base}/f.nii.gz", tmp_path / "imaging.nii.gz", "case_00006", retries=2, backoff=0.01)
+    assert len(h.requests) == 3 and not (tmp_path / "imaging.nii.gz").exists()
+
+
+def test_unreachable_server_retries_then_fails(tmp_path):
+    with pytest.raises(CaseDataError, match=r"case_00008.*127\.0\.0\.1:9.*after 1 retries"):
+        download("http://127.0.0.1:9/f.nii.gz", tmp_path / "x.nii.gz", "case_00008", retries=1, backoff=0.01, timeout=2)
+
+
+@pytest.mark.parametrize(
+    "body, reason",
+    [
+        (nifti_gz(noisy_image())[:-5000], "gzip"),  # truncated, with a matching Content-Length
+        (gzip.compress(b"<html>not a NIfTI file</html>" * 20), "NIfTI"),
+        (b"<html>an error page served with 200</html>", "gzip"),
+    ],
+)
+def test_corrupt_files_are_rejected(server, tmp_path, body, reason):
+    base, h = server
+    h.files["/bad.nii.gz"] = body
+    url = f"{base}/bad.nii.gz"
+    dest = tmp_path / "imaging.nii.gz"
+    with pytest.raises(CaseDataError, match=reason) as err:
+        download(url, dest, "case_00007", backoff=0.01)
+    assert "case_00007" in str(err.value) and url in str(err.value)
+    assert not dest.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_check_callable_failure_leaves_nothing(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = nifti_gz(noisy_image())
+
+    def check(path):
+        raise CaseDataError("case_00001", path, "custom check failed")
+
+    with pytest.raises(CaseDataError, match="custom check failed"):
+        download(f"{base}/f.nii.gz", tmp_path / "imaging.nii.gz", "case_00001", check=check)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_second_run_downloads_nothing(server, tmp_path):
+    base, h = server
+    h.files["/f.nii.gz"] = nifti_gz(noisy_image())
+    dest = tmp_path / "imaging.nii.gz"
+    download(f"{base}/f.nii.gz", dest, "case_00001", backoff=0.01)
+    n = len(h.requests)
+    download(f"{base}/f.nii.gz", dest, "case_00001", backoff=0.01)
+    assert len(h.requests) == n == 1
+
+
+def test_non_http_scheme_is_refused(tmp_path):
+    with pytest.raises(CaseDataError, match="scheme"):
+        download("file:///etc/hostname", tmp_path / "x.nii.gz", "case_00001")
+
+
+# ----------------------------------------------------------------------------- through the sources API
+
+
+def _kits19(base, tmp_path):
+    return {"source": "kits19", "root": str(tmp_path), "kits_imaging_url": f"{base}/img", "kits_labels_url": f"{base}/lab"}
+
+
+def _serve_case(h, case, image, label):
+    h.files[f"/img/{case}.nii.gz"] = nifti_gz(image)
+    h.files[f"/lab/{case}/segmentation.nii.gz"] = nifti_gz(label)
+
+
+def test_fetch_image_and_label_from_configured_urls(server, tmp_path):
+    base, h = server
+    cfg = _kits19(base, tmp_path)
+    image = noisy_image()
+    label = np.zeros(image.shape, np.uint8)
+    label[1:3, 5:9, 5:9] = 1
+    label[2, 6, 6] = 2
+    _serve_case(h, "case_00012", image, label)
+    img_out, lab_out = tmp_path / "case_00012" / "imaging.nii.gz", tmp_path / "case_00012" / "segmentation.nii.gz"
+    fetch_image("case_00012", cfg, 0, str(img_out))
+    fetch_label("case_00012", cfg, 0, str(lab_out))
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(img_out)).dataobj), image)
+    np.testing.assert_array_equal(np.asanyarray(nib.load(str(lab_out)).dataobj), label)
+    assert sorted(p.name for p in img_out.parent.iterdir()) == ["imaging.nii.gz", "segmentation.nii.gz"]
+    fetch_label("case_00012", cfg, 0, str(lab_out))  # already there: no request
+    assert [p for p, _ in h.requests] == ["/img/case_00012.nii.gz", "/lab/case_00012/segmentation.nii.gz"]
+
+
+def test_fetch_label_grid_mismatch_leaves_no_label(server, tmp_path):
+    base, h = server
+    cfg = _kits19(base, tmp_path)
+    _serve_case(h, "case_00013", noisy_image((4, 32, 32)), np.zeros((4, 32, 31), np.uint8))
+    folder = tmp_path / "case_00013"
+    fetch_image("case_00013", cfg, 0, str(folder / "imaging.nii.gz"))
+    with pytest.raises(CaseDataError, match=r"case_00013.*/lab/case_00013/segmentation\.nii\.gz.*grid mismatch"):
+        fetch_label("case_00013", cfg, 0, str(folder / "segmentation.nii.gz"))
+    assert sorted(p.name for p in folder.iterdir()) == ["imaging.nii.gz"]
+
+
+def test_fetch_image_affine_mismatch_with_existing_label(server, tmp_path):
+    base, h = server
+    cfg = _kits19(base, tmp_path)
+    h.files["/img/case_00014.nii.gz"] = nifti_gz(noisy_image(), kits_affine((2.0, 0.8, 0.8)))
+    h.files["/lab/case_00014/segmentation.nii.gz"] = nifti_gz(np.zeros((4, 32, 32), np.uint8))
+    folder = tmp_path / "case_00014"
+    fetch_label("case_00014", cfg, 0, str(folder / "segmentation.nii.gz"))
+    with pytest.raises(CaseDataError, match=r"case_00014.*/img/case_00014\.nii\.gz.*affine"):
+        fetch_image("case_00014", cfg, 0, str(folder / "imaging.nii.gz"))
+    assert sorted(p.name for p in folder.iterdir()) == ["segmentation.nii.gz"]
+
+
+def test_fetch_label_rejects_values_outside_the_source_labels(server, tmp_path):
+    base, h = server
+    cfg = _kits19(base, tmp_path)
+    label = np.zeros((4, 32, 32), np.uint8)
+    label[0, 0, 0] = 3  # a cyst label is not valid in KiTS19
+    _serve_case(h, "case_00015", noisy_image(), label)
+    with pytest.raises(CaseDataError, match=r"case_00015.*unexpected label values \[3\]"):
+        fetch_label("case_00015", cfg, 0, str(tmp_path / "case_00015" / "segmentation.nii.gz"))
+    assert not (tmp_path / "case_00015").exists() or list((tmp_path / "case_00015").iterdir()) == []
+    fetch_label("case_00015", {**cfg, "source": "kits23"}, 0, str(tmp_path / "k23" / "case_00015" / "segmentation.nii.gz"))
+
+
+def test_plain_http_warns_only_off_loopback(server, tmp_path, caplog):
+    base, h = server
+    h.files["/f.nii.gz"] = nifti_gz(noisy_image())
+    with caplog.at_level("INFO", logger="kidney_seg.data.kits"):
+        download(f"{base}/f.nii.gz", tmp_path / "a.nii.gz", "case_00001")
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    assert any("case_00001" in r.getMessage() and "B/" in r.getMessage() for r in caplog.records)  # progress bar lines

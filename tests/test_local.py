@@ -1,0 +1,125 @@
+import os
+
+import numpy as np
+import pytest
+
+from kidney_seg.data.sources import Case, fetch_image, fetch_label, list_cases, select
+from kidney_seg.errors import CaseDataError
+from tests.conftest import kits_affine, write_nifti
+
+
+def _vol(path, dtype=np.int16):
+    return write_nifti(path, np.zeros((2, 3, 4), dtype), kits_affine())
+
+
+def _ids(cases):
+    return [c.case_id for c in cases]
+
+
+@pytest.fixture
+def root(tmp_path):
+    """case_00000 and case_00002 labelled, case_00001 imaging-only, plus clutter to ignore."""
+    r = tmp_path / "raw"
+    for case, labelled in [("case_00002", True), ("case_00000", True), ("case_00001", False)]:
+        _vol(r / case / "imaging.nii.gz")
+        if labelled:
+            _vol(r / case / "segmentation.nii.gz", np.uint8)
+    (r / "kits.json").write_text("{}")
+    (r / "case_00003").mkdir()  # empty folder: ignored
+    _vol(r / "case_12" / "imaging.nii.gz")  # not case_XXXXX: ignored
+    return r
+
+
+def test_root_layout_mixed(root):
+    cfg = {"source": "local", "root": str(root)}
+    cases = list_cases(cfg)
+    assert cases == [
+        Case("case_00000", str(root / "case_00000" / "imaging.nii.gz"), str(root / "case_00000" / "segmentation.nii.gz")),
+        Case("case_00001", str(root / "case_00001" / "imaging.nii.gz"), None),
+        Case("case_00002", str(root / "case_00002" / "imaging.nii.gz"), str(root / "case_00002" / "segmentation.nii.gz")),
+    ]
+    labelled, unlabelled = select(cases, {**cfg, "unlabelled_cases": "all"})
+    assert _ids(labelled) == ["case_00000", "case_00002"] and _ids(unlabelled) == ["case_00001"]
+
+
+def test_root_errors(tmp_path, root):
+    with pytest.raises(CaseDataError, match="not a folder"):
+        list_cases({"source": "local", "root": str(tmp_path / "absent")})
+    with pytest.raises(CaseDataError, match="not a folder"):
+        list_cases({"source": "local", "root": None})
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CaseDataError, match="no case_XXXXX"):
+        list_cases({"source": "local", "root": str(tmp_path / "empty")})
+    _vol(root / "case_00009" / "segmentation.nii.gz", np.uint8)
+    with pytest.raises(CaseDataError, match=r"case_00009.*imaging\.nii\.gz.*not found"):
+        list_cases({"source": "local", "root": str(root)})
+
+
+def test_fetch_for_local_names_case_and_path(root):
+    cfg = {"source": "local", "root": str(root)}
+    out = str(root / "case_00001" / "segmentation.nii.gz")
+    with pytest.raises(CaseDataError, match=r"case_00001.*segmentation\.nii\.gz.*not found"):
+        fetch_label("case_00001", cfg, 0, out)
+    with pytest.raises(CaseDataError, match=r"case_00005.*imaging\.nii\.gz.*not found"):
+        fetch_image("case_00005", cfg, 0, str(root / "case_00005" / "imaging.nii.gz"))
+    assert not os.path.exists(out)
+
+
+def _write_manifest(path, text):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)
+    return path
+
+
+def test_manifest_relative_absolute_and_empty_labels(tmp_path):
+    files = tmp_path / "data"
+    img_a, lab_a = _vol(files / "a_ct.nii.gz"), _vol(files / "a_seg.nii.gz", np.uint8)
+    img_b = _vol(tmp_path / "elsewhere" / "b.nii.gz")
+    img_c, lab_c = _vol(files / "sub" / "c.nii.gz"), _vol(files / "sub" / "c_lab.nii.gz", np.uint8)
+    manifest = _write_manifest(
+        files / "manifest.csv",
+        "case_id,image,label\n"
+        f"case_00010,{img_b},\n"
+        "case_00003, a_ct.nii.gz ,a_seg.nii.gz\n"
+        f"case_00007,sub/c.nii.gz,{lab_c}\n",
+    )
+    cases = list_cases({"source": "local", "root": None, "manifest": str(manifest)})
+    assert cases == [
+        Case("case_00003", str(img_a), str(lab_a)),
+        Case("case_00007", str(img_c), str(lab_c)),
+        Case("case_00010", str(img_b), None),
+    ]
+    labelled, unlabelled = select(cases, {"cases": "all", "unlabelled_cases": "all"})
+    assert _ids(labelled) == ["case_00003", "case_00007"] and _ids(unlabelled) == ["case_00010"]
+
+
+def test_manifest_extra_columns_bom_and_relative_manifest_path(tmp_path, monkeypatch):
+    _vol(tmp_path / "m" / "x.nii.gz")
+    _write_manifest(tmp_path / "m" / "list.csv", "\ufeffpatient,case_id,image,label\np1,case_00001,x.nii.gz,\n")
+    monkeypatch.chdir(tmp_path)
+    cases = list_cases({"source": "local", "manifest": "m/list.csv"})
+    assert cases == [Case("case_00001", os.path.join("m", "x.nii.gz"), None)]
+
+
+@pytest.mark.parametrize(
+    "body, error, pattern",
+    [
+        ("case_id,image\ncase_00001,x.nii.gz\n", ValueError, r"missing column.*label"),
+        ("case_id,image,label\ncase_1,x.nii.gz,\n", ValueError, r"line 2.*'case_1'.*case_XXXXX"),
+        ("case_id,image,label\ncase_00001,x.nii.gz,\ncase_00001,x.nii.gz,\n", ValueError, r"case_00001.*twice.*lines 2 and 3"),
+        ("case_id,image,label\ncase_00001,missing.nii.gz,\n", CaseDataError, r"case_00001.*missing\.nii\.gz.*not found.*line 2"),
+        ("case_id,image,label\ncase_00001,x.nii.gz,nolabel.nii.gz\n", CaseDataError, r"case_00001.*nolabel\.nii\.gz.*not found"),
+        ("case_id,image,label\ncase_00001,,\n", CaseDataError, r"case_00001.*line 2.*empty image"),
+        ("case_id,image,label\n", ValueError, "lists no cases"),
+    ],
+)
+def test_manifest_errors(tmp_path, body, error, pattern):
+    _vol(tmp_path / "x.nii.gz")
+    manifest = _write_manifest(tmp_path / "manifest.csv", body)
+    with pytest.raises(error, match=pattern):
+        list_cases({"source": "local", "manifest": str(manifest)})
+
+
+def test_missing_manifest(tmp_path):
+    with pytest.raises(CaseDataError, match=r"absent\.csv.*manifest not found"):
+        list_cases({"source": "local", "root": str(tmp_path), "manifest": str(tmp_path / "absent.csv")})

@@ -1,7 +1,0 @@
-"""Snakemake script: fetch (download or generate) one raw case."""
-from kidney_seg.data.sources import fetch_case
-from kidney_seg.logs import log_to
-
-with log_to(snakemake.log[0]):
-    fetch_case(snakemake.wildcards.case, snakemake.params.dataset, snakemake.params.seed,
-               snakemake.output.image, snakemake.output.label)
