@@ -217,3 +217,26 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
         np.testing.assert_array_equal(labels[clear], full.argmax(0)[clear])
     out = np.full(shape, 9, np.uint8)
     assert probabilities_to_labels(probs.astype(np.float32), shape, out=out) is out and out.max() <= 2
+
+
+def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, kits_labels_dir):
+    """A real KiTS case re-saved in RAS with slices last is segmented identically, voxel for voxel."""
+    from kidney_seg.io import geometry_of
+
+    src = nib.load(str(kits_labels_dir / "case_00037" / "segmentation.nii.gz"))  # 97 x 512 x 512, 5 mm slices
+    label = np.asanyarray(src.dataobj).astype(np.uint8)
+    rng = np.random.default_rng(5)
+    ct = np.where(label == 0, -80.0, np.where(label == 1, 180.0, 60.0)) + rng.normal(0, 10, label.shape)
+    ct = ct.astype(np.float32)
+    kits_path = write_nifti(tmp_path / "kits.nii.gz", ct, src.affine, qcode=1, scode=1)
+    ras = np.ascontiguousarray(np.flip(np.transpose(ct, (2, 1, 0)), axis=(0, 1, 2)))
+    spacing = geometry_of(src).spacing
+    ras_path = write_nifti(tmp_path / "ras.nii.gz", ras, np.diag([spacing[2], spacing[1], spacing[0], 1.0]))
+    settings = {**fake_settings(), "target_spacing": [5.0, 2.5, 2.5]}
+    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 16}
+    (tmp_path / "model").mkdir()
+    a = predict_case("k", kits_path, tmp_path / "model", tmp_path / "a.nii.gz", cfg, predictor=(threshold_model, settings))
+    b = predict_case("r", ras_path, tmp_path / "model", tmp_path / "b.nii.gz", cfg, predictor=(threshold_model, settings))
+    assert a.shape == label.shape and b.shape == ras.shape
+    np.testing.assert_array_equal(np.flip(b, axis=(0, 1, 2)).transpose(2, 1, 0), a)
+    assert (a[label == 1] == 1).mean() > 0.5

@@ -140,3 +140,19 @@ def test_atomic_files_get_normal_permissions(tmp_path):
     mask = os.umask(0)
     os.umask(mask)
     assert mode == 0o666 & ~mask
+
+
+@pytest.mark.parametrize("shape", [(8, 9), (4, 5, 6, 2)])
+def test_2d_and_4d_images_are_rejected(tmp_path, shape):
+    affine = np.eye(4)
+    nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), str(tmp_path / "img.nii.gz"))
+    with pytest.raises(CaseDataError, match=r"case_00005.*img\.nii\.gz.*3D"):
+        load_image(tmp_path / "img.nii.gz", "case_00005")
+
+
+def test_inf_image_is_rejected(tmp_path):
+    data = np.zeros((2, 3, 4), np.float32)
+    data[0, 0, 0] = np.inf
+    path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine())
+    with pytest.raises(CaseDataError, match="case_00006.*inf"):
+        load_image(path, "case_00006")

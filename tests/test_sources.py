@@ -127,3 +127,11 @@ def test_phantom_fetch_writes_only_the_requested_file_and_files_agree(tmp_path):
     np.testing.assert_array_equal(nib.load(str(other)).get_fdata(), image.get_fdata())
     with pytest.raises(CaseDataError, match="case_00003"):
         fetch_image("case_00003", cfg, 7, str(tmp_path / "x.nii.gz"))
+
+
+def test_local_unlabelled_scans_are_predicted_by_default():
+    cases = [Case("case_00000", "a.nii.gz", "a_seg.nii.gz"), Case("case_00001", "b.nii.gz", None)]
+    labelled, unlabelled = select(cases, {"source": "local", "unlabelled_cases": None})
+    assert [c.case_id for c in labelled] == ["case_00000"] and [c.case_id for c in unlabelled] == ["case_00001"]
+    assert select(cases, {"source": "local", "unlabelled_cases": "none"})[1] == []
+    assert select(cases, {"source": "kits19"})[1] == []

@@ -85,8 +85,10 @@ def select(cases: list[Case], dataset_cfg: dict) -> tuple[list[Case], list[Case]
     labelled = [c for c in cases if c.label is not None]
     unlabelled = [c for c in cases if c.label is None]
     chosen = _choose(labelled, unlabelled, dataset_cfg.get("cases", "all"), "dataset.cases", "labelled")
-    spec = dataset_cfg.get("unlabelled_cases", "none")
-    if spec in (None, "none"):
+    spec = dataset_cfg.get("unlabelled_cases")
+    if spec is None:  # a user's own folder: predict its unlabelled scans; challenge data: train/evaluate only
+        spec = "all" if dataset_cfg.get("source") == "local" else "none"
+    if spec == "none":
         return chosen, []
     return chosen, _choose(unlabelled, labelled, spec, "dataset.unlabelled_cases", "imaging-only")
 
