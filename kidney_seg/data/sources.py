@@ -118,28 +118,26 @@ def _choose(pool: list[Case], others: list[Case], spec, key: str, kind: str) -> 
 
 def fetch_image(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
     """Download or generate one case's image file at ``out`` (atomically)."""
-    source = dataset_cfg["source"]
-    if source == "phantom":
-        case = _phantom_case(case_id, dataset_cfg, seed)
-        save_nifti(out, case.image, case.affine, dtype=np.int16)
-    elif source in kits.SOURCES:
-        kits.fetch_kits_image(case_id, dataset_cfg, out)
-    elif source == "local":
-        raise local.missing_file(case_id, out, "image")
-    else:
-        raise ValueError(f"unknown dataset.source {source!r}")
+    _fetch("image", case_id, dataset_cfg, seed, out)
 
 
 def fetch_label(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
     """Download or generate one case's label file at ``out`` (atomically)."""
+    _fetch("label", case_id, dataset_cfg, seed, out)
+
+
+def _fetch(kind: str, case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
+    """Produce the ``kind`` ("image" or "label") file of a case for any source."""
     source = dataset_cfg["source"]
     if source == "phantom":
         case = _phantom_case(case_id, dataset_cfg, seed)
-        save_nifti(out, case.label, case.affine, dtype=np.uint8)
+        array, dtype = (case.image, np.int16) if kind == "image" else (case.label, np.uint8)
+        save_nifti(out, array, case.affine, dtype=dtype)
     elif source in kits.SOURCES:
-        kits.fetch_kits_label(case_id, dataset_cfg, out)
+        fetch = kits.fetch_kits_image if kind == "image" else kits.fetch_kits_label
+        fetch(case_id, dataset_cfg, out)
     elif source == "local":
-        raise local.missing_file(case_id, out, "label")
+        raise local.missing_file(case_id, out, kind)
     else:
         raise ValueError(f"unknown dataset.source {source!r}")
 
