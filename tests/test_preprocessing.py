@@ -386,7 +386,7 @@ def test_preprocess_case_saves_crop_box(tmp_path):
     assert meta["shape"] == list(lab.shape) and meta["slices"]["class_2"] == [2, 3]
 
 
-@pytest.mark.parametrize("shape", [(1, 16, 16), (4, 1, 16)])
+@pytest.mark.parametrize("shape", [(1, 16, 16), (4, 1, 16), (0, 16, 16)])
 def test_preprocess_case_rejects_single_slice(tmp_path, shape):
     case = write_case(tmp_path / "raw", "case_00009", np.zeros(shape), np.zeros(shape))
     with pytest.raises(CaseDataError, match=r"case_00009.*imaging\.nii\.gz.*single slice"):
