@@ -7,7 +7,9 @@ the summed weights. Slices smaller than a tile are padded and the padding remove
 Mirror test-time augmentation averages the logits of the 4 mirrorings over both in-plane
 axes, each flipped back. The scan is first cropped to the body and preprocessed exactly as
 in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from the model's
-inference.json). The softmax probabilities are resampled (linearly) to the cropped
+inference.json). The class scores (softmax probabilities, or for a sigmoid model the
+foreground sigmoids with background 1 - their maximum, see :func:`sigmoid_scores`) are
+resampled (linearly) to the cropped
 region's original shape a slab of slices at a time, one class after the other, keeping a
 running argmax, and pasted into a full-size label volume that is 0 outside the crop box:
 at the original resolution only the uint8 labels and a few slab-sized arrays exist.
@@ -119,15 +121,45 @@ def softmax(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return e / e.sum(axis=axis, keepdims=True)
 
 
+def sigmoid_scores(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Class scores of sigmoid logits (one per foreground class along ``axis``), with the
+    background score prepended: p_c = sigmoid(logit_c), p_0 = 1 - max_c p_c.
+
+    An argmax over these (ties to the lower class) gives the foreground class of highest
+    probability where it exceeds 0.5, else background.
+    """
+    from scipy.special import expit
+
+    fg = expit(np.asarray(logits, dtype=np.float32)).astype(np.float32)
+    background = 1.0 - fg.max(axis=axis, keepdims=True)
+    return np.concatenate([background, fg], axis=axis)
+
+
+def class_scores(logits: np.ndarray, output_activation: str = "softmax", axis: int = -1) -> np.ndarray:
+    """Per-class scores (num_classes along ``axis``) of a model's aggregated logits."""
+    if output_activation == "softmax":
+        return softmax(logits, axis=axis)
+    if output_activation == "sigmoid":
+        return sigmoid_scores(logits, axis=axis)
+    raise ValueError(f"unknown output_activation {output_activation!r}")
+
+
 def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn, num_classes: int, patch, step: float = 0.5,
-                          gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16) -> np.ndarray:
-    """Softmax probabilities (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time."""
+                          gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16,
+                          output_activation: str = "softmax") -> np.ndarray:
+    """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
+
+    softmax: ``predict_fn`` gives C logits, the scores are softmax probabilities; sigmoid:
+    it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`.
+    Logits are averaged over tiles and mirrors before either conversion.
+    """
+    channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
     k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
     for z in range(0, volume.shape[0], k):
-        logits = predict_slab_logits(volume[z : z + k], predict_fn, num_classes, tuple(patch), step=step, gaussian=gaussian,
+        logits = predict_slab_logits(volume[z : z + k], predict_fn, channels, tuple(patch), step=step, gaussian=gaussian,
                                      mirror_tta=mirror_tta, batch_size=batch_size)
-        probs[:, z : z + k] = np.moveaxis(softmax(logits), -1, 0)
+        probs[:, z : z + k] = np.moveaxis(class_scores(logits, output_activation), -1, 0)
     return probs
 
 
@@ -200,16 +232,20 @@ def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: Predi
 
     ``settings`` is the model's inference.json: the resolved preprocessing settings
     (:func:`kidney_seg.preprocessing.resolve_preprocessing`) plus ``num_classes``,
-    ``labels`` and ``patch_size``. The volume is cropped to the body (if
+    ``labels``, ``patch_size`` and ``output_activation`` (absent in older files: softmax). The volume is cropped to the body (if
     ``crop_to_body``), preprocessed and predicted; the probabilities are resampled to
     the cropped region's original shape and pasted into a volume of ``image.shape``
     that is 0 (background) outside the crop box.
     """
     settings = check_settings(settings)
+    activation = settings.get("output_activation", "softmax")
+    if activation not in ("softmax", "sigmoid"):
+        raise ValueError(f"settings: unknown output_activation {activation!r}")
     volume, box = preprocess_image(image, spacing, settings)
     probs = predict_probabilities(
         volume, predict_fn, int(settings["num_classes"]), tuple(settings["patch_size"]), step=inference_cfg["step"],
         gaussian=inference_cfg["gaussian"], mirror_tta=inference_cfg["mirror_tta"], batch_size=inference_cfg["batch_size"],
+        output_activation=activation,
     )
     del volume
     labels = np.zeros(image.shape, dtype=np.uint8)

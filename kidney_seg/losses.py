@@ -1,5 +1,10 @@
 """Soft Dice + cross-entropy from logits with sparse labels (the paper's loss), and Dice metrics.
 
+Two output layouts exist (``training.output_activation``): ``softmax``, one logit per
+class (the paper), and ``sigmoid``, the paper's "sigmoid counterpart" with one logit per
+foreground class, each a binary "voxel belongs to class c" decision
+(:class:`SigmoidDiceBCELoss`).
+
 Dice is computed over the whole batch ("batch Dice", as nnU-Net does in 2D), per class,
 then averaged over classes (background included or not by config); smooth = 1e-5.
 Loss = (1 - mean soft Dice) + mean sparse categorical cross-entropy. Everything is
@@ -54,13 +59,56 @@ class DiceCELoss(keras.losses.Loss):
 
 
 @keras.saving.register_keras_serializable(package="kidney_seg")
-class HardDice(keras.metrics.Metric):
-    """Dice of one class of the argmax prediction, accumulated over an epoch."""
+class SigmoidDiceBCELoss(keras.losses.Loss):
+    """The sigmoid counterpart: one logit per foreground class c = 1..C-1, target ``label == c``.
 
-    def __init__(self, class_id: int, class_name: str | None = None, name: str | None = None, **kwargs):
+    Loss = (1 - mean over foreground classes of the batch soft Dice of sigmoid(logits))
+    + mean binary cross-entropy from logits (over pixels and foreground classes).
+    """
+
+    def __init__(self, num_classes: int = 3, smooth: float = 1e-5, name="sigmoid_dice_bce", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.num_classes = num_classes
+        self.smooth = smooth
+
+    def call(self, y_true, y_pred):
+        logits, _, onehot = _prepare(y_true, y_pred, self.num_classes)
+        targets = onehot[..., 1:]
+        probs = ops.sigmoid(logits)
+        dice = soft_dice_per_class(targets, probs, self.smooth)
+        bce = ops.mean(keras.losses.binary_crossentropy(targets, logits, from_logits=True))
+        return (1.0 - ops.mean(dice)) + bce
+
+    def get_config(self):
+        return {**super().get_config(), "num_classes": self.num_classes, "smooth": self.smooth}
+
+
+ACTIVATIONS = ("softmax", "sigmoid")
+
+
+def hard_labels(logits, activation: str = "softmax"):
+    """Integer labels of logits: argmax (softmax), or for sigmoid logits (one per foreground
+    class) the foreground class of highest probability where it exceeds 0.5, else 0."""
+    if activation == "softmax":
+        return ops.argmax(logits, axis=-1)
+    if activation == "sigmoid":
+        best = ops.cast(ops.argmax(logits, axis=-1), "int32") + 1
+        return ops.where(ops.max(logits, axis=-1) > 0, best, ops.zeros_like(best))
+    raise ValueError(f"unknown activation {activation!r}")
+
+
+@keras.saving.register_keras_serializable(package="kidney_seg")
+class HardDice(keras.metrics.Metric):
+    """Dice of one class of the hard prediction (:func:`hard_labels`), accumulated over an epoch."""
+
+    def __init__(self, class_id: int, class_name: str | None = None, name: str | None = None, activation: str = "softmax",
+                 **kwargs):
         super().__init__(name=name or f"dice_{class_name or class_id}", **kwargs)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"unknown activation {activation!r}")
         self.class_id = class_id
         self.class_name = class_name
+        self.activation = activation
         self.intersection = self.add_variable(shape=(), initializer="zeros", name="intersection")
         self.total = self.add_variable(shape=(), initializer="zeros", name="total")
 
@@ -69,7 +117,8 @@ class HardDice(keras.metrics.Metric):
         if len(labels.shape) == len(y_pred.shape):
             labels = ops.squeeze(labels, axis=-1)
         truth = ops.cast(ops.equal(labels, self.class_id), "float32")
-        pred = ops.cast(ops.equal(ops.argmax(y_pred, axis=-1), self.class_id), "float32")
+        pred = ops.cast(ops.equal(ops.cast(hard_labels(ops.cast(y_pred, "float32"), self.activation), "int32"), self.class_id),
+                        "float32")
         self.intersection.assign_add(ops.sum(truth * pred))
         self.total.assign_add(ops.sum(truth) + ops.sum(pred))
 
@@ -81,4 +130,5 @@ class HardDice(keras.metrics.Metric):
         self.total.assign(0.0)
 
     def get_config(self):
-        return {**super().get_config(), "class_id": self.class_id, "class_name": self.class_name}
+        return {**super().get_config(), "class_id": self.class_id, "class_name": self.class_name,
+                "activation": self.activation}

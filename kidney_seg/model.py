@@ -4,8 +4,8 @@ A block is Conv2D 3x3 'same' -> LeakyReLU(0.3) -> BatchNorm (the authors' code; 
 order is configurable). Each level has ``blocks_per_level`` blocks and f0 * 2^level
 filters; the encoder max-pools between levels, the decoder upsamples by 2 (bilinear as
 the paper says, or nearest as the authors' code did), concatenates the skip and applies
-the same blocks. A 1x1 convolution gives one logit per class; the softmax lives in the
-loss. With f0=20, 6 levels and 2 blocks this has about 12.3M parameters.
+the same blocks. A 1x1 convolution gives one logit per class (softmax output) or one per
+foreground class (the sigmoid counterpart); the activation lives in the loss. With f0=20, 6 levels and 2 blocks this has about 12.3M parameters.
 """
 
 from __future__ import annotations
@@ -67,8 +67,12 @@ def build_unet(
     upsampling: str = "bilinear",
     bn_momentum: float = 0.99,
     name: str = "unet2d",
+    num_outputs: int | None = None,
 ) -> keras.Model:
-    """Build the U-Net; it accepts any H, W divisible by 2^(levels-1)."""
+    """Build the U-Net; it accepts any H, W divisible by 2^(levels-1).
+
+    The final 1x1 convolution has ``num_outputs`` channels (default ``num_classes``).
+    """
     if upsampling not in ("bilinear", "nearest"):
         raise ValueError(f"unknown upsampling {upsampling!r}")
     inputs = keras.Input(shape=(None, None, in_channels), name="image")
@@ -88,13 +92,23 @@ def build_unet(
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
         for b in range(blocks_per_level):
             x = conv_block(x, filters, block_order, leaky_alpha, f"dec{level}_{b}", bn_momentum)
-    logits = layers.Conv2D(num_classes, 1, name="logits", dtype="float32")(x)
+    logits = layers.Conv2D(num_outputs or num_classes, 1, name="logits", dtype="float32")(x)
     return keras.Model(inputs, logits, name=name)
 
 
-def build_from_config(model_cfg: dict, num_classes: int) -> keras.Model:
-    """Build the U-Net from the config's ``model`` section."""
+def output_channels(num_classes: int, output_activation: str = "softmax") -> int:
+    """Logits per pixel: one per class (softmax) or one per foreground class (sigmoid)."""
+    if output_activation == "softmax":
+        return num_classes
+    if output_activation == "sigmoid":
+        return num_classes - 1
+    raise ValueError(f"unknown output_activation {output_activation!r}")
+
+
+def build_from_config(model_cfg: dict, num_classes: int, output_activation: str = "softmax") -> keras.Model:
+    """Build the U-Net from the config's ``model`` section for the given output activation."""
     return build_unet(
+        num_outputs=output_channels(num_classes, output_activation),
         num_classes=num_classes,
         base_filters=model_cfg["base_filters"],
         levels=model_cfg["levels"],

@@ -112,17 +112,33 @@ def make_best_checkpoint(state_dir: Path, history: pd.DataFrame):
     return BestCheckpoint()
 
 
+def output_activation(train_cfg: dict) -> str:
+    """The configured output activation; configs that predate the option mean softmax."""
+    return train_cfg.get("output_activation", "softmax")
+
+
 def compile_model(model, num_classes: int, train_cfg: dict) -> None:
-    """Attach Adam, the Dice+CE loss and per-class Dice metrics."""
+    """Attach Adam, the loss of the configured output activation and per-class Dice metrics.
+
+    softmax: Dice + CE over all classes (the paper); sigmoid: the sigmoid counterpart,
+    Dice + binary CE over the foreground classes.
+    """
     import keras
 
-    from kidney_seg.losses import DiceCELoss, HardDice
+    from kidney_seg.losses import DiceCELoss, HardDice, SigmoidDiceBCELoss
 
+    activation = output_activation(train_cfg)
+    if activation == "softmax":
+        loss = DiceCELoss(num_classes, include_background=train_cfg["dice_include_background"])
+    elif activation == "sigmoid":
+        loss = SigmoidDiceBCELoss(num_classes)
+    else:
+        raise ValueError(f"unknown output_activation {activation!r}")
     names = class_names(num_classes)
     model.compile(
         optimizer=keras.optimizers.Adam(learning_rate=train_cfg["learning_rate"]),
-        loss=DiceCELoss(num_classes, include_background=train_cfg["dice_include_background"]),
-        metrics=[HardDice(c, names[c]) for c in range(1, num_classes)],
+        loss=loss,
+        metrics=[HardDice(c, names[c], activation=activation) for c in range(1, num_classes)],
     )
 
 
@@ -134,14 +150,15 @@ def restore_or_build(state_dir: Path, model_cfg: dict, train_cfg: dict, num_clas
     if last.is_file() and len(history):
         log.info("resuming from %s after epoch %d", last, len(history))
         return load_model(last), int(len(history))
-    model = build_from_config(model_cfg, num_classes)
+    model = build_from_config(model_cfg, num_classes, output_activation(train_cfg))
     compile_model(model, num_classes, train_cfg)
     return model, 0
 
 
 def inference_settings(preprocessing: dict, train_cfg: dict, num_classes: int, labels) -> dict:
-    """What predict needs besides the weights: the resolved preprocessing, classes and patch size."""
-    return {**preprocessing, "num_classes": num_classes, "labels": list(labels), "patch_size": list(train_cfg["patch_size"])}
+    """What predict needs besides the weights: the resolved preprocessing, classes, patch size and output activation."""
+    return {**preprocessing, "num_classes": num_classes, "labels": list(labels), "patch_size": list(train_cfg["patch_size"]),
+            "output_activation": output_activation(train_cfg)}
 
 
 def train(

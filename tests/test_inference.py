@@ -240,3 +240,63 @@ def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, ki
     assert a.shape == label.shape and b.shape == ras.shape
     np.testing.assert_array_equal(np.flip(b, axis=(0, 1, 2)).transpose(2, 1, 0), a)
     assert (a[label == 1] == 1).mean() > 0.5
+
+
+def sigmoid_constant_model(kidney, tumor):
+    """A sigmoid model: one logit per foreground class (kidney, tumour), the same everywhere."""
+    return lambda x: np.broadcast_to(np.array([kidney, tumor], np.float32), x.shape[:3] + (2,)).copy()
+
+
+def sigmoid_threshold_model(x):
+    """Sigmoid logits: kidney where the normalised intensity is high, tumour never."""
+    return np.concatenate([4 * (x - 2.0), np.full_like(x, -10)], axis=-1)
+
+
+def test_sigmoid_scores_threshold_and_sum_rule():
+    from kidney_seg.inference import class_scores, sigmoid_scores
+
+    logits = np.array([[-3.0, -1.0], [0.5, -1.0], [0.5, 2.0], [3.0, 1.0], [0.0, 0.0], [-0.1, 0.2], [1e-3, -20.0]], np.float32)
+    scores = sigmoid_scores(logits)
+    assert scores.shape == (7, 3) and scores.dtype == np.float32
+    fg = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    np.testing.assert_allclose(scores[:, 1:], fg, rtol=1e-6)
+    np.testing.assert_allclose(scores[:, 0] + scores[:, 1:].max(1), 1.0, atol=1e-6)  # background = 1 - max foreground
+    np.testing.assert_array_equal(scores.argmax(1), [0, 1, 2, 1, 0, 2, 1])  # exactly 0.5 ties to background
+    channels_first = sigmoid_scores(np.moveaxis(logits, -1, 0), axis=0)
+    np.testing.assert_allclose(channels_first, scores.T)
+    np.testing.assert_allclose(class_scores(logits, "sigmoid"), scores)
+    with pytest.raises(ValueError):
+        class_scores(logits, "tanh")
+
+
+@pytest.mark.parametrize("kidney,tumor,expected", [(0.3, -1.0, 1), (-1.0, -2.0, 0), (1.0, 2.0, 2), (0.0, -5.0, 0)])
+def test_sigmoid_predict_volume_constant_logits(kidney, tumor, expected):
+    image = body_phantom()
+    settings = {**fake_settings(), "output_activation": "sigmoid"}
+    labels = predict_volume(image, (2.5, 1.0, 1.0), settings, sigmoid_constant_model(kidney, tumor), CFG)
+    box = body_box(image)
+    assert labels.shape == image.shape and labels.dtype == np.uint8
+    assert np.all(labels[box] == expected)
+    outside = np.ones(image.shape, bool)
+    outside[box] = False
+    assert np.all(labels[outside] == 0)
+
+
+def test_sigmoid_model_finds_the_block():
+    from kidney_seg.inference import predict_probabilities
+
+    image = body_phantom()
+    for tta in (False, True):
+        labels = predict_volume(image, (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "sigmoid"}, sigmoid_threshold_model,
+                                {**CFG, "mirror_tta": tta})
+        bright = image > 200
+        assert (labels[bright] == 1).mean() > 0.7 and (labels[~bright] == 1).mean() < 0.05 and not (labels == 2).any()
+    probs = predict_probabilities(np.zeros((2, 20, 20), np.float32), sigmoid_constant_model(1.0, -1.0), 3, (16, 16),
+                                  output_activation="sigmoid")
+    assert probs.shape == (3, 2, 20, 20)
+    np.testing.assert_allclose(probs[:, 0, 0, 0], [1 - 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))], rtol=1e-5)
+
+
+def test_unknown_output_activation_is_refused():
+    with pytest.raises(ValueError, match="output_activation"):
+        predict_volume(body_phantom(), (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "tanh"}, constant_model, CFG)

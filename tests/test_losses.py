@@ -2,7 +2,7 @@ import keras
 import numpy as np
 import pytest
 
-from kidney_seg.losses import DiceCELoss, HardDice
+from kidney_seg.losses import DiceCELoss, HardDice, SigmoidDiceBCELoss, hard_labels
 
 
 def reference_loss(labels, logits, include_background=True, smooth=1e-5):
@@ -53,3 +53,61 @@ def test_hard_dice_metric():
     assert float(metric.result()) == pytest.approx(2 * 1 / (2 + 1))
     metric.reset_state()
     assert float(metric.result()) == 1.0
+
+
+def reference_sigmoid_loss(labels, logits, smooth=1e-5):
+    """NumPy sigmoid counterpart: foreground soft Dice of sigmoids + binary CE from logits."""
+    probs = 1 / (1 + np.exp(-logits))
+    targets = np.stack([labels == c for c in range(1, logits.shape[-1] + 1)], axis=-1).astype(np.float64)
+    axes = tuple(range(labels.ndim))
+    dice = (2 * (targets * probs).sum(axes) + smooth) / (targets.sum(axes) + probs.sum(axes) + smooth)
+    bce = -(targets * np.log(probs) + (1 - targets) * np.log(1 - probs)).mean()
+    return 1 - dice.mean() + bce
+
+
+def test_sigmoid_dice_bce_matches_numpy():
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 3, size=(2, 8, 8))
+    logits = rng.normal(size=(2, 8, 8, 2)).astype(np.float32) * 3
+    loss = SigmoidDiceBCELoss(3)
+    got = float(keras.ops.convert_to_numpy(loss(labels, logits)))
+    assert got == pytest.approx(reference_sigmoid_loss(labels, logits.astype(np.float64)), rel=1e-4)
+    got_channel = float(keras.ops.convert_to_numpy(loss(labels[..., None], logits)))
+    assert got_channel == pytest.approx(got, rel=1e-6)
+    half = float(keras.ops.convert_to_numpy(loss(labels, logits.astype(np.float16))))  # mixed precision: computed in float32
+    assert half == pytest.approx(got, rel=1e-2)
+
+
+def test_sigmoid_loss_is_lower_for_the_right_answer_and_serialises():
+    labels = np.random.default_rng(3).integers(0, 3, size=(1, 6, 6))
+    good = (np.stack([labels == 1, labels == 2], -1).astype(np.float32) * 2 - 1) * 12
+    loss = SigmoidDiceBCELoss(3)
+    assert float(loss(labels, good)) < 0.01 < float(loss(labels, -good))
+    again = keras.losses.deserialize(keras.losses.serialize(SigmoidDiceBCELoss(4, smooth=1e-3)))
+    assert isinstance(again, SigmoidDiceBCELoss) and again.num_classes == 4 and again.smooth == 1e-3
+
+
+def test_sigmoid_hard_labels_threshold_and_largest_foreground():
+    # per pixel: (kidney, tumour) logits
+    logits = np.array([[[[-1.0, -2.0], [0.5, -1.0], [0.5, 2.0], [3.0, 1.0], [0.0, 0.0], [-0.1, 0.2]]]], np.float32)
+    got = keras.ops.convert_to_numpy(hard_labels(logits, "sigmoid"))
+    np.testing.assert_array_equal(got, [[[0, 1, 2, 1, 0, 2]]])  # exactly 0.5 is background
+    np.testing.assert_array_equal(keras.ops.convert_to_numpy(hard_labels(logits, "softmax")), logits.argmax(-1))
+    with pytest.raises(ValueError):
+        hard_labels(logits, "tanh")
+
+
+def test_hard_dice_metric_sigmoid():
+    truth = np.array([[[0, 1, 1, 2, 2]]])
+    logits = np.array([[[[-5, -5], [5, -5], [-5, -5], [-5, 5], [1, 2]]]], np.float32)  # predicts 0 1 0 2 2
+    kidney = HardDice(1, "kidney", activation="sigmoid")
+    tumor = HardDice(2, "tumor", activation="sigmoid")
+    kidney.update_state(truth, logits)
+    tumor.update_state(truth[..., None], logits)
+    assert kidney.name == "dice_kidney" and tumor.name == "dice_tumor"
+    assert float(kidney.result()) == pytest.approx(2 * 1 / (2 + 1))
+    assert float(tumor.result()) == pytest.approx(1.0)
+    again = HardDice.from_config(kidney.get_config())
+    assert again.activation == "sigmoid" and again.name == "dice_kidney"
+    with pytest.raises(ValueError):
+        HardDice(1, "kidney", activation="relu")

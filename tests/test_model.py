@@ -48,3 +48,18 @@ def test_saved_model_round_trip(tmp_path):
     model.save(tmp_path / "m.keras")
     again = load_model(tmp_path / "m.keras")
     np.testing.assert_allclose(again.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
+
+
+@pytest.mark.parametrize("activation,channels", [("softmax", 3), ("sigmoid", 2)])
+def test_build_from_config_output_channels(activation, channels):
+    from kidney_seg.model import build_from_config
+
+    cfg = {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "block_order": "conv_act_norm", "leaky_alpha": 0.3,
+           "upsampling": "bilinear", "bn_momentum": 0.9}
+    model = build_from_config(cfg, 3, output_activation=activation)
+    assert model.predict_on_batch(np.zeros((1, 8, 8, 1), np.float32)).shape == (1, 8, 8, channels)
+    assert build_unet(num_classes=3, num_outputs=2, base_filters=2, levels=2).output_shape[-1] == 2
+    if activation == "softmax":
+        assert build_from_config(cfg, 3).output_shape[-1] == 3  # the default
+    with pytest.raises(ValueError):
+        build_from_config(cfg, 3, output_activation="tanh")

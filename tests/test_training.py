@@ -45,7 +45,7 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
     for name in ("model.keras", "history.csv", "inference.json", "checkpoint/last.keras", "checkpoint/best.keras"):
         assert (tmp_path / "model" / name).is_file(), name
     settings = json.loads((tmp_path / "model" / "inference.json").read_text())
-    assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3
+    assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3 and settings["output_activation"] == "softmax"
 
 
 def test_resume_continues_from_the_last_epoch(cache, tmp_path):
@@ -67,3 +67,31 @@ def test_changed_settings_start_afresh(cache, tmp_path):
 
 def test_code_digest_is_stable():
     assert code_digest() == code_digest() and len(code_digest()) == 64
+
+
+def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
+    import nibabel as nib
+
+    from kidney_seg.inference import load_predictor, predict_case
+    from kidney_seg.model import load_model
+    from tests.conftest import kits_affine, write_nifti
+
+    out = tmp_path / "model"
+    history = run(cache, out, epochs=1, output_activation="sigmoid")
+    assert list(history["epoch"]) == [1]
+    assert {"val_dice_kidney", "val_dice_tumor"} <= set(history.columns)
+    assert np.isfinite(history[["loss", "val_loss", "val_dice_kidney", "val_dice_tumor"]].to_numpy(float)).all()
+    settings = json.loads((out / "inference.json").read_text())
+    assert settings["output_activation"] == "sigmoid" and settings["num_classes"] == 3
+    model = load_model(out / "model.keras")
+    assert model.output_shape[-1] == 2 and type(model.loss).__name__ == "SigmoidDiceBCELoss"
+    predictor = load_predictor(out)
+    assert predictor[0](np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 16, 16, 2)
+    data = np.random.default_rng(0).normal(0, 20, (5, 22, 19)).astype(np.float32)
+    data[1:4, 6:14, 5:12] = 250
+    path = write_nifti(tmp_path / "scan.nii.gz", data, kits_affine((2.5, 0.9, 0.8)))
+    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4}
+    labels = predict_case("scan", path, out, tmp_path / "pred.nii.gz", cfg, predictor=predictor)
+    written = nib.load(str(tmp_path / "pred.nii.gz"))
+    assert written.shape == data.shape and written.get_data_dtype() == np.uint8
+    assert labels.shape == data.shape and labels.max() <= 2
