@@ -8,8 +8,13 @@ same batches as an uninterrupted one, and worker order cannot change the stream.
 from __future__ import annotations
 
 import json
+import multiprocessing as mp
+import sys
+from collections import deque
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import Compose
@@ -103,6 +108,109 @@ def batch_stream(cases, transform, batch_size: int, n_fg: int, seed: int, start:
     while True:
         yield make_batch(k, cases, tables, transform, batch_size, n_fg, seed, n_tumor)
         k += 1
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Everything (picklable) that defines a batch stream: case folders, augmentation and sampling settings, seed."""
+
+    case_dirs: tuple[str, ...]
+    patch_size: tuple[int, ...]
+    scale_range: tuple[float, ...]
+    p_scale: float
+    p_mirror: float
+    batch_size: int
+    n_fg: int
+    seed: int
+    n_tumor: int = 0
+
+
+_WORKER: dict = {}
+
+
+def _worker_init(spec: StreamSpec) -> None:
+    """Open the memory-mapped cases and build the transform once per worker process."""
+    cases = [load_case(d) for d in spec.case_dirs]
+    _WORKER.update(spec=spec, cases=cases, tables=slice_table(cases),
+                   transform=make_transform(spec.patch_size, spec.scale_range, spec.p_scale, spec.p_mirror))
+
+
+def _worker_batch(k: int):
+    """Batch ``k`` in a worker process."""
+    w, spec = _WORKER, _WORKER["spec"]
+    return make_batch(k, w["cases"], w["tables"], w["transform"], spec.batch_size, spec.n_fg, spec.seed, spec.n_tumor)
+
+
+@contextmanager
+def _main_script_hidden() -> Iterator[None]:
+    """Keep spawned workers from re-running the parent's __main__ script (Snakemake scripts have no main guard)."""
+    main = sys.modules.get("__main__")
+    saved = {k: main.__dict__[k] for k in ("__file__", "__spec__") if main is not None and k in main.__dict__}
+    if main is not None:
+        main.__dict__.pop("__file__", None)
+        main.__spec__ = None
+    try:
+        yield
+    finally:
+        if main is not None:
+            main.__dict__.update(saved)
+
+
+class BatchLoader:
+    """Batches ``start, start+1, ...`` made by ``num_workers`` spawned processes (0 = in-process), in order.
+
+    At most ``2 * num_workers`` batches are in flight. Use as a context manager so the
+    pool is always shut down; the stream is identical for any worker count.
+    """
+
+    def __init__(self, spec: StreamSpec, start: int = 0, num_workers: int = 1, poll_s: float = 0.5):
+        self.spec, self.start, self.num_workers, self.poll_s = spec, int(start), int(num_workers), poll_s
+        self.pool = None
+        self.closed = False
+
+    def __enter__(self) -> "BatchLoader":
+        if self.num_workers > 0:
+            with _main_script_hidden():
+                self.pool = mp.get_context("spawn").Pool(self.num_workers, _worker_init, (self.spec,))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop the workers and wait for them to exit."""
+        self.closed = True
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+    def batches(self):
+        """Endless batches in order; ends quietly once the loader is closed."""
+        if self.num_workers == 0:
+            cases = [load_case(d) for d in self.spec.case_dirs]
+            transform = make_transform(self.spec.patch_size, self.spec.scale_range, self.spec.p_scale, self.spec.p_mirror)
+            yield from batch_stream(cases, transform, self.spec.batch_size, self.spec.n_fg, self.spec.seed, self.start,
+                                    self.spec.n_tumor)
+            return
+        pending, k = deque(), self.start
+        while not self.closed:
+            while len(pending) < 2 * self.num_workers and self.pool is not None:
+                pending.append(self.pool.apply_async(_worker_batch, (k,)))
+                k += 1
+            batch = self._wait(pending.popleft()) if pending else None
+            if batch is None:
+                return
+            yield batch
+
+    def _wait(self, result):
+        """The result of one task, or None once the loader is closed."""
+        while not self.closed:
+            try:
+                return result.get(timeout=self.poll_s)
+            except mp.TimeoutError:
+                continue
+        return None
 
 
 def crop_or_pad(array: np.ndarray, size, center, pad_value: float) -> np.ndarray:

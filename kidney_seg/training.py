@@ -1,7 +1,8 @@
 """Training: Adam, ReduceLROnPlateau on validation loss, best/last checkpoints, resume.
 
 Outputs in ``model_dir``: ``model.keras`` (best validation loss), ``history.csv`` (one row
-per epoch) and ``inference.json`` (everything ``predict`` needs to preprocess a new scan).
+per epoch), ``curves.png`` (the report's training-curve panels) and ``inference.json``
+(everything ``predict`` needs to preprocess a new scan).
 While training runs, ``checkpoint_dir`` holds ``last.keras`` (with optimizer state),
 ``best.keras`` and ``history.csv``. It is kept apart from the declared outputs, which
 Snakemake deletes before rerunning a job, so a killed run resumes from its last epoch.
@@ -16,7 +17,9 @@ import math
 import os
 import shutil
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import pandas as pd
@@ -24,10 +27,15 @@ import pandas as pd
 from kidney_seg.config import class_names
 from kidney_seg.io import atomic_path, write_json_atomic
 
+if TYPE_CHECKING:
+    from kidney_seg.sampling import StreamSpec
+
 log = logging.getLogger(__name__)
 
 HISTORY_COLUMNS = ("epoch", "lr", "loss", "val_loss", "seconds")
 TRAINING_MODULES = ("model.py", "losses.py", "sampling.py", "training.py")
+MIXED_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+STREAM_ONLY_KEYS = ("epochs", "num_workers")  # settings that cannot change the trained weights
 
 
 def configure_threads(threads: int | None) -> None:
@@ -57,6 +65,79 @@ def write_history(df: pd.DataFrame, path: Path) -> None:
     """Write the training log atomically."""
     with atomic_path(path) as tmp:
         df.to_csv(tmp, index=False)
+
+
+def write_curves(history: pd.DataFrame, path: Path) -> None:
+    """Draw the report's training-curve panels to a PNG, atomically."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from kidney_seg.report.html import history_figure
+
+    fig = history_figure(history)
+    if fig is None:
+        fig = Figure(figsize=(4.2, 3.0))
+        fig.text(0.5, 0.5, "no training history to plot", ha="center", va="center")
+    FigureCanvasAgg(fig)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+
+
+@contextmanager
+def precision_policy(mixed_precision: str | None) -> Iterator[None]:
+    """Set Keras' global dtype policy for ``mixed_precision`` (None = leave it) and restore it afterwards."""
+    import keras
+
+    if not mixed_precision:
+        yield
+        return
+    if mixed_precision not in MIXED_POLICIES:
+        raise ValueError(f"unknown mixed_precision {mixed_precision!r}")
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(MIXED_POLICIES[mixed_precision])
+    log.info("mixed precision: global dtype policy %s", MIXED_POLICIES[mixed_precision])
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
+def _mirrored_devices() -> list[str]:
+    """The devices MirroredStrategy would replicate over: all GPUs, else all logical CPUs."""
+    import tensorflow as tf
+
+    gpus = tf.config.list_logical_devices("GPU")
+    return [d.name for d in (gpus or tf.config.list_logical_devices("CPU"))]
+
+
+def make_strategy(choice: str = "auto"):
+    """A tf.distribute.MirroredStrategy for ``choice`` ("auto", "none", "mirrored"), or None."""
+    import keras
+
+    if choice not in ("auto", "none", "mirrored"):
+        raise ValueError(f"unknown distribute {choice!r}")
+    if choice == "none" or keras.backend.backend() != "tensorflow":
+        if choice == "mirrored":
+            log.warning("distribute: mirrored needs the TensorFlow backend; training without a strategy")
+        return None
+    import tensorflow as tf
+
+    if choice == "auto":
+        if len(tf.config.list_physical_devices("GPU")) < 2:
+            return None
+        return tf.distribute.MirroredStrategy()
+    devices = _mirrored_devices()
+    if tf.config.list_logical_devices("GPU"):
+        return tf.distribute.MirroredStrategy(devices)
+    if len(devices) < 2:
+        log.warning("distribute: mirrored found no GPU and a single CPU device; training without a strategy")
+        return None
+    return tf.distribute.MirroredStrategy(devices, cross_device_ops=tf.distribute.ReductionToOneDevice())
+
+
+def strategy_scope(strategy):
+    """The strategy's scope, or a no-op context without one."""
+    return strategy.scope() if strategy is not None else nullcontext()
 
 
 def _current_lr(model) -> float:
@@ -139,6 +220,7 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
         optimizer=keras.optimizers.Adam(learning_rate=train_cfg["learning_rate"]),
         loss=loss,
         metrics=[HardDice(c, names[c], activation=activation) for c in range(1, num_classes)],
+        jit_compile=bool(train_cfg.get("jit_compile", False)),
     )
 
 
@@ -194,11 +276,18 @@ def train(
         raise ValueError("training needs at least one training and one validation case")
     reset_stale_state(state_dir, run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing, labels, seed))
     history = read_history(state_dir / "history.csv")
-    model, initial_epoch = restore_or_build(state_dir, model_cfg, train_cfg, num_classes, history)
-    if initial_epoch < train_cfg["epochs"]:
-        fit(model, train_cases, val_cases, train_cfg, seed, initial_epoch, state_dir, history)
-    else:
-        log.info("training already complete (%d epochs)", initial_epoch)
+    strategy = make_strategy(train_cfg.get("distribute", "auto"))
+    if strategy is not None:
+        log.info("distribute: %s with num_replicas_in_sync == %d (global batch %d)", type(strategy).__name__,
+                 strategy.num_replicas_in_sync, train_cfg["batch_size"])
+    with precision_policy(train_cfg.get("mixed_precision")):
+        with strategy_scope(strategy):
+            model, initial_epoch = restore_or_build(state_dir, model_cfg, train_cfg, num_classes, history)
+        if initial_epoch < train_cfg["epochs"]:
+            fit(model, train_cases, val_cases, train_cfg, seed, initial_epoch, state_dir, history,
+                [str(d) for d in train_dirs])
+        else:
+            log.info("training already complete (%d epochs)", initial_epoch)
     return publish(state_dir, model_dir, inference_settings(preprocessing, train_cfg, num_classes, labels))
 
 
@@ -208,7 +297,7 @@ def run_fingerprint(train_dirs, val_dirs, model_cfg, train_cfg, preprocessing, l
         return [str(d)] + [os.stat(Path(d) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
 
     return json.loads(json.dumps({
-        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k != "epochs"}, "preprocessing": preprocessing, "labels": list(labels),
+        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k not in STREAM_ONLY_KEYS}, "preprocessing": preprocessing, "labels": list(labels),
         "seed": seed, "train": [stamp(d) for d in train_dirs], "val": [stamp(d) for d in val_dirs], "code": code_digest(),
     }))
 
@@ -237,19 +326,27 @@ def publish(state_dir: Path, model_dir: Path, settings: dict) -> pd.DataFrame:
         shutil.copyfile(state_dir / "best.keras", tmp)
     history = read_history(state_dir / "history.csv")
     write_history(history, model_dir / "history.csv")
+    write_curves(history, model_dir / "curves.png")
     write_json_atomic(model_dir / "inference.json", settings)
     return history
 
 
-def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch: int, state_dir: Path, history) -> None:
-    """Run model.fit from ``initial_epoch`` with the paper's callbacks."""
+def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> "StreamSpec":
+    """The picklable description of the training batch stream."""
+    from kidney_seg.sampling import StreamSpec
+
+    return StreamSpec(tuple(train_dirs), tuple(train_cfg["patch_size"]), tuple(train_cfg["scale_range"]), train_cfg["p_scale"],
+                      train_cfg["p_mirror"], train_cfg["batch_size"], train_cfg["foreground_per_batch"], seed,
+                      train_cfg["tumor_per_batch"])
+
+
+def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch: int, state_dir: Path, history,
+        train_dirs: list[str]) -> None:
+    """Run model.fit from ``initial_epoch`` with the paper's callbacks; batches come from background workers."""
     import keras
 
-    from kidney_seg.sampling import batch_stream, make_transform, validation_set
+    from kidney_seg.sampling import BatchLoader, validation_set
 
-    transform = make_transform(train_cfg["patch_size"], train_cfg["scale_range"], train_cfg["p_scale"], train_cfg["p_mirror"])
-    stream = batch_stream(train_cases, transform, train_cfg["batch_size"], train_cfg["foreground_per_batch"], seed,
-                          start=initial_epoch * train_cfg["steps_per_epoch"], n_tumor=train_cfg["tumor_per_batch"])
     x_val, y_val = validation_set(val_cases, train_cfg["val_slices"], train_cfg["patch_size"], seed)
     log.info("%d train cases, %d val cases, %d val slices; epochs %d-%d x %d steps",
              len(train_cases), len(val_cases), len(x_val), initial_epoch + 1, train_cfg["epochs"], train_cfg["steps_per_epoch"])
@@ -259,5 +356,9 @@ def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch
         make_best_checkpoint(state_dir, history),
         make_epoch_logger(state_dir, history),
     ]
-    model.fit(stream, steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"], initial_epoch=initial_epoch, shuffle=False,
-              validation_data=(x_val, y_val), validation_batch_size=train_cfg["batch_size"], callbacks=callbacks, verbose=2)
+    loader = BatchLoader(stream_spec(train_dirs, train_cfg, seed), start=initial_epoch * train_cfg["steps_per_epoch"],
+                         num_workers=train_cfg.get("num_workers", 1))
+    with loader:  # try/finally: the worker pool is shut down however fit ends
+        model.fit(loader.batches(), steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"],
+                  initial_epoch=initial_epoch, shuffle=False, validation_data=(x_val, y_val),
+                  validation_batch_size=train_cfg["batch_size"], callbacks=callbacks, verbose=2)

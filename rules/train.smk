@@ -9,6 +9,7 @@ rule train:
         model=f"{RESULTS}/model/model.keras",
         history=f"{RESULTS}/model/history.csv",
         settings=f"{RESULTS}/model/inference.json",
+        curves=f"{RESULTS}/model/curves.png",
     params:
         model=config["model"],
         training=config["training"],

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -78,3 +79,46 @@ def test_validation_set_is_fixed(cache):
     assert x.shape == (5, 32, 32, 1) and y.shape == (5, 32, 32)
     np.testing.assert_array_equal(x, x2)
     assert (y > 0).any()
+
+
+@pytest.mark.parametrize("start", [0, 4])
+def test_worker_stream_matches_in_process_stream(cache, start):
+    import multiprocessing as mp
+
+    from kidney_seg.sampling import BatchLoader, StreamSpec
+
+    spec = StreamSpec(tuple(str(c) for c in case_dirs(cache)), (32, 32), (0.6, 1.25), 0.1, 1.0, 3, 2, seed=2, n_tumor=1)
+    streams = {}
+    for workers in (0, 1, 2):
+        with BatchLoader(spec, start=start, num_workers=workers) as loader:
+            it = loader.batches()
+            streams[workers] = [next(it) for _ in range(6)]
+        assert not mp.active_children(), "worker processes outlived the loader"
+    transform = make_transform((32, 32), (0.6, 1.25), 0.1, 1.0)
+    expected = make_batch(start, cache, slice_table(cache), transform, 3, 2, seed=2, n_tumor=1)
+    np.testing.assert_array_equal(streams[0][0][0], expected[0])
+    for workers in (1, 2):
+        for (x0, y0), (x, y) in zip(streams[0], streams[workers]):
+            np.testing.assert_array_equal(x, x0)
+            np.testing.assert_array_equal(y, y0)
+    assert not np.array_equal(streams[0][0][0], streams[0][1][0])
+
+
+def test_closed_loader_ends_its_stream(cache):
+    import multiprocessing as mp
+
+    from kidney_seg.sampling import BatchLoader, StreamSpec
+
+    spec = StreamSpec(tuple(str(c) for c in case_dirs(cache)), (32, 32), (0.6, 1.25), 0.1, 1.0, 3, 2, seed=2)
+    loader = BatchLoader(spec, num_workers=1)
+    with pytest.raises(RuntimeError, match="boom"):
+        with loader:
+            next(loader.batches())
+            raise RuntimeError("boom")
+    assert loader.pool is None and not mp.active_children()
+    assert list(loader.batches()) == []
+
+
+def case_dirs(cases):
+    """The case folders of the fixture's loaded cases (their memory maps know their files)."""
+    return [Path(c.image.filename).parent for c in cases]

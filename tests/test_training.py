@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.training import code_digest, read_history, train
+from kidney_seg.training import code_digest, compile_model, make_strategy, precision_policy, read_history, train
 
 MODEL = {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "block_order": "conv_act_norm", "leaky_alpha": 0.3,
          "upsampling": "bilinear", "bn_momentum": 0.9}
@@ -18,6 +18,11 @@ PRE = {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49], "normalizati
 
 @pytest.fixture
 def cache(tmp_path):
+    return make_cache(tmp_path)
+
+
+def make_cache(tmp_path):
+    """Three tiny cases of a slice cache (also used by the distribute test's subprocess)."""
     rng = np.random.default_rng(0)
     dirs = []
     for i in range(3):
@@ -42,8 +47,10 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
     history = run(cache, tmp_path / "model")
     assert list(history["epoch"]) == [1, 2]
     assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
-    for name in ("model.keras", "history.csv", "inference.json", "checkpoint/last.keras", "checkpoint/best.keras"):
+    for name in ("model.keras", "history.csv", "inference.json", "curves.png", "checkpoint/last.keras", "checkpoint/best.keras"):
         assert (tmp_path / "model" / name).is_file(), name
+    assert (tmp_path / "model" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list((tmp_path / "model").glob(".curves.png.*")), "temporary file left behind"
     settings = json.loads((tmp_path / "model" / "inference.json").read_text())
     assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3 and settings["output_activation"] == "softmax"
 
@@ -95,3 +102,60 @@ def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
     written = nib.load(str(tmp_path / "pred.nii.gz"))
     assert written.shape == data.shape and written.get_data_dtype() == np.uint8
     assert labels.shape == data.shape and labels.max() <= 2
+
+
+def test_worker_count_does_not_change_training(cache, tmp_path):
+    in_process = run(cache, tmp_path / "a", epochs=1, num_workers=0)
+    two_workers = run(cache, tmp_path / "b", epochs=1, num_workers=2)
+    pd.testing.assert_series_equal(in_process["loss"], two_workers["loss"])
+    pd.testing.assert_series_equal(in_process["val_loss"], two_workers["val_loss"])
+
+
+def test_bfloat16_policy_computes_convs_in_bfloat16_with_float32_logits():
+    import keras
+
+    from kidney_seg.model import build_from_config
+
+    before = keras.config.dtype_policy().name
+    with precision_policy("bfloat16"):
+        model = build_from_config(MODEL, 3, "softmax")
+    assert keras.config.dtype_policy().name == before, "the global policy leaked"
+    convs = [layer for layer in model.layers if isinstance(layer, keras.layers.Conv2D)]
+    assert [layer.compute_dtype for layer in convs if layer.name != "logits"] == ["bfloat16"] * (len(convs) - 1)
+    assert all(layer.variable_dtype == "float32" for layer in convs)
+    assert model.get_layer("logits").compute_dtype == "float32"
+    out = model(np.zeros((1, 16, 16, 1), np.float32))
+    assert keras.backend.standardize_dtype(out.dtype) == "float32"
+
+
+def test_one_epoch_under_mixed_bfloat16(cache, tmp_path):
+    import keras
+
+    before = keras.config.dtype_policy().name
+    try:
+        history = run(cache, tmp_path / "model", epochs=1, num_workers=0, mixed_precision="bfloat16")
+    except Exception as err:  # noqa: BLE001
+        if "bfloat16" in str(err) and ("kernel" in str(err).lower() or "not supported" in str(err).lower()):
+            pytest.skip(f"no bfloat16 CPU kernel in this TensorFlow build: {err}")
+        raise
+    assert keras.config.dtype_policy().name == before
+    assert list(history["epoch"]) == [1]
+    assert np.isfinite(history[["loss", "val_loss", "val_dice_kidney", "val_dice_tumor"]].to_numpy(float)).all()
+
+
+def test_jit_compile_reaches_the_model():
+    from kidney_seg.model import build_from_config
+
+    model = build_from_config(MODEL, 3, "softmax")
+    compile_model(model, 3, TRAIN)
+    assert model.jit_compile is False
+    compile_model(model, 3, {**TRAIN, "jit_compile": True})
+    assert model.jit_compile is True
+
+
+def test_strategy_choice_on_a_single_cpu():
+    assert make_strategy("none") is None
+    assert make_strategy("auto") is None  # no GPUs here
+    assert make_strategy("mirrored") is None  # one CPU device: falls back with a warning
+    with pytest.raises(ValueError):
+        make_strategy("tpu")

@@ -284,14 +284,11 @@ def history_panels(history: pd.DataFrame) -> list[tuple[str, list[str], bool]]:
     return panels
 
 
-def training_curves(history_csv: str | os.PathLike | None) -> str:
-    """Training-curve panels as an embedded PNG, or a note when there is no history."""
-    history = read_csv_or_none(history_csv)
-    if history is None or history.empty:
-        return _note(f"No training history available ({history_csv}).")
-    panels = history_panels(history)
+def history_figure(history: pd.DataFrame) -> Figure | None:
+    """The training-curve panels of a history (loss, each val_dice_*, log-scale lr), or None when nothing is plottable."""
+    panels = history_panels(history) if history is not None and not history.empty else []
     if not panels:
-        return _note("The training history holds no plottable columns.")
+        return None
     x = _numeric(history, "epoch") if "epoch" in history.columns else pd.Series(np.arange(len(history)))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
@@ -310,6 +307,17 @@ def training_curves(history_csv: str | os.PathLike | None) -> str:
         if len(cols) > 1:
             ax.legend()
     fig.tight_layout()
+    return fig
+
+
+def training_curves(history_csv: str | os.PathLike | None) -> str:
+    """Training-curve panels as an embedded PNG, or a note when there is no history."""
+    history = read_csv_or_none(history_csv)
+    if history is None or history.empty:
+        return _note(f"No training history available ({history_csv}).")
+    fig = history_figure(history)
+    if fig is None:
+        return _note("The training history holds no plottable columns.")
     return _img(png_data_uri(fig), "Training curves")
 
 
