@@ -1,0 +1,183 @@
+"""Training throughput: the loader alone, the model step alone, both together, and GFLOP/s.
+
+    .venv/bin/python benchmarks/train_throughput.py [--config presets/demo.yaml] [--steps 40]
+        [--workers 0 1 2] [--cases 8] [--out results/benchmarks/train_throughput.json]
+
+It builds a small slice cache from phantom cases with the config's preprocessing, then
+measures, with the config's model and training settings:
+- the loader alone (batches/s, every augmentation on) for each worker count;
+- the model's train step alone on one fixed batch (steps/s);
+- ``model.fit`` fed by the loader with the config's ``num_workers`` (steps/s): it must
+  reach at least 90% of the step alone, or the loader starves the model;
+- the model's achieved GFLOP/s (an analytic count of its convolutions, x3 for the backward
+  pass) against this machine's measured float32 matmul peak.
+Prints a table and writes the figures as JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from kidney_seg.config import load_config  # noqa: E402
+from kidney_seg.io import write_json_atomic  # noqa: E402
+
+
+def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:
+    """Generate phantom cases and preprocess them with the config's settings."""
+    from kidney_seg.data.phantom import PhantomParams, generate_case, write_case
+    from kidney_seg.preprocessing import preprocess_case, resolve_preprocessing
+
+    settings = resolve_preprocessing({**cfg["preprocessing"], "clip": [-75.76, 349.49]}, None)
+    dirs = []
+    for i in range(n_cases):
+        raw = root / "raw" / f"case_{i:05d}"
+        write_case(raw, generate_case(i, cfg["seed"], PhantomParams.from_config(cfg["dataset"].get("phantom"))))
+        out = root / "pre" / raw.name
+        preprocess_case(raw.name, raw / "imaging.nii.gz", raw / "segmentation.nii.gz", out, settings, (0, 1, 2))
+        dirs.append(str(out))
+    return dirs
+
+
+def conv_flops_per_image(model_cfg: dict, patch: tuple[int, int], num_outputs: int) -> float:
+    """Forward multiply-adds x2 of the U-Net's convolutions for one patch."""
+    f0, levels, blocks = model_cfg["base_filters"], model_cfg["levels"], model_cfg["blocks_per_level"]
+    total, h, w = 0.0, patch[0], patch[1]
+    for level in range(levels):  # encoder
+        pixels = (h >> level) * (w >> level)
+        c_in = 1 if level == 0 else f0 * 2 ** (level - 1)
+        for _ in range(blocks):
+            total += 2 * pixels * 9 * c_in * f0 * 2**level
+            c_in = f0 * 2**level
+    for level in reversed(range(levels - 1)):  # decoder: upsampled + skip channels in
+        pixels = (h >> level) * (w >> level)
+        c_in = f0 * 2 ** (level + 1) + f0 * 2**level
+        for _ in range(blocks):
+            total += 2 * pixels * 9 * c_in * f0 * 2**level
+            c_in = f0 * 2**level
+    return total + 2 * h * w * f0 * num_outputs
+
+
+def matmul_peak_gflops(n: int = 2048, repeats: int = 10) -> float:
+    """Measured float32 matmul rate of the backend on this machine (the CPU's practical limit)."""
+    import keras
+
+    a = keras.ops.convert_to_tensor(np.random.default_rng(0).normal(size=(n, n)).astype(np.float32))
+    keras.ops.convert_to_numpy(keras.ops.matmul(a, a))
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        out = keras.ops.matmul(a, a)
+    keras.ops.convert_to_numpy(out)
+    return 2 * n**3 * repeats / (time.perf_counter() - t0) / 1e9
+
+
+def loader_rate(spec, workers: int, steps: int) -> float:
+    """Batches per second of the loader alone (after two warm-up batches)."""
+    from kidney_seg.sampling import BatchLoader
+
+    with BatchLoader(spec, start=0, num_workers=workers) as loader:
+        stream = loader.batches()
+        for _ in range(2):
+            next(stream)
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            next(stream)
+        return steps / (time.perf_counter() - t0)
+
+
+def model_step_rate(model, batch, steps: int) -> float:
+    """Train steps per second on one fixed batch (after warm-up)."""
+    for _ in range(3):
+        model.train_on_batch(*batch)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        model.train_on_batch(*batch)
+    return steps / (time.perf_counter() - t0)
+
+
+def combined_rate(model, spec, workers: int, steps: int) -> float:
+    """Steps per second of model.fit fed by the loader (second epoch, after compilation)."""
+    import keras
+
+    from kidney_seg.sampling import BatchLoader
+
+    times = []
+
+    class Timer(keras.callbacks.Callback):
+        def on_epoch_begin(self, epoch, logs=None):
+            self.t0 = time.perf_counter()
+
+        def on_epoch_end(self, epoch, logs=None):
+            times.append(time.perf_counter() - self.t0)
+
+    with BatchLoader(spec, start=0, num_workers=workers) as loader:
+        model.fit(loader.batches(), steps_per_epoch=steps, epochs=2, verbose=0, shuffle=False, callbacks=[Timer()])
+    return steps / times[-1]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run every measurement and report."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=str(REPO / "presets" / "demo.yaml"))
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--cases", type=int, default=8)
+    parser.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "train_throughput.json"))
+    args = parser.parse_args(argv)
+    cfg = load_config(REPO / "config.yaml", args.config)
+    tr, threads = cfg["training"], os.cpu_count() or 1
+
+    import keras
+
+    from kidney_seg.training import compile_model, configure_threads, stream_spec
+    from kidney_seg.model import build_from_config
+    from kidney_seg.sampling import BatchLoader
+
+    configure_threads(threads)
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = build_cache(cfg, args.cases, Path(tmp))
+        spec = stream_spec(dirs, tr, cfg["seed"])
+        loader = {w: loader_rate(spec, w, args.steps) for w in args.workers}
+        keras.utils.set_random_seed(cfg["seed"])
+        model = build_from_config(cfg["model"], 3, tr["output_activation"])
+        compile_model(model, 3, tr)
+        with BatchLoader(spec, num_workers=0) as one:
+            batch = next(one.batches())
+        step = model_step_rate(model, batch, args.steps)
+        both = combined_rate(model, spec, tr["num_workers"], args.steps)
+    outputs = 3 if tr["output_activation"] == "softmax" else 2
+    flops = 3 * conv_flops_per_image(cfg["model"], tuple(tr["patch_size"]), outputs) * tr["batch_size"]
+    peak = matmul_peak_gflops()
+    result = {
+        "config": args.config, "cpu_threads": threads, "backend": keras.backend.backend(), "steps": args.steps,
+        "loader_batches_per_s": {str(w): round(r, 2) for w, r in loader.items()},
+        "model_steps_per_s": round(step, 2), "combined_steps_per_s": round(both, 2),
+        "default_workers": tr["num_workers"], "combined_over_model": round(both / step, 3),
+        "gflop_per_step": round(flops / 1e9, 2), "achieved_gflops": round(flops * step / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1), "fraction_of_peak": round(flops * step / 1e9 / peak, 3),
+    }
+    print(f"{'measurement':46s} {'value':>10s}")
+    for w, r in loader.items():
+        print(f"{'loader alone, ' + str(w) + ' worker(s) [batches/s]':46s} {r:10.2f}")
+    print(f"{'model train step alone [steps/s]':46s} {step:10.2f}")
+    print(f"{'fit fed by the loader, ' + str(tr['num_workers']) + ' worker(s) [steps/s]':46s} {both:10.2f}")
+    print(f"{'combined / model alone (target >= 0.90)':46s} {both / step:10.3f}")
+    print(f"{'model GFLOP per step (x3 for backward)':46s} {flops / 1e9:10.2f}")
+    print(f"{'achieved GFLOP/s':46s} {flops * step / 1e9:10.1f}")
+    print(f"{'float32 matmul peak GFLOP/s (2048^3)':46s} {peak:10.1f}")
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return 0 if both / step >= 0.9 else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
