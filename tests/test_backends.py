@@ -1,0 +1,64 @@
+"""The model, losses, training and inference on Keras 3's JAX backend (the GPU machines' backend).
+
+TensorFlow stays the default, tested backend. This runs in a subprocess with
+KERAS_BACKEND=jax and skips where JAX is not installed (`pip install "jax[cpu]"`).
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SCRIPT = r"""
+import json, sys
+from pathlib import Path
+import numpy as np
+import keras
+assert keras.backend.backend() == "jax", keras.backend.backend()
+from kidney_seg.losses import DiceCELoss, SigmoidDiceBCELoss
+from kidney_seg.training import train
+from kidney_seg.inference import load_predictor, predict_case
+from tests.conftest import kits_affine, write_nifti
+from tests.test_training import MODEL, PRE, TRAIN, make_cache
+
+tmp = Path(sys.argv[1])
+rng = np.random.default_rng(0)
+labels = rng.integers(0, 3, size=(2, 8, 8))
+logits = (rng.normal(size=(2, 8, 8, 3)) * 3).astype(np.float32)
+out = {"softmax_loss": float(DiceCELoss(3)(labels, logits)),
+       "sigmoid_loss": float(SigmoidDiceBCELoss(3)(labels, logits[..., :2]))}
+cache = make_cache(tmp / "cache")
+history = train(cache[:2], cache[2:], tmp / "model", MODEL, {**TRAIN, "epochs": 1}, PRE, (0, 1, 2), seed=1, threads=1)
+out["epochs"] = int(len(history))
+image = rng.normal(40, 20, (6, 24, 24)).astype(np.float32)
+path = write_nifti(tmp / "scan.nii.gz", image, kits_affine((3.0, 1.0, 1.0)))
+pred = predict_case("case_00000", path, tmp / "model", tmp / "pred.nii.gz",
+                    {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4},
+                    predictor=load_predictor(tmp / "model"))
+out["pred_shape"] = list(pred.shape)
+print("RESULT", json.dumps(out))
+"""
+
+
+@pytest.mark.skipif(importlib.util.find_spec("jax") is None, reason="JAX is not installed (pip install 'jax[cpu]')")
+def test_jax_backend_trains_and_predicts(tmp_path):
+    from kidney_seg.losses import DiceCELoss, SigmoidDiceBCELoss
+
+    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 3, size=(2, 8, 8))
+    logits = (rng.normal(size=(2, 8, 8, 3)) * 3).astype(np.float32)
+    assert result["softmax_loss"] == pytest.approx(float(DiceCELoss(3)(labels, logits)), rel=1e-4)
+    assert result["sigmoid_loss"] == pytest.approx(float(SigmoidDiceBCELoss(3)(labels, logits[..., :2])), rel=1e-4)
+    assert result["epochs"] == 1 and result["pred_shape"] == [6, 24, 24]
