@@ -17,6 +17,7 @@ include: "rules/preprocess.smk"
 include: "rules/split.smk"
 include: "rules/train.smk"
 include: "rules/predict.smk"
+include: "rules/postprocess.smk"
 include: "rules/evaluate.smk"
 include: "rules/report.smk"
 

@@ -36,23 +36,32 @@ def case_name(path: Path) -> str:
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
 
+def postprocessing_decision(model_dir: Path, enabled: bool) -> dict | None:
+    """The post-processing decided for a model folder (its postprocessing.json), if any and wanted."""
+    from kidney_seg.postprocessing import read_decision
+
+    path = model_dir / "postprocessing.json"
+    return read_decision(path) if enabled and path.is_file() else None
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
-    """Segment each input scan with a trained model directory."""
+    """Segment each input scan with a trained model folder (one model or a fold ensemble)."""
     from tqdm import tqdm
 
-    from kidney_seg.inference import load_predictor, predict_case
+    from kidney_seg.inference import load_predictor, model_folders, predict_case
 
     model_dir = Path(args.model_dir)
-    for needed in ("model.keras", "inference.json"):
-        if not (model_dir / needed).is_file():
-            raise FileNotFoundError(f"{model_dir} is not a trained model folder (missing {needed})")
+    folders = model_folders(model_dir)
+    decision = postprocessing_decision(model_dir, not args.no_postprocessing)
     inputs = nifti_inputs(args.inputs)
-    predictor = load_predictor(model_dir)
+    predictor = load_predictor(folders)
     cfg = {**DEFAULT_INFERENCE, "mirror_tta": not args.no_tta, "step": args.step, "batch_size": args.batch_size}
     out_dir = Path(args.output)
+    steps = ", ".join(decision["apply"]) if decision and decision["apply"] else "none"
+    print(f"{len(folders)} model(s) from {model_dir}; post-processing: {steps}", file=sys.stderr)
     for path in tqdm(inputs, desc="segmenting", unit="scan"):
         name = case_name(path)
-        predict_case(name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor)
+        predict_case(name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor, postprocessing=decision)
     print(f"wrote {len(inputs)} segmentation(s) to {out_dir}")
     return 0
 
@@ -89,10 +98,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment new CT scans (NIfTI files or folders)",
                        description="Segment CT scans with a model folder the pipeline trained (results/model). "
                                    "Each output is a uint8 NIfTI (0 background, 1 kidney, 2 tumour) on the input's exact grid.")
-    p.add_argument("model_dir", help="trained model folder holding model.keras and inference.json")
+    p.add_argument("model_dir", help="trained model folder: results/model (every fold_*/ model, averaged, plus its "
+                                     "postprocessing.json) or one folder holding model.keras and inference.json")
     p.add_argument("inputs", nargs="+", help="NIfTI files, or folders of them (KiTS layout case_*/imaging.nii.gz works)")
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations")
     p.add_argument("--no-tta", action="store_true", help="switch off mirror test-time augmentation (4x faster)")
+    p.add_argument("--no-postprocessing", action="store_true",
+                   help="write the raw argmax, ignoring the model folder's postprocessing.json")
     p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
     p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
     p.set_defaults(func=cmd_predict)

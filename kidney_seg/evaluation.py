@@ -7,13 +7,38 @@ Labels: 0 background, 1 kidney, 2 tumour (and 3 cyst for KiTS21/23). Regions sco
 * ``kidney``: label == 1 (for the paper's per-class precision and recall),
 * KiTS21/23 only: ``masses`` (tumour + cyst): label in {2, 3}, and cyst volumes.
 
-Empty-mask convention (as in KiTS23 and medpy): when prediction and truth are both
-empty a score is 1.0; when exactly one of them is empty Dice is 0.0. Precision and
-recall follow the same rule: both masks empty -> 1.0, otherwise an empty denominator
-(no predicted voxels for precision, no true voxels for recall) -> 0.0. So per-case
-metrics computed here are never NaN. Summaries are NaN-aware anyway (metrics files from
-elsewhere may hold NaN): NaNs are skipped, never averaged in, and ``n`` counts the
-non-NaN values.
+Empty-mask convention for overlap scores (as in KiTS23 and medpy): when prediction and
+truth are both empty a score is 1.0; when exactly one of them is empty Dice is 0.0.
+Precision and recall follow the same rule: both masks empty -> 1.0, otherwise an empty
+denominator (no predicted voxels for precision, no true voxels for recall) -> 0.0.
+
+Distance metrics (``*_hd95`` in mm, ``*_surface_dice``) for the regions tk, tu and, on
+4-class data, masses:
+
+* Border of a mask = mask XOR its binary erosion with the face-connected (6-neighbour
+  in 3D) structure; erosion uses border_value 0, so mask voxels on the array edge are
+  border voxels. Distances are exact Euclidean distances in mm (index * spacing) from
+  each border voxel of one mask to the nearest border voxel of the other
+  (``scipy.ndimage.distance_transform_edt``), in both directions. They are computed
+  inside the bounding box of prediction | truth padded by one voxel, which gives
+  exactly the uncropped result.
+* HD95 follows MONAI and DeepMind's surface-distance: the 95th percentile
+  (``np.percentile``, linear interpolation) of each direction separately, then the
+  larger of the two. medpy's ``hd95`` instead pools both directions before taking the
+  percentile, which can give a smaller value. Both masks empty -> 0.0; exactly one empty
+  -> NaN (undefined).
+* Surface Dice is MONAI's normalised surface Dice without subvoxels: (pred border
+  voxels within ``tolerance`` mm of the truth border + truth border voxels within
+  ``tolerance`` of the pred border) / (pred border voxels + truth border voxels),
+  "within" meaning distance <= tolerance. Both empty -> 1.0, exactly one empty -> 0.0
+  (KiTS23). Tolerances are KiTS23's (``SURFACE_TOLERANCE_MM``): kidney+masses 1.0331 mm
+  (used for our tk = label > 0), masses 1.1329 mm, tumour 1.1498 mm. KiTS23's official
+  surface Dice weights surface elements by their area; ours counts border voxels, so
+  values can differ slightly from the official ones.
+
+So per-case metrics are never NaN except HD95 when exactly one mask is empty (e.g. a
+tumour predicted in a tumour-free case). Summaries are NaN-aware: NaNs are skipped,
+never averaged in, and ``n`` counts the non-NaN values.
 
 Volumes are in millilitres: voxel count * prod(spacing in mm) / 1000.
 """
@@ -28,13 +53,16 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pandas as pd
+from scipy import ndimage
 
 from kidney_seg.io import atomic_path, geometry_of, load_label, load_nifti, write_json_atomic
 
 VALID_LABELS: tuple[int, ...] = (0, 1, 2)
 KIDNEY, TUMOR, CYST = 1, 2, 3
 #: Extra per-case columns for 4-class (KiTS21/23) data.
-CYST_COLUMNS: tuple[str, ...] = ("masses_dice", "pred_cyst_ml", "true_cyst_ml")
+CYST_COLUMNS: tuple[str, ...] = ("masses_dice", "masses_hd95", "masses_surface_dice", "pred_cyst_ml", "true_cyst_ml")
+#: KiTS23 surface-Dice tolerances in mm: kidney+masses (our tk), masses, tumour.
+SURFACE_TOLERANCE_MM: dict[str, float] = {"tk": 1.0331, "masses": 1.1329, "tu": 1.1498}
 
 #: Per-case metric columns, in the order written to per_case.csv (after ``case_id``).
 METRIC_COLUMNS: tuple[str, ...] = (
@@ -45,6 +73,10 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "kidney_recall",
     "tumor_precision",
     "tumor_recall",
+    "tk_hd95",
+    "tu_hd95",
+    "tk_surface_dice",
+    "tu_surface_dice",
     "pred_kidney_ml",
     "true_kidney_ml",
     "pred_tumor_ml",
@@ -98,6 +130,107 @@ def voxel_volume_ml(spacing: tuple[float, float, float]) -> float:
     return float(np.prod(np.asarray(spacing, dtype=float))) / 1000.0
 
 
+def _spacing(spacing: tuple[float, ...], ndim: int) -> tuple[float, ...]:
+    """Spacing as ``ndim`` positive floats (mm), or ValueError."""
+    s = tuple(float(x) for x in np.atleast_1d(np.asarray(spacing, dtype=float)))
+    if len(s) != ndim or not all(x > 0 and math.isfinite(x) for x in s):
+        raise ValueError(f"spacing {spacing!r} must be {ndim} positive finite numbers (mm)")
+    return s
+
+
+def _box_of(a: np.ndarray) -> list[tuple[int, int]] | None:
+    """(first, last + 1) per axis of the nonzero voxels of ``a``; None when there are none."""
+    bounds, sub = [], a
+    for axis in range(a.ndim):
+        others = tuple(i for i in range(a.ndim) if i != axis)
+        idx = np.flatnonzero(np.any(sub, axis=others))
+        if idx.size == 0:
+            return None
+        bounds.append((int(idx[0]), int(idx[-1]) + 1))
+        sub = sub[(slice(None),) * axis + (slice(*bounds[-1]),)]
+    return bounds
+
+
+def _nonzero_box(*arrays: np.ndarray) -> tuple[slice, ...]:
+    """Slices of the smallest box holding every nonzero voxel of the arrays (one shape); empty slices if none."""
+    ndim = arrays[0].ndim
+    boxes = [b for b in map(_box_of, arrays) if b is not None]
+    if not boxes:
+        return tuple(slice(0, 0) for _ in range(ndim))
+    return tuple(slice(min(b[i][0] for b in boxes), max(b[i][1] for b in boxes)) for i in range(ndim))
+
+
+def _crop_pair(p: np.ndarray, t: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Both masks cut to the bounding box of p | t and zero-padded by one voxel on every side.
+
+    Voxels outside that box are False in both masks, so this equals the box grown by one
+    voxel (zero-padded where it meets the array edge): borders and distances are unchanged.
+    """
+    box = _nonzero_box(p, t)
+    return np.pad(p[box], 1), np.pad(t[box], 1)
+
+
+def _border(mask: np.ndarray) -> np.ndarray:
+    """Border voxels: mask XOR its face-connected erosion (voxels on the array edge count)."""
+    structure = ndimage.generate_binary_structure(mask.ndim, 1)
+    return mask ^ ndimage.binary_erosion(mask, structure=structure, border_value=0)
+
+
+def _to_border(src: np.ndarray, dst: np.ndarray, spacing: tuple[float, ...]) -> np.ndarray:
+    """Distance (mm) from each ``src`` voxel (C order) to the nearest ``dst`` voxel; inf if ``dst`` is empty."""
+    if not dst.any():
+        return np.full(int(np.count_nonzero(src)), np.inf)
+    return ndimage.distance_transform_edt(~dst, sampling=spacing)[src]
+
+
+def surface_distances(
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]
+) -> tuple[np.ndarray, np.ndarray]:
+    """(pred border -> nearest truth border, truth border -> nearest pred border) in mm; inf toward an empty mask."""
+    p, t = _as_masks(pred, truth)
+    s = _spacing(spacing, p.ndim)
+    p, t = _crop_pair(p, t)
+    bp, bt = _border(p), _border(t)
+    return _to_border(bp, bt, s), _to_border(bt, bp, s)
+
+
+def _hd95_of(d_pt: np.ndarray, d_tp: np.ndarray) -> float:
+    """HD95 from the two directed distance arrays: both empty -> 0.0, exactly one empty -> NaN."""
+    if d_pt.size == 0 and d_tp.size == 0:
+        return 0.0
+    if d_pt.size == 0 or d_tp.size == 0:
+        return math.nan
+    return float(max(np.percentile(d_pt, 95), np.percentile(d_tp, 95)))
+
+
+def _surface_dice_of(d_pt: np.ndarray, d_tp: np.ndarray, tolerance_mm: float) -> float:
+    """Surface Dice from the two directed distance arrays: both empty -> 1.0, one empty -> 0.0."""
+    n = d_pt.size + d_tp.size
+    if n == 0:
+        return 1.0
+    close = np.count_nonzero(d_pt <= tolerance_mm) + np.count_nonzero(d_tp <= tolerance_mm)
+    return float(close) / float(n)
+
+
+def hd95(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> float:
+    """95th-percentile Hausdorff distance in mm, per direction then max (MONAI); both empty -> 0.0, one empty -> NaN."""
+    return _hd95_of(*surface_distances(pred, truth, spacing))
+
+
+def surface_dice(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...], tolerance_mm: float) -> float:
+    """Normalised surface Dice at ``tolerance_mm`` over border voxels; both empty -> 1.0, one empty -> 0.0."""
+    return _surface_dice_of(*surface_distances(pred, truth, spacing), float(tolerance_mm))
+
+
+def _distance_metrics(region: str, p: np.ndarray, t: np.ndarray, spacing: tuple[float, ...]) -> dict[str, float]:
+    """``{region}_hd95`` and ``{region}_surface_dice`` (KiTS23 tolerance) from one distance computation."""
+    d_pt, d_tp = surface_distances(p, t, spacing)
+    return {
+        f"{region}_hd95": _hd95_of(d_pt, d_tp),
+        f"{region}_surface_dice": _surface_dice_of(d_pt, d_tp, SURFACE_TOLERANCE_MM[region]),
+    }
+
+
 def case_metrics(
     pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], labels: tuple[int, ...] = VALID_LABELS
 ) -> dict[str, float]:
@@ -106,30 +239,43 @@ def case_metrics(
     if pred.shape != truth.shape:
         raise ValueError(f"label volume shapes differ: prediction {pred.shape} vs truth {truth.shape}")
     ml = voxel_volume_ml(spacing)
+    # Every scored region lies inside the foreground box, so cropping changes no metric (and is much faster).
+    box = _nonzero_box(pred, truth)
+    pred, truth = np.ascontiguousarray(pred[box]), np.ascontiguousarray(truth[box])
     pk, tk = pred == KIDNEY, truth == KIDNEY
     pt, tt = pred == TUMOR, truth == TUMOR
+    ptk, ttk = pred > 0, truth > 0
+    dist_tk, dist_tu = _distance_metrics("tk", ptk, ttk, spacing), _distance_metrics("tu", pt, tt, spacing)
     return {
-        "tk_dice": dice(pred > 0, truth > 0),
+        "tk_dice": dice(ptk, ttk),
         "tu_dice": dice(pt, tt),
         "kidney_dice": dice(pk, tk),
         "kidney_precision": precision(pk, tk),
         "kidney_recall": recall(pk, tk),
         "tumor_precision": precision(pt, tt),
         "tumor_recall": recall(pt, tt),
+        "tk_hd95": dist_tk["tk_hd95"],
+        "tu_hd95": dist_tu["tu_hd95"],
+        "tk_surface_dice": dist_tk["tk_surface_dice"],
+        "tu_surface_dice": dist_tu["tu_surface_dice"],
         "pred_kidney_ml": int(np.count_nonzero(pk)) * ml,
         "true_kidney_ml": int(np.count_nonzero(tk)) * ml,
         "pred_tumor_ml": int(np.count_nonzero(pt)) * ml,
         "true_tumor_ml": int(np.count_nonzero(tt)) * ml,
         "has_tumor": bool(np.any(tt)),
-        **(cyst_metrics(pred, truth, ml) if CYST in labels else {}),
+        **(cyst_metrics(pred, truth, ml, spacing) if CYST in labels else {}),
     }
 
 
-def cyst_metrics(pred: np.ndarray, truth: np.ndarray, voxel_ml: float) -> dict[str, float]:
-    """KiTS21/23 extras: Dice of the masses region (tumour + cyst) and cyst volumes."""
+def cyst_metrics(
+    pred: np.ndarray, truth: np.ndarray, voxel_ml: float, spacing: tuple[float, float, float]
+) -> dict[str, float]:
+    """KiTS21/23 extras: Dice, HD95 and surface Dice of the masses region (tumour + cyst) and cyst volumes."""
     pc, tc = pred == CYST, truth == CYST
+    pm, tm = np.isin(pred, (TUMOR, CYST)), np.isin(truth, (TUMOR, CYST))
     return {
-        "masses_dice": dice(np.isin(pred, (TUMOR, CYST)), np.isin(truth, (TUMOR, CYST))),
+        "masses_dice": dice(pm, tm),
+        **_distance_metrics("masses", pm, tm, spacing),
         "pred_cyst_ml": int(np.count_nonzero(pc)) * voxel_ml,
         "true_cyst_ml": int(np.count_nonzero(tc)) * voxel_ml,
     }
@@ -156,8 +302,13 @@ def evaluate_case(
     label_geometry = _header_geometry(label_path, case_id)
     pred = load_label(prediction_path, case_id, labels, label_geometry)
     result = {"case_id": str(case_id), **case_metrics(pred, truth, label_geometry.spacing, labels)}
-    write_json_atomic(out_json, result)
+    write_json_atomic(out_json, json_safe(result))
     return result
+
+
+def json_safe(record: dict) -> dict:
+    """A metrics record with NaN (an undefined HD95) written as null, so the file is strict JSON."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in record.items()}
 
 
 def _read_case_json(path: str | os.PathLike) -> dict:
@@ -213,22 +364,40 @@ def describe(metric: str, values: pd.Series) -> dict:
     }
 
 
+def _composite(metric: str, means: list[float], n_cases: int) -> dict:
+    """A single-score summary row: the mean of ``means`` (NaN if any is NaN), std 0."""
+    score = float(np.mean(means)) if not any(math.isnan(m) for m in means) else np.nan
+    std = 0.0 if not math.isnan(score) else np.nan
+    return {"metric": metric, "n": int(n_cases), "mean": score, "median": score, "std": std, "min": score, "max": score}
+
+
 def composite_row(tk: dict, tu: dict, n_cases: int) -> dict:
     """KiTS19 composite: mean of the TK and TU Dice means (a single score, std 0)."""
-    means = [m for m in (tk["mean"], tu["mean"]) if not math.isnan(m)]
-    score = float(np.mean(means)) if len(means) == 2 else np.nan
-    std = 0.0 if not math.isnan(score) else np.nan
-    return {"metric": "kits_composite", "n": int(n_cases), "mean": score, "median": score, "std": std, "min": score, "max": score}
+    return _composite("kits_composite", [float(tk["mean"]), float(tu["mean"])], n_cases)
+
+
+#: Summary metrics averaged by the KiTS23-style composite: Dice and surface Dice of each region.
+KITS23_COMPOSITE_METRICS: tuple[str, ...] = tuple(
+    f"{region}_{score}" for region in ("tk", "masses", "tu") for score in ("dice", "surface_dice")
+)
+
+
+def kits23_composite_row(by_name: dict[str, dict], n_cases: int) -> dict:
+    """KiTS23-style composite: mean of the Dice and surface Dice means of tk, masses and tu (6 numbers)."""
+    means = [float(by_name.get(m, {}).get("mean", np.nan)) for m in KITS23_COMPOSITE_METRICS]
+    return _composite("kits23_composite", means, n_cases)
 
 
 def summary_table(per_case: pd.DataFrame) -> pd.DataFrame:
-    """Summary rows for every numeric metric plus tu_dice_with_tumor and kits_composite."""
+    """Summary rows: every numeric metric, tu_dice_with_tumor, kits_composite (+ kits23_composite if 4-class)."""
     extra = [c for c in CYST_COLUMNS if c in per_case.columns]
     rows = [describe(m, per_case[m]) for m in (*NUMERIC_METRICS, *extra)]
     with_tumor = per_case.loc[per_case["has_tumor"].astype(bool), "tu_dice"]
     rows.append(describe("tu_dice_with_tumor", with_tumor))
     by_name = {r["metric"]: r for r in rows}
     rows.append(composite_row(by_name["tk_dice"], by_name["tu_dice"], len(per_case)))
+    if extra:
+        rows.append(kits23_composite_row(by_name, len(per_case)))
     out = pd.DataFrame(rows, columns=list(SUMMARY_COLUMNS))
     out["n"] = out["n"].astype(int)
     return out

@@ -13,6 +13,15 @@ resampled (linearly) to the cropped
 region's original shape a slab of slices at a time, one class after the other, keeping a
 running argmax, and pasted into a full-size label volume that is 0 outside the crop box:
 at the original resolution only the uint8 labels and a few slab-sized arrays exist.
+
+Memory stays bounded: tiles are built a slab of slices at a time (about one batch), the
+class scores are float32 at the preprocessed resolution only, and no full-size float64 or
+4D array at the original resolution is ever made.
+
+A fold ensemble (``results/model/fold_*``) predicts each slab with every fold and
+averages their class scores (softmax probabilities), as nnU-Net does; the decided
+post-processing (``results/model/postprocessing.json``) is applied by the workflow's
+``postprocess`` rule, or by :func:`predict_case` when given a decision.
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -144,22 +153,37 @@ def class_scores(logits: np.ndarray, output_activation: str = "softmax", axis: i
     raise ValueError(f"unknown output_activation {output_activation!r}")
 
 
-def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn, num_classes: int, patch, step: float = 0.5,
-                          gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16,
+def as_predict_fns(predict_fn: PredictFn | Sequence[PredictFn]) -> list[PredictFn]:
+    """One forward function or an ensemble of them, as a non-empty list."""
+    fns = [predict_fn] if callable(predict_fn) else list(predict_fn)
+    if not fns:
+        raise ValueError("no model to predict with (empty ensemble)")
+    return fns
+
+
+def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn | Sequence[PredictFn], num_classes: int, patch,
+                          step: float = 0.5, gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16,
                           output_activation: str = "softmax") -> np.ndarray:
     """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
 
     softmax: ``predict_fn`` gives C logits, the scores are softmax probabilities; sigmoid:
     it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`.
-    Logits are averaged over tiles and mirrors before either conversion.
+    Logits are averaged over tiles and mirrors before either conversion. A sequence of
+    forward functions is a fold ensemble: their class scores (not logits) are averaged,
+    slab by slab, as nnU-Net averages the folds' softmax outputs.
     """
+    fns = as_predict_fns(predict_fn)
     channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
     k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
     for z in range(0, volume.shape[0], k):
-        logits = predict_slab_logits(volume[z : z + k], predict_fn, channels, tuple(patch), step=step, gaussian=gaussian,
-                                     mirror_tta=mirror_tta, batch_size=batch_size)
-        probs[:, z : z + k] = np.moveaxis(class_scores(logits, output_activation), -1, 0)
+        scores = None
+        for fn in fns:
+            logits = predict_slab_logits(volume[z : z + k], fn, channels, tuple(patch), step=step, gaussian=gaussian,
+                                         mirror_tta=mirror_tta, batch_size=batch_size)
+            s = class_scores(logits, output_activation)
+            scores = s if scores is None else scores + s
+        probs[:, z : z + k] = np.moveaxis(scores / len(fns), -1, 0)
     return probs
 
 
@@ -227,7 +251,8 @@ def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int], out:
     return labels
 
 
-def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: PredictFn, inference_cfg: dict) -> np.ndarray:
+def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: PredictFn | Sequence[PredictFn],
+                   inference_cfg: dict) -> np.ndarray:
     """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
 
     ``settings`` is the model's inference.json: the resolved preprocessing settings
@@ -235,7 +260,8 @@ def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: Predi
     ``labels``, ``patch_size`` and ``output_activation`` (absent in older files: softmax). The volume is cropped to the body (if
     ``crop_to_body``), preprocessed and predicted; the probabilities are resampled to
     the cropped region's original shape and pasted into a volume of ``image.shape``
-    that is 0 (background) outside the crop box.
+    that is 0 (background) outside the crop box. ``predict_fn`` may be a sequence (a fold
+    ensemble, class scores averaged).
     """
     settings = check_settings(settings)
     activation = settings.get("output_activation", "softmax")
@@ -254,24 +280,71 @@ def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: Predi
     return labels
 
 
-def load_predictor(model_dir: str | os.PathLike) -> tuple[PredictFn, dict]:
-    """The trained model's forward function and its inference settings."""
+def model_folders(model_dir: str | os.PathLike) -> list[Path]:
+    """The trained model folders under ``model_dir``: itself when it holds a model, else its fold_* folders."""
+    model_dir = Path(model_dir)
+    if (model_dir / "model.keras").is_file():
+        folders = [model_dir]
+    else:
+        folders = sorted((p for p in model_dir.glob("fold_*") if (p / "model.keras").is_file()),
+                         key=lambda p: (len(p.name), p.name))
+    if not folders:
+        raise FileNotFoundError(f"{model_dir} is not a trained model folder (no model.keras, no fold_*/model.keras)")
+    for folder in folders:
+        if not (folder / "inference.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a trained model folder (missing inference.json)")
+    return folders
+
+
+def ensemble_settings(model_dirs: Sequence[str | os.PathLike]) -> dict:
+    """The inference settings shared by all members of an ensemble; differing settings are an error."""
+    settings = [json.loads((Path(d) / "inference.json").read_text()) for d in model_dirs]
+    for d, other in zip(model_dirs[1:], settings[1:]):
+        if other != settings[0]:
+            diff = sorted(k for k in set(other) | set(settings[0]) if other.get(k) != settings[0].get(k))
+            raise ValueError(f"{d}/inference.json differs from {model_dirs[0]}/inference.json in {diff}: "
+                             "the models cannot be ensembled")
+    return settings[0]
+
+
+def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[PredictFn], dict]:
+    """Forward functions of a trained model (one per fold of an ensemble) and their shared inference settings.
+
+    ``model_dir`` is one model folder (holding model.keras and inference.json), a folder of
+    ``fold_*`` model folders, or a list of model folders.
+    """
     import keras
 
     from kidney_seg.model import load_model
 
-    model_dir = Path(model_dir)
-    settings = json.loads((model_dir / "inference.json").read_text())
-    model = load_model(model_dir / "model.keras", compile=False)
-    return (lambda x: keras.ops.convert_to_numpy(model.predict_on_batch(x))), settings
+    if isinstance(model_dir, (str, os.PathLike)):
+        dirs = model_folders(model_dir)
+    else:
+        dirs = [Path(d) for d in model_dir]
+    settings = ensemble_settings(dirs)
+    fns = []
+    for d in dirs:
+        model = load_model(d / "model.keras", compile=False)
+        fns.append(lambda x, m=model: keras.ops.convert_to_numpy(m.predict_on_batch(x)))
+    log.info("loaded %d model(s): %s", len(dirs), ", ".join(str(d) for d in dirs))
+    return fns, settings
 
 
-def predict_case(case_id: str, image_path: str | os.PathLike, model_dir: str | os.PathLike, out_path: str | os.PathLike,
-                 inference_cfg: dict, predictor: tuple[PredictFn, dict] | None = None) -> np.ndarray:
-    """Segment one scan and write uint8 labels on its exact input grid."""
+def predict_case(case_id: str, image_path: str | os.PathLike, model_dir, out_path: str | os.PathLike,
+                 inference_cfg: dict, predictor: tuple[Sequence[PredictFn], dict] | None = None,
+                 postprocessing: dict | None = None) -> np.ndarray:
+    """Segment one scan and write uint8 labels on its exact input grid.
+
+    ``postprocessing`` is a decision (:func:`kidney_seg.postprocessing.read_decision`)
+    whose steps are applied before writing; None writes the raw argmax.
+    """
     predict_fn, settings = predictor or load_predictor(model_dir)
     image, geometry = read_image(image_path, case_id)
     labels = predict_volume(image, geometry.spacing, settings, predict_fn, inference_cfg)
+    if postprocessing and postprocessing.get("apply"):
+        from kidney_seg.postprocessing import apply_steps
+
+        labels = apply_steps(labels, geometry.spacing, postprocessing["apply"], postprocessing["settings"])
     out = from_internal(labels, geometry)
     save_like(out_path, out, reference=image_path)
     log.info("%s: predicted %s voxels, labels %s", case_id, out.shape, np.unique(out).tolist())

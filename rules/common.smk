@@ -3,7 +3,7 @@ import os
 
 from kidney_seg.config import check_consistency
 from kidney_seg.data.sources import labels_of, list_cases, raw_root, select
-from kidney_seg.split import cases_in, make_split
+from kidney_seg.split import cases_in, fold_cases, make_split
 
 check_consistency(config)
 
@@ -16,6 +16,13 @@ CASES = [c.case_id for c in LABELLED]
 PREDICT_ONLY = [c.case_id for c in UNLABELLED]
 SPLIT = make_split(CASES, config["split"]["fractions"], config["split"]["seed"], config["split"]["folds"])
 TRAIN, VAL, TEST = (cases_in(SPLIT, s) for s in ("train", "val", "test"))
+FOLDS = [str(k) for k in range(config["split"]["folds"])]
+# fold -> (training cases, validation cases); one fold = the split's own train/val subsets.
+FOLD_CASES = {"0": (TRAIN, VAL)} if len(FOLDS) == 1 else {k: fold_cases(SPLIT, int(k)) for k in FOLDS}
+# Validation case -> the fold whose model did not train on it (out-of-fold prediction).
+HELD_OUT_BY = {case: k for k, (_, val) in FOLD_CASES.items() for case in val}
+# Cases whose predictions decide the post-processing (none when it is switched off).
+VALIDATION = sorted(HELD_OUT_BY) if config["postprocessing"]["enabled"] else []
 PREPROCESSING = config["preprocessing"]
 NEEDS_FINGERPRINT = PREPROCESSING["clip"] == "auto" or PREPROCESSING["normalization"] == "dataset"
 # What fetching a case depends on (not the case selection, so choosing more cases reruns nothing).
@@ -24,6 +31,7 @@ FETCH = {k: config["dataset"].get(k) for k in ("source", "root", "phantom", "man
 
 wildcard_constraints:
     case=r"case_\d{5}",
+    fold=r"\d+",
 
 
 def library(*modules):
@@ -49,3 +57,39 @@ def preprocessed(cases):
 def fingerprint(wildcards=None):
     """The training-set intensity statistics, where the config needs them."""
     return [f"{RESULTS}/fingerprint.json"] if NEEDS_FINGERPRINT else []
+
+
+def fold_training(wildcards):
+    """Slice caches a fold's model trains on."""
+    return preprocessed(FOLD_CASES[wildcards.fold][0])
+
+
+def fold_validation(wildcards):
+    """Slice caches a fold's model is validated on."""
+    return preprocessed(FOLD_CASES[wildcards.fold][1])
+
+
+def model_dir(fold):
+    """The published model folder of one fold."""
+    return f"{RESULTS}/model/fold_{fold}"
+
+
+def predicting_models(wildcards):
+    """model.keras files that predict a case: its held-out fold's for a validation case, else every fold's (ensemble)."""
+    fold = HELD_OUT_BY.get(wildcards.case)
+    return [f"{model_dir(k)}/model.keras" for k in ([fold] if fold is not None else FOLDS)]
+
+
+def validation_predictions(wildcards=None):
+    """Raw predictions of the validation cases, on which post-processing is decided."""
+    return [f"{RESULTS}/raw_predictions/{c}.nii.gz" for c in VALIDATION]
+
+
+def validation_labels(wildcards=None):
+    """Ground truth of the validation cases."""
+    return [CASE[c].label for c in VALIDATION]
+
+
+def train_threads():
+    """Cores per train job: all of them, shared between the folds so that they can train side by side."""
+    return max(1, workflow.cores // len(FOLDS))

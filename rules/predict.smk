@@ -1,11 +1,10 @@
 rule predict:
     input:
         image=raw_image,
-        model=f"{RESULTS}/model/model.keras",
-        settings=f"{RESULTS}/model/inference.json",
+        models=predicting_models,
         code=library("inference.py", "preprocessing.py", "losses.py"),
     output:
-        f"{RESULTS}/predictions/{{case}}.nii.gz",
+        f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
     params:
         inference=config["inference"],
     threads: 2

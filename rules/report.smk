@@ -2,7 +2,8 @@ rule report:
     input:
         per_case=f"{RESULTS}/metrics/per_case.csv",
         summary=f"{RESULTS}/metrics/summary.csv",
-        history=f"{RESULTS}/model/history.csv",
+        history=expand(f"{RESULTS}/model/fold_{{fold}}/history.csv", fold=FOLDS),
+        postprocessing=f"{RESULTS}/model/postprocessing.json",
         split=f"{RESULTS}/split.csv",
         code=library("report/__init__.py", "report/html.py"),
     output:

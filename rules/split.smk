@@ -7,6 +7,7 @@ rule split:
         cases=CASES,
         fractions=config["split"]["fractions"],
         seed=config["split"]["seed"],
+        folds=config["split"]["folds"],
     log:
         f"{RESULTS}/logs/split.log",
     benchmark:

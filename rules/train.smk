@@ -1,29 +1,29 @@
 rule train:
     input:
         split=f"{RESULTS}/split.csv",
-        train=preprocessed(TRAIN),
-        val=preprocessed(VAL),
+        train=fold_training,
+        val=fold_validation,
         fingerprint=fingerprint,
         code=library("model.py", "losses.py", "sampling.py", "training.py", "config.py"),
     output:
-        model=f"{RESULTS}/model/model.keras",
-        history=f"{RESULTS}/model/history.csv",
-        settings=f"{RESULTS}/model/inference.json",
-        curves=f"{RESULTS}/model/curves.png",
+        model=f"{RESULTS}/model/fold_{{fold}}/model.keras",
+        history=f"{RESULTS}/model/fold_{{fold}}/history.csv",
+        settings=f"{RESULTS}/model/fold_{{fold}}/inference.json",
+        curves=f"{RESULTS}/model/fold_{{fold}}/curves.png",
     params:
         model=config["model"],
         training=config["training"],
         preprocessing=PREPROCESSING,
         labels=LABELS,
         seed=config["seed"],
-        checkpoint_dir=f"{RESULTS}/model/checkpoint",
-    threads: workflow.cores
+        checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
+    threads: train_threads()
     resources:
         gpu=1,
     log:
-        f"{RESULTS}/logs/train.log",
+        f"{RESULTS}/logs/train/fold_{{fold}}.log",
     benchmark:
-        f"{RESULTS}/benchmarks/train.tsv"
+        f"{RESULTS}/benchmarks/train/fold_{{fold}}.tsv"
     conda:
         "../envs/gpu.yaml"
     script:

@@ -340,3 +340,358 @@ def test_kits23_regions_with_cysts():
     assert "masses_dice" not in case_metrics(pred, truth, (1.0, 1.0, 1.0), labels=(0, 1, 2, 3, 4)[:3])
     df = pd.DataFrame([{"case_id": "case_00000", **m}])
     assert "masses_dice" in summary_table(df)["metric"].tolist()
+
+
+# ------------------------------------------------------------------ distance metrics
+
+ANISO = (3.0, 0.78, 0.78)
+FACE_STEPS = [(a, s) for a in range(3) for s in (-1, 1)]
+
+
+def _brute_border(mask: np.ndarray) -> np.ndarray:
+    """Border by explicit neighbour checks: a mask voxel with a face neighbour outside the mask or the array."""
+    border = np.zeros_like(mask, dtype=bool)
+    for idx in np.argwhere(mask):
+        for axis, step in FACE_STEPS:
+            n = idx.copy()
+            n[axis] += step
+            if not 0 <= n[axis] < mask.shape[axis] or not mask[tuple(n)]:
+                border[tuple(idx)] = True
+                break
+    return border
+
+
+def _brute_distances(pred, truth, spacing):
+    """Directed border-to-border distances from physical coordinates (index * spacing) and cdist."""
+    cp = np.argwhere(_brute_border(pred)) * np.asarray(spacing)
+    ct = np.argwhere(_brute_border(truth)) * np.asarray(spacing)
+    d = distance.cdist(cp, ct)
+    return d.min(axis=1), d.min(axis=0)
+
+
+def _brute_hd95(pred, truth, spacing) -> float:
+    d_pt, d_tp = _brute_distances(pred, truth, spacing)
+    return max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
+
+
+def _brute_surface_dice(pred, truth, spacing, tol) -> float:
+    d_pt, d_tp = _brute_distances(pred, truth, spacing)
+    return (np.sum(d_pt <= tol) + np.sum(d_tp <= tol)) / (d_pt.size + d_tp.size)
+
+
+def _blob(rng, shape, fraction) -> np.ndarray:
+    """A random smooth blob (thresholded smoothed noise) occupying about ``fraction`` of the array."""
+    from scipy import ndimage
+
+    field = ndimage.gaussian_filter(rng.random(shape), sigma=1.5)
+    return field > np.quantile(field, 1 - fraction)
+
+
+def _blob_pairs():
+    rng = np.random.default_rng(1234)
+    pairs = []
+    for _ in range(4):  # interior blobs of random size
+        pred, truth = np.zeros((9, 14, 15), bool), np.zeros((9, 14, 15), bool)
+        pred[1:-1, 2:-2, 2:-2] = _blob(rng, (7, 10, 11), 0.3)
+        truth[1:-1, 2:-2, 2:-2] = _blob(rng, (7, 10, 11), 0.35)
+        pairs.append((pred, truth))
+    for _ in range(3):  # blobs that reach every face of the array
+        pairs.append((_blob(rng, (8, 12, 13), 0.4), _blob(rng, (8, 12, 13), 0.5)))
+    edge = np.zeros((6, 10, 10), bool)
+    edge[0:3, :, 0:4] = True  # a slab on three array faces
+    other = np.zeros_like(edge)
+    other[1:6, 3:10, 0:2] = True
+    pairs.append((edge, other))
+    return pairs
+
+
+def test_brute_border_helper_sees_the_array_edge():
+    mask = np.ones((3, 3, 3), bool)
+    border = _brute_border(mask)
+    assert border.sum() == 26 and not border[1, 1, 1]
+
+
+@pytest.mark.parametrize("k", range(len(_blob_pairs())))
+def test_distance_metrics_match_brute_force(k):
+    pred, truth = _blob_pairs()[k]
+    assert pred.any() and truth.any()
+    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
+    ref_pt, ref_tp = _brute_distances(pred, truth, ANISO)
+    np.testing.assert_allclose(d_pt, ref_pt, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(d_tp, ref_tp, rtol=1e-12, atol=1e-12)
+    assert ev.hd95(pred, truth, ANISO) == pytest.approx(_brute_hd95(pred, truth, ANISO), rel=1e-12)
+    for tol in (0.5, 1.0331, 1.1498, 2.0, 3.5):
+        assert ev.surface_dice(pred, truth, ANISO, tol) == pytest.approx(_brute_surface_dice(pred, truth, ANISO, tol))
+
+
+def test_two_voxels_along_the_slice_axis():
+    pred, truth = np.zeros((6, 4, 4), bool), np.zeros((6, 4, 4), bool)
+    pred[1, 2, 2] = True
+    truth[4, 2, 2] = True  # 3 slices apart: 9 mm at 3 mm slice spacing
+    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
+    assert d_pt.tolist() == [9.0] and d_tp.tolist() == [9.0]
+    assert ev.hd95(pred, truth, ANISO) == 9.0
+    assert ev.surface_dice(pred, truth, ANISO, 8.99) == 0.0
+    assert ev.surface_dice(pred, truth, ANISO, 9.0) == 1.0  # "within" includes the tolerance itself
+    assert ev.hd95(pred, truth, (0.5, 0.78, 0.78)) == pytest.approx(1.5)
+
+
+def test_cube_shifted_one_slice_hand_computed():
+    truth = np.zeros((8, 7, 7), bool)
+    truth[2:5, 2:5, 2:5] = True  # 3x3x3 cube: 26 border voxels (all but the centre)
+    pred = np.roll(truth, 1, axis=0)  # slices 3..5
+    spacing = (2.5, 0.8, 0.8)
+    d_pt, d_tp = ev.surface_distances(pred, truth, spacing)
+    # pred: 8 ring voxels of slice 3 and 8 of slice 4 lie on the truth border (0 mm); the centre of
+    # slice 3 is the truth's centre, 0.8 mm in-plane from the truth ring; the 9 voxels of slice 5 are
+    # one slice (2.5 mm) above the truth's top face. Symmetric for truth -> pred.
+    expected = sorted([0.0] * 16 + [0.8] + [2.5] * 9)
+    np.testing.assert_allclose(np.sort(d_pt), expected)
+    np.testing.assert_allclose(np.sort(d_tp), expected)
+    assert ev.hd95(pred, truth, spacing) == pytest.approx(2.5)
+    assert ev.surface_dice(pred, truth, spacing, 0.79) == pytest.approx(32 / 52)
+    assert ev.surface_dice(pred, truth, spacing, 0.81) == pytest.approx(34 / 52)
+    assert ev.surface_dice(pred, truth, spacing, 2.49) == pytest.approx(34 / 52)
+    assert ev.surface_dice(pred, truth, spacing, 2.51) == 1.0
+    assert ev.dice(pred, truth) == pytest.approx(2 * 18 / 54)
+
+
+def test_hd95_is_per_direction_then_max_not_pooled():
+    truth = np.zeros((14, 3, 3), bool)
+    truth[1, 1, 1] = True
+    pred = truth.copy()
+    pred[11, 1, 1] = True  # an outlier 10 slices (30 mm) away
+    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
+    assert sorted(d_pt.tolist()) == [0.0, 30.0] and d_tp.tolist() == [0.0]
+    # per direction: percentile95([0, 30]) = 28.5, percentile95([0]) = 0 -> 28.5
+    assert ev.hd95(pred, truth, ANISO) == pytest.approx(28.5)
+    # medpy's pooled convention would give percentile95([0, 30, 0]) = 27.0
+    assert np.percentile(np.concatenate([d_pt, d_tp]), 95) == pytest.approx(27.0)
+    assert ev.hd95(truth, pred, ANISO) == pytest.approx(28.5)  # symmetric
+
+
+def test_hd95_percentile_is_linear_interpolation():
+    truth = np.zeros((3, 3, 25), bool)
+    truth[1, 1, 0:21] = True  # a line: every voxel is a border voxel
+    pred = truth.copy()
+    pred[1, 1, 21] = True  # one extra voxel at the end, 1 voxel (0.78 mm) from the truth
+    d_pt, _ = ev.surface_distances(pred, truth, ANISO)
+    assert d_pt.size == 22 and np.count_nonzero(d_pt) == 1
+    # 22 values, 21 zeros and 0.78: position 0.95 * 21 = 19.95 -> still 0 by linear interpolation
+    assert ev.hd95(pred, truth, ANISO) == 0.0
+    pred[1, 1, 22] = True  # now 23 values, 21 zeros, 0.78, 1.56: position 20.9 -> 0.9 * 0.78
+    assert ev.hd95(pred, truth, ANISO) == pytest.approx(0.9 * 0.78)
+
+
+def _uncropped_distances(pred, truth, spacing):
+    """Reference without any cropping: the documented formula on the whole arrays."""
+    from scipy import ndimage
+
+    face = ndimage.generate_binary_structure(3, 1)
+    bp = pred ^ ndimage.binary_erosion(pred, structure=face, border_value=0)
+    bt = truth ^ ndimage.binary_erosion(truth, structure=face, border_value=0)
+    return (
+        ndimage.distance_transform_edt(~bt, sampling=spacing)[bp],
+        ndimage.distance_transform_edt(~bp, sampling=spacing)[bt],
+    )
+
+
+@pytest.mark.parametrize("k", range(len(_blob_pairs())))
+def test_cropping_gives_exactly_the_uncropped_result(k):
+    small_pred, small_truth = _blob_pairs()[k]
+    for offset in ((0, 0, 0), (5, 3, 7)):  # touching the array edge, and deep inside a larger array
+        pred, truth = np.zeros((20, 22, 26), bool), np.zeros((20, 22, 26), bool)
+        box = tuple(slice(o, o + n) for o, n in zip(offset, small_pred.shape))
+        pred[box], truth[box] = small_pred, small_truth
+        d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
+        ref_pt, ref_tp = _uncropped_distances(pred, truth, ANISO)
+        assert np.array_equal(d_pt, ref_pt) and np.array_equal(d_tp, ref_tp)
+
+
+def test_case_metrics_unchanged_by_zero_padding_the_volumes():
+    rng = np.random.default_rng(7)
+    truth = np.zeros((8, 12, 13), np.uint8)
+    truth[_blob(rng, truth.shape, 0.4)] = 1
+    truth[_blob(rng, truth.shape, 0.1)] = 2
+    pred = np.zeros_like(truth)
+    pred[_blob(rng, truth.shape, 0.4)] = 1
+    pred[_blob(rng, truth.shape, 0.12)] = 2
+    small = ev.case_metrics(pred, truth, ANISO)
+    big_pred, big_truth = np.zeros((15, 20, 21), np.uint8), np.zeros((15, 20, 21), np.uint8)
+    big_pred[3:11, 4:16, 5:18], big_truth[3:11, 4:16, 5:18] = pred, truth
+    assert ev.case_metrics(big_pred, big_truth, ANISO) == small
+    # Fortran-ordered input (as nibabel gives) scores the same
+    assert ev.case_metrics(np.asfortranarray(big_pred), big_truth, ANISO) == small
+
+
+def test_distance_metrics_empty_conventions():
+    empty = np.zeros((4, 5, 6), bool)
+    some = empty.copy()
+    some[1:3, 2:4, 2:5] = True
+    d_pt, d_tp = ev.surface_distances(empty, empty, ANISO)
+    assert d_pt.size == 0 and d_tp.size == 0
+    assert ev.hd95(empty, empty, ANISO) == 0.0
+    assert ev.surface_dice(empty, empty, ANISO, 1.0) == 1.0
+    for pred, truth in ((empty, some), (some, empty)):
+        assert math.isnan(ev.hd95(pred, truth, ANISO))
+        assert ev.surface_dice(pred, truth, ANISO, 1000.0) == 0.0
+    d_pt, d_tp = ev.surface_distances(some, empty, ANISO)
+    assert d_pt.size == 12 and np.isinf(d_pt).all() and d_tp.size == 0
+
+
+def test_distance_metrics_reject_bad_input():
+    with pytest.raises(ValueError, match="shape"):
+        ev.hd95(np.zeros((2, 2, 2), bool), np.zeros((2, 2, 3), bool), ANISO)
+    with pytest.raises(ValueError, match="spacing"):
+        ev.surface_dice(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 1.0), 1.0)
+    with pytest.raises(ValueError, match="spacing"):
+        ev.hd95(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 0.0, 1.0))
+
+
+def test_surface_tolerances_are_kits23():
+    assert ev.SURFACE_TOLERANCE_MM == {"tk": 1.0331, "masses": 1.1329, "tu": 1.1498}
+
+
+def test_case_metrics_distance_columns_and_per_region_tolerance():
+    truth = np.zeros((8, 7, 7), np.uint8)
+    truth[2:5, 2:5, 2:5] = 2  # a tumour-only cube, so tk, tu and masses are the same masks
+    pred = np.roll(truth, 1, axis=0)
+    spacing = (1.1, 0.5, 0.5)  # one slice = 1.1 mm: above the tk tolerance, below tu's and masses'
+    m = ev.case_metrics(pred, truth, spacing, labels=(0, 1, 2, 3))
+    assert m["tk_hd95"] == pytest.approx(1.1) and m["tu_hd95"] == pytest.approx(1.1)
+    assert m["masses_hd95"] == pytest.approx(1.1)
+    assert m["tk_surface_dice"] == pytest.approx(34 / 52)  # the 2 x 9 voxels 1.1 mm away miss 1.0331
+    assert m["tu_surface_dice"] == 1.0 and m["masses_surface_dice"] == 1.0
+    cols = list(ev.METRIC_COLUMNS)
+    assert cols.index("tumor_recall") < cols.index("tk_hd95") < cols.index("tu_hd95") < cols.index("tk_surface_dice")
+    assert cols.index("tu_surface_dice") < cols.index("pred_kidney_ml")
+    assert list(ev.CYST_COLUMNS[:3]) == ["masses_dice", "masses_hd95", "masses_surface_dice"]
+
+
+def test_case_metrics_tumour_free_case_distance_conventions():
+    truth = np.zeros((6, 6, 6), np.uint8)
+    truth[1:5, 1:5, 1:5] = 1
+    m = ev.case_metrics(truth, truth, ANISO)
+    assert m["tu_hd95"] == 0.0 and m["tu_surface_dice"] == 1.0  # both empty
+    assert m["tk_hd95"] == 0.0 and m["tk_surface_dice"] == 1.0
+    pred = truth.copy()
+    pred[2, 2, 2] = 2  # a false-positive tumour
+    m = ev.case_metrics(pred, truth, ANISO)
+    assert math.isnan(m["tu_hd95"]) and m["tu_surface_dice"] == 0.0 and m["has_tumor"] is False
+    assert set(m) == set(ev.METRIC_COLUMNS)
+
+
+def test_summary_skips_nan_hd95_of_tumour_free_case(tmp_path):
+    truth = np.zeros((8, 7, 7), np.uint8)
+    truth[1:7, 1:6, 1:6] = 1
+    truth[2:4, 2:4, 2:4] = 2
+    shifted = truth.copy()
+    shifted[2:4, 2:4, 2:4] = 1
+    shifted[3:5, 2:4, 2:4] = 2  # tumour one slice (3 mm) too deep
+    tumour_free = np.where(truth == 2, 1, truth).astype(np.uint8)
+    fp = tumour_free.copy()
+    fp[5, 3, 3] = 2  # false-positive tumour in a tumour-free case -> tu_hd95 NaN
+    cases = {
+        "case_00000": ev.case_metrics(truth, truth, ANISO),
+        "case_00001": ev.case_metrics(shifted, truth, ANISO),
+        "case_00002": ev.case_metrics(fp, tumour_free, ANISO),
+    }
+    assert math.isnan(cases["case_00002"]["tu_hd95"])
+    paths = _write_cases(tmp_path, [{"case_id": k, **v} for k, v in cases.items()])
+    summary = ev.summarize(paths, tmp_path / "p.csv", tmp_path / "s.csv")
+    rows = summary.set_index("metric")
+    finite = [cases["case_00000"]["tu_hd95"], cases["case_00001"]["tu_hd95"]]
+    assert finite[0] == 0.0 and finite[1] > 0
+    assert rows.loc["tu_hd95", "n"] == 2
+    assert rows.loc["tu_hd95", "mean"] == pytest.approx(np.mean(finite))
+    assert rows.loc["tu_hd95", "max"] == pytest.approx(finite[1])
+    assert rows.loc["tk_hd95", "n"] == 3 and rows.loc["tu_surface_dice", "n"] == 3
+    assert rows.loc["tu_surface_dice", "mean"] == pytest.approx(
+        np.mean([1.0, cases["case_00001"]["tu_surface_dice"], 0.0])
+    )
+    assert not summary[["mean", "median", "std", "min", "max"]].isna().any().any()
+    per_case = pd.read_csv(tmp_path / "p.csv")
+    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS]
+    assert math.isnan(per_case.loc[2, "tu_hd95"])
+    assert "kits23_composite" not in rows.index  # 3-class data
+
+
+def _four_class_pair():
+    truth = np.zeros((8, 10, 10), np.uint8)
+    truth[1:7, 1:9, 1:5] = 1
+    truth[2:5, 2:5, 2:4] = 2
+    truth[2:4, 5:8, 2:4] = 3
+    pred = truth.copy()
+    pred[truth == 3] = 2  # cyst called tumour: masses region unchanged
+    pred[6, 1:9, 1:5] = 0  # last kidney slice missed
+    return pred, truth
+
+
+def test_four_class_masses_distance_metrics():
+    pred, truth = _four_class_pair()
+    labels = (0, 1, 2, 3)
+    m = ev.case_metrics(pred, truth, ANISO, labels=labels)
+    masses_p, masses_t = np.isin(pred, (2, 3)), np.isin(truth, (2, 3))
+    assert m["masses_hd95"] == 0.0 and m["masses_surface_dice"] == 1.0  # masses region is perfect
+    assert m["tu_hd95"] == pytest.approx(_brute_hd95(pred == 2, truth == 2, ANISO))
+    assert m["tu_surface_dice"] == pytest.approx(_brute_surface_dice(pred == 2, truth == 2, ANISO, 1.1498))
+    assert m["tk_hd95"] == pytest.approx(_brute_hd95(pred > 0, truth > 0, ANISO))
+    assert m["tk_surface_dice"] == pytest.approx(_brute_surface_dice(pred > 0, truth > 0, ANISO, 1.0331))
+    shifted = pred.copy()
+    shifted[np.isin(pred, (2, 3))] = 1
+    shifted[np.roll(masses_p, 1, axis=2)] = 3  # masses moved by one in-plane voxel (0.78 mm)
+    m2 = ev.case_metrics(shifted, truth, ANISO, labels=labels)
+    assert m2["masses_hd95"] == pytest.approx(_brute_hd95(np.isin(shifted, (2, 3)), masses_t, ANISO))
+    assert m2["masses_surface_dice"] == pytest.approx(
+        _brute_surface_dice(np.isin(shifted, (2, 3)), masses_t, ANISO, 1.1329)
+    )
+    assert 0 < m2["masses_hd95"] and m2["masses_surface_dice"] == 1.0  # 0.78 mm is within 1.1329 mm
+    assert math.isnan(m2["tu_hd95"])  # no tumour label predicted at all
+    assert "masses_hd95" not in ev.case_metrics(pred, truth, ANISO)
+
+
+def test_kits23_composite_row(tmp_path):
+    pred, truth = _four_class_pair()
+    labels = (0, 1, 2, 3)
+    records = [
+        {"case_id": "case_00001", **ev.case_metrics(pred, truth, ANISO, labels=labels)},
+        {"case_id": "case_00002", **ev.case_metrics(truth, truth, ANISO, labels=labels)},
+    ]
+    summary = ev.summarize(_write_cases(tmp_path, records), tmp_path / "p.csv", tmp_path / "s.csv")
+    rows = summary.set_index("metric")
+    six = ["tk_dice", "tk_surface_dice", "masses_dice", "masses_surface_dice", "tu_dice", "tu_surface_dice"]
+    expected = np.mean([np.mean([r[m] for r in records]) for m in six])
+    assert expected < 1.0
+    assert rows.loc["kits23_composite", "mean"] == pytest.approx(expected)
+    assert rows.loc["kits23_composite", "n"] == 2 and rows.loc["kits23_composite", "std"] == 0.0
+    assert summary["metric"].tolist()[-3:] == ["tu_dice_with_tumor", "kits_composite", "kits23_composite"]
+    assert {"masses_hd95", "masses_surface_dice"} <= set(rows.index)
+    per_case = pd.read_csv(tmp_path / "p.csv")
+    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS, *ev.CYST_COLUMNS]
+
+
+def test_hd95_matches_medpy_when_installed():
+    binary = pytest.importorskip("medpy.metric.binary")
+    directed = getattr(binary, "__surface_distances")
+    for pred, truth in _blob_pairs():
+        ours_pt, ours_tp = ev.surface_distances(pred, truth, ANISO)
+        np.testing.assert_allclose(np.sort(ours_pt), np.sort(directed(pred, truth, ANISO, 1)))
+        np.testing.assert_allclose(np.sort(ours_tp), np.sort(directed(truth, pred, ANISO, 1)))
+        # medpy's hd95 pools both directions; ours takes the max of the per-direction percentiles
+        pooled = np.percentile(np.concatenate([ours_pt, ours_tp]), 95)
+        assert binary.hd95(pred, truth, voxelspacing=ANISO) == pytest.approx(pooled)
+
+
+def test_undefined_hd95_is_written_as_strict_json_null(tmp_path):
+    truth = np.zeros((4, 10, 10), np.uint8)
+    truth[1:3, 2:6, 2:6] = 1
+    truth[2, 3:5, 3:5] = 2
+    pred = truth.copy()
+    pred[pred == 2] = 1  # tumour missed: tu_hd95 undefined
+    pred_path, label_path = _write_pair(tmp_path, pred, truth)
+    ev.evaluate_case("case_00001", pred_path, label_path, tmp_path / "m.json")
+    record = json.loads((tmp_path / "m.json").read_text(),
+                        parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    assert record["tu_hd95"] is None and record["tu_dice"] == 0.0
+    summary = ev.summarize([tmp_path / "m.json"], tmp_path / "pc.csv", tmp_path / "s.csv").set_index("metric")
+    assert summary.loc["tu_hd95", "n"] == 0 and summary.loc["tk_hd95", "n"] == 1

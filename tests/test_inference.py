@@ -300,3 +300,80 @@ def test_sigmoid_model_finds_the_block():
 def test_unknown_output_activation_is_refused():
     with pytest.raises(ValueError, match="output_activation"):
         predict_volume(body_phantom(), (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "tanh"}, constant_model, CFG)
+
+
+def logit_model(logits):
+    """A model that outputs the same logits everywhere."""
+    return lambda x: np.broadcast_to(np.asarray(logits, np.float32), x.shape[:3] + (len(logits),)).copy()
+
+
+def test_ensemble_averages_softmax_not_logits():
+    from kidney_seg.inference import predict_probabilities, softmax
+
+    a, b = [4.0, 0.0, 0.0], [0.0, 1.0, 1.2]
+    vol = np.zeros((3, 20, 24), np.float32)
+    probs = predict_probabilities(vol, [logit_model(a), logit_model(b)], 3, (16, 16), mirror_tta=False)
+    expected = (softmax(np.array(a)) + softmax(np.array(b))) / 2
+    np.testing.assert_allclose(probs[:, 1, 5, 7], expected, atol=1e-6)
+    mean_logits = softmax((np.array(a) + np.array(b)) / 2)
+    assert not np.allclose(expected, mean_logits, atol=1e-3)  # averaging logits would differ
+    single = predict_probabilities(vol, logit_model(a), 3, (16, 16), mirror_tta=False)
+    np.testing.assert_allclose(single[:, 0, 0, 0], softmax(np.array(a)), atol=1e-6)
+    with pytest.raises(ValueError, match="empty ensemble"):
+        predict_probabilities(vol, [], 3, (16, 16))
+
+
+def test_ensemble_vote_changes_the_label():
+    # model 1 is sure of class 1, model 2 mildly prefers class 2: the average picks class 1
+    image = body_phantom()
+    sure, mild = logit_model([0.0, 6.0, 0.0]), logit_model([0.0, 0.0, 0.5])
+    labels = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=False), [sure, mild], CFG)
+    assert np.all(labels == 1)
+    assert np.all(predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=False), [mild], CFG) == 2)
+
+
+def _model_folder(path, settings):
+    path.mkdir(parents=True)
+    (path / "model.keras").write_bytes(b"weights")
+    (path / "inference.json").write_text(json.dumps(settings))
+    return path
+
+
+def test_model_folders_single_folds_and_errors(tmp_path):
+    from kidney_seg.inference import ensemble_settings, model_folders
+
+    single = _model_folder(tmp_path / "single", fake_settings())
+    assert model_folders(single) == [single]
+    root = tmp_path / "model"
+    for k in (0, 1, 10, 2):
+        _model_folder(root / f"fold_{k}", fake_settings())
+    assert [p.name for p in model_folders(root)] == ["fold_0", "fold_1", "fold_2", "fold_10"]
+    assert ensemble_settings(model_folders(root)) == fake_settings()
+    with pytest.raises(FileNotFoundError, match="not a trained model folder"):
+        model_folders(tmp_path / "empty")
+    (root / "fold_2" / "inference.json").write_text(json.dumps(fake_settings(crop_to_body=False)))
+    with pytest.raises(ValueError, match="crop_to_body"):
+        ensemble_settings(model_folders(root))
+    (root / "fold_1" / "inference.json").unlink()
+    with pytest.raises(FileNotFoundError, match="inference.json"):
+        model_folders(root)
+
+
+def test_predict_case_applies_a_postprocessing_decision(tmp_path):
+    image = body_phantom((7, 60, 70))
+    image[3, 10:13, 30:33] = 250  # a small bright speck away from the block: a false positive
+    affine = np.diag([-1.0, -1.0, 2.5, 1.0])[[2, 1, 0, 3]]  # KiTS layout: slices first
+    affine[:3, 3] = 0
+    write_nifti(tmp_path / "scan.nii.gz", image, affine)
+    predictor = ([threshold_model], fake_settings(target_spacing=None))
+    raw = predict_case("scan", tmp_path / "scan.nii.gz", None, tmp_path / "raw.nii.gz", CFG, predictor=predictor)
+    assert raw[3, 10:13, 30:33].any()
+    decision = {"apply": ["foreground"], "settings": {"enabled": True, "keep_largest": 1, "min_component_ml": 0.0,
+                                                       "min_tumor_ml": 0.0}}
+    kept = predict_case("scan", tmp_path / "scan.nii.gz", None, tmp_path / "pp.nii.gz", CFG, predictor=predictor,
+                        postprocessing=decision)
+    assert not kept[3, 10:13, 30:33].any()
+    np.testing.assert_array_equal(kept[2:5, 25:35, 30:40], raw[2:5, 25:35, 30:40])
+    out = nib.load(str(tmp_path / "pp.nii.gz"))
+    np.testing.assert_allclose(out.affine, nib.load(str(tmp_path / "scan.nii.gz")).affine)
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), kept)

@@ -35,8 +35,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     cfg["training"]["epochs"] = EPOCHS
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
-    model = tmp_path / "results" / "model" / "model.keras"
-    checkpoint_history = tmp_path / "results" / "model" / "checkpoint" / "history.csv"
+    model = tmp_path / "results" / "model" / "fold_0" / "model.keras"
+    checkpoint_history = tmp_path / "results" / "model" / "fold_0" / "checkpoint" / "history.csv"
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     proc = subprocess.Popen([SNAKEMAKE, str(model), "--cores", "2", "--configfile", str(cfg_path)], cwd=REPO, env=env,
@@ -56,8 +56,8 @@ def test_killed_training_resumes_from_its_checkpoint(tmp_path):
     assert 2 <= done < EPOCHS and not model.exists()
     snakemake("--unlock", "--cores", "1", "--configfile", str(cfg_path))
     snakemake(str(model), "--cores", "2", "--rerun-incomplete", "--configfile", str(cfg_path))
-    log = (tmp_path / "results" / "logs" / "train.log").read_text()
+    log = (tmp_path / "results" / "logs" / "train" / "fold_0.log").read_text()
     assert f"after epoch {done}" in log or any(f"after epoch {n}" in log for n in range(done, EPOCHS))
-    history = pd.read_csv(tmp_path / "results" / "model" / "history.csv")
+    history = pd.read_csv(tmp_path / "results" / "model" / "fold_0" / "history.csv")
     assert history["epoch"].tolist() == list(range(1, EPOCHS + 1))
     assert model.is_file()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -53,8 +54,9 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     split = pd.read_csv(results / "split.csv")
     assert list(split.columns) == ["case_id", "subset"] and len(split) == 6
     assert split["subset"].value_counts().to_dict() == {"train": 4, "val": 1, "test": 1}
-    assert (results / "model" / "model.keras").stat().st_size > 0
-    history = pd.read_csv(results / "model" / "history.csv")
+    assert (results / "model" / "fold_0" / "model.keras").stat().st_size > 0
+    assert not (results / "model" / "fold_1").exists()
+    history = pd.read_csv(results / "model" / "fold_0" / "history.csv")
     assert len(history) == 2 and {"epoch", "lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor"} <= set(history.columns)
     test_cases = split.loc[split.subset == "test", "case_id"].tolist()
     for case in test_cases:
@@ -70,10 +72,15 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     assert per_case["tk_dice"].between(0, 1).all()
     summary = pd.read_csv(results / "metrics" / "summary.csv")
     assert list(summary.columns) == ["metric", "n", "mean", "median", "std", "min", "max"]
+    decision = json.loads((results / "model" / "postprocessing.json").read_text())
+    assert decision["validation_cases"] == split.loc[split.subset == "val", "case_id"].tolist()
+    assert [step["name"] for step in decision["steps"]] == ["foreground", "tumor"]
+    assert (results / "raw_predictions" / f"{decision['validation_cases'][0]}.nii.gz").is_file()
     html = (results / "report.html").read_text()
+    assert "Post-processing" in html
     assert html.count('class="case-row"') == len(test_cases)
     assert all(f'data-case="{c}"' in html for c in test_cases)
-    for rule in ("download", "preprocess", "train", "predict", "report"):
+    for rule in ("download", "preprocess", "train", "predict", "decide_postprocessing", "postprocess", "report"):
         assert any((results / "benchmarks").rglob(f"*{rule}*")), rule
         assert any((results / "logs").rglob(f"*{rule}*")), rule
 
@@ -96,7 +103,8 @@ def planned_jobs(cfg: Path, *extra: str) -> set[str]:
 def test_rerun_train_plans_everything_downstream(tiny_run):
     _, cfg, _ = tiny_run
     assert planned_jobs(cfg) == set()
-    assert planned_jobs(cfg, "-R", "train") == {"train", "predict", "evaluate_case", "evaluate", "report", "all"}
+    assert planned_jobs(cfg, "-R", "train") == {"train", "predict", "decide_postprocessing", "postprocess", "evaluate_case",
+                                                "evaluate", "report", "all"}
 
 
 def test_editing_a_library_module_triggers_its_rules(tiny_run):
@@ -105,11 +113,37 @@ def test_editing_a_library_module_triggers_its_rules(tiny_run):
     original, stat = module.read_bytes(), module.stat()
     try:  # Snakemake >= 9.18 compares checksums, so the content must really change
         module.write_bytes(original + b"\n# edited by test_editing_a_library_module_triggers_its_rules\n")
-        assert planned_jobs(cfg) == {"evaluate_case", "evaluate", "report", "all"}
+        # post-processing is decided and applied with evaluation's Dice, so it reruns too
+        assert planned_jobs(cfg) == {"decide_postprocessing", "postprocess", "evaluate_case", "evaluate", "report", "all"}
     finally:
         module.write_bytes(original)
         os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
     assert planned_jobs(cfg) == set()
+
+
+def test_two_folds_train_separately_and_predict_as_an_ensemble(tmp_path):
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["dataset"]["root"] = str(tmp_path / "data")
+    cfg["split"] = {"folds": 2}
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg))
+    dry = snakemake("-n", "--cores", "4", "--resources", "gpu=2", "--configfile", str(cfg_path)).stdout
+    assert "fold_0/model.keras" in dry and "fold_1/model.keras" in dry
+    snakemake("--cores", "2", "--configfile", str(cfg_path))
+    results = tmp_path / "results"
+    split = pd.read_csv(results / "split.csv", dtype=str, keep_default_na=False)
+    development = split.loc[split.subset != "test", "case_id"].tolist()
+    for fold in ("0", "1"):
+        log = (results / "logs" / "train" / f"fold_{fold}.log").read_text()
+        held_out = split.loc[split.fold == fold, "case_id"].tolist()
+        assert f"{len(development) - len(held_out)} train cases, {len(held_out)} val cases" in log
+    decision = json.loads((results / "model" / "postprocessing.json").read_text())
+    assert sorted(decision["validation_cases"]) == sorted(development)  # out-of-fold predictions of every case
+    test_case = split.loc[split.subset == "test", "case_id"].item()
+    assert "loaded 2 model(s)" in (results / "logs" / "predict" / f"{test_case}.log").read_text()
+    assert "loaded 1 model(s)" in (results / "logs" / "predict" / f"{development[0]}.log").read_text()
+    assert (results / "predictions" / f"{test_case}.nii.gz").is_file()
 
 
 def test_keep_going_finishes_the_good_cases(tmp_path):

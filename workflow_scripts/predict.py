@@ -1,9 +1,9 @@
-"""Snakemake script: segment one test case on its original grid."""
+"""Snakemake script: segment one case on its original grid (one model, or the folds' ensemble)."""
 from pathlib import Path
 
 from kidney_seg.inference import predict_case
 from kidney_seg.logs import log_to
 
 with log_to(snakemake.log[0]):
-    predict_case(snakemake.wildcards.case, snakemake.input.image, Path(snakemake.input.model).parent,
+    predict_case(snakemake.wildcards.case, snakemake.input.image, [Path(m).parent for m in snakemake.input.models],
                  snakemake.output[0], snakemake.params.inference)

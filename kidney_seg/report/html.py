@@ -310,15 +310,45 @@ def history_figure(history: pd.DataFrame) -> Figure | None:
     return fig
 
 
-def training_curves(history_csv: str | os.PathLike | None) -> str:
-    """Training-curve panels as an embedded PNG, or a note when there is no history."""
-    history = read_csv_or_none(history_csv)
-    if history is None or history.empty:
-        return _note(f"No training history available ({history_csv}).")
-    fig = history_figure(history)
-    if fig is None:
-        return _note("The training history holds no plottable columns.")
-    return _img(png_data_uri(fig), "Training curves")
+def training_curves(history_csv) -> str:
+    """Training-curve panels as embedded PNGs (one per fold given a list of histories), or a note."""
+    paths = list(history_csv) if isinstance(history_csv, (list, tuple)) else [history_csv]
+    parts = []
+    for fold, path in enumerate(paths):
+        heading = f"<h3>Fold {fold}</h3>" if len(paths) > 1 else ""
+        history = read_csv_or_none(path)
+        if history is None or history.empty:
+            parts.append(heading + _note(f"No training history available ({path})."))
+            continue
+        fig = history_figure(history)
+        if fig is None:
+            parts.append(heading + _note("The training history holds no plottable columns."))
+            continue
+        parts.append(heading + _img(png_data_uri(fig), f"Training curves{f' of fold {fold}' if len(paths) > 1 else ''}"))
+    return "\n".join(parts) if parts else _note("No training history available.")
+
+
+def postprocessing_section(decision_json: str | os.PathLike | None) -> str:
+    """The post-processing decision: each step's validation Dice without and with it, and whether it was applied."""
+    decision = None
+    if decision_json is not None and Path(decision_json).is_file():
+        decision = json.loads(Path(decision_json).read_text())
+    if not decision:
+        return _note("No post-processing decision available.")
+    applied = ", ".join(decision.get("apply") or []) or "none"
+    head = (f"<p>Applied to every prediction: <b>{esc(applied)}</b>. Decided on "
+            f"{len(decision.get('validation_cases') or [])} validation case(s); settings "
+            f"<code>{esc(json.dumps(decision.get('settings', {})))}</code>.</p>")
+    if not decision.get("steps"):
+        return head + _note(decision.get("reason", "No step was evaluated."))
+    rows = "".join(
+        f"<tr><td class=txt>{esc(st['name'])}</td><td class=txt>{esc(st['region'])}</td><td>{fmt(st['dice_before'], 4)}</td>"
+        f"<td>{fmt(st['dice_after'], 4)}</td><td class=txt>{esc(st['other_region'])}</td><td>{fmt(st['other_before'], 4)}</td>"
+        f"<td>{fmt(st['other_after'], 4)}</td><td class=txt>{'yes' if st['applied'] else 'no'}</td></tr>"
+        for st in decision["steps"])
+    return head + ('<table><thead><tr><th class=txt>Step</th><th class=txt>Region</th><th>Val Dice without</th>'
+                   "<th>Val Dice with</th><th class=txt>Other region</th><th>Its Dice without</th><th>Its Dice with</th>"
+                   f"<th class=txt>Applied</th></tr></thead><tbody>{rows}</tbody></table>")
 
 
 # ---------------------------------------------------------------- provenance
@@ -450,6 +480,7 @@ def render_html(
     split_csv,
     config: dict,
     benchmark_files: list | None,
+    postprocessing_json: str | os.PathLike | None = None,
 ) -> str:
     """The whole report page as an ASCII-safe HTML string."""
     title = f"kidney-seg report: 2D U-Net on {dataset_source(config)} data"
@@ -469,6 +500,8 @@ def render_html(
         summary_full_table(summary),
         "<h2>Training curves</h2>",
         training_curves(history_csv),
+        "<h2>Post-processing</h2>",
+        postprocessing_section(postprocessing_json),
         provenance_section(config, per_case, split_csv, benchmark_files),
         f"<script>{SORT_JS}</script>",
         "</body></html>",
@@ -484,6 +517,7 @@ def build_report(
     split_csv: str | os.PathLike | None,
     config: dict,
     benchmark_files: list | None = None,
+    postprocessing_json: str | os.PathLike | None = None,
 ) -> None:
     """Write the self-contained HTML report atomically."""
     page = render_html(
@@ -493,5 +527,6 @@ def build_report(
         split_csv,
         dict(config or {}),
         list(benchmark_files or []),
+        postprocessing_json,
     )
     write_text_atomic(out_html, page)
