@@ -377,3 +377,13 @@ def test_predict_case_applies_a_postprocessing_decision(tmp_path):
     out = nib.load(str(tmp_path / "pp.nii.gz"))
     np.testing.assert_allclose(out.affine, nib.load(str(tmp_path / "scan.nii.gz")).affine)
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), kept)
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3), (3, 17, 29), (5, 33, 7), (11, 9, 64)])
+@pytest.mark.parametrize("target_spacing", [[3.0, 1.5, 1.5], [1.0, 0.5, 0.7], None])
+def test_output_grid_equals_input_grid_for_odd_shapes_and_tiny_slices(shape, target_spacing):
+    image = np.full(shape, 40.0, np.float32)  # all body: no crop, every voxel predicted
+    settings = fake_settings(target_spacing=target_spacing)
+    labels = predict_volume(image, (2.5, 1.1, 0.9), settings, constant_model, {**CFG, "mirror_tta": True})
+    assert labels.shape == shape and labels.dtype == np.uint8
+    assert np.all(labels == 1)  # class 1 everywhere, no seam or padding left over

@@ -93,6 +93,27 @@ def test_forced_evaluate_reruns_only_that_rule_with_same_result(tiny_run):
     assert (results / "metrics" / "per_case.csv").read_bytes() == before
 
 
+def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
+    results, _, data = tiny_run
+    split = pd.read_csv(results / "split.csv")
+    case = split.loc[split.subset == "test", "case_id"].iloc[0]
+    scan = tmp_path / "scans" / "new_scan.nii.gz"  # a scan the CLI has never seen by this name
+    scan.parent.mkdir()
+    shutil.copyfile(data / case / "imaging.nii.gz", scan)
+    kidney_seg = Path(sys.executable).parent / "kidney-seg"
+    proc = subprocess.run([str(kidney_seg), "predict", str(results / "model"), str(scan.parent), "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "segmenting" in proc.stderr and "1 model(s)" in proc.stderr  # progress bar and what was loaded
+    out = nib.load(str(tmp_path / "out" / "new_scan.nii.gz"))
+    workflow_pred = nib.load(str(results / "predictions" / f"{case}.nii.gz"))
+    np.testing.assert_allclose(out.affine, nib.load(str(scan)).affine)
+    np.testing.assert_array_equal(np.asanyarray(out.dataobj), np.asanyarray(workflow_pred.dataobj))
+    bad = subprocess.run([str(kidney_seg), "predict", str(results / "model"), str(tmp_path / "missing.nii.gz"), "-o",
+                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    assert bad.returncode == 1 and "Traceback" not in bad.stderr and "missing.nii.gz" in bad.stderr
+
+
 def planned_jobs(cfg: Path, *extra: str) -> set[str]:
     """Rule names a dry run would execute."""
     out = snakemake("-n", "--quiet", "rules", "--configfile", str(cfg), *extra).stdout
