@@ -11,8 +11,12 @@ configfile: "config.yaml"
 validate(config, "kidney_seg/schemas/config.schema.yaml")
 
 
+report: "report/workflow.rst"
+
+
 include: "rules/common.smk"
 include: "rules/download.smk"
+include: "rules/check.smk"
 include: "rules/preprocess.smk"
 include: "rules/split.smk"
 include: "rules/train.smk"
@@ -25,5 +29,13 @@ include: "rules/report.smk"
 rule all:
     input:
         f"{RESULTS}/report.html",
-        expand(f"{RESULTS}/predictions/{{case}}.nii.gz", case=PREDICT_ONLY),
+        predict_only_outputs,
     default_target: True
+
+
+onsuccess:
+    report_failures(f"{RESULTS}/failures.csv")
+
+
+onerror:
+    report_failures(f"{RESULTS}/failures.csv")

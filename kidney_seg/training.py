@@ -321,13 +321,16 @@ def reset_stale_state(state_dir: Path, fingerprint: dict) -> None:
 
 
 def publish(state_dir: Path, model_dir: Path, settings: dict) -> pd.DataFrame:
-    """Copy the best model and the history to the declared outputs, atomically."""
+    """Copy the best model, the history and where it was trained (environment.json) to the declared outputs, atomically."""
+    from kidney_seg.environment import write_environment
+
     with atomic_path(model_dir / "model.keras") as tmp:
         shutil.copyfile(state_dir / "best.keras", tmp)
     history = read_history(state_dir / "history.csv")
     write_history(history, model_dir / "history.csv")
     write_curves(history, model_dir / "curves.png")
     write_json_atomic(model_dir / "inference.json", settings)
+    write_environment(model_dir / "environment.json", accelerators=True)
     return history
 
 

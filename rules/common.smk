@@ -1,7 +1,11 @@
 # Helpers shared by the rules: case lists, the split and paths. No rule logic lives here.
 import os
+import sys
+
+from snakemake.exceptions import WorkflowError
 
 from kidney_seg.config import check_consistency
+from kidney_seg.data.checks import failure_message, usable_cases
 from kidney_seg.data.sources import labels_of, list_cases, raw_root, select
 from kidney_seg.split import cases_in, fold_cases, make_split
 
@@ -59,14 +63,60 @@ def fingerprint(wildcards=None):
     return [f"{RESULTS}/fingerprint.json"] if NEEDS_FINGERPRINT else []
 
 
+def label_if_any(wildcards):
+    """The raw segmentation of a case, or nothing for an imaging-only case."""
+    return [CASE[wildcards.case].label] if CASE[wildcards.case].label else []
+
+
+def usable(cases):
+    """The given cases that passed their input checks (known once the collect_checks checkpoint ran)."""
+    passed = usable_cases(checkpoints.collect_checks.get().output.table)
+    return [c for c in cases if c in passed]
+
+
+def usable_training_images(wildcards):
+    """Raw CT of the usable training cases."""
+    return [CASE[c].image for c in usable(TRAIN)]
+
+
+def usable_training_labels(wildcards):
+    """Raw segmentations of the usable training cases."""
+    return [CASE[c].label for c in usable(TRAIN)]
+
+
+def usable_training_cases(wildcards):
+    """Ids of the usable training cases."""
+    return usable(TRAIN)
+
+
 def fold_training(wildcards):
     """Slice caches a fold's model trains on."""
-    return preprocessed(FOLD_CASES[wildcards.fold][0])
+    return preprocessed(usable(FOLD_CASES[wildcards.fold][0]))
 
 
 def fold_validation(wildcards):
     """Slice caches a fold's model is validated on."""
-    return preprocessed(FOLD_CASES[wildcards.fold][1])
+    return preprocessed(usable(FOLD_CASES[wildcards.fold][1]))
+
+
+def usable_test_cases(wildcards):
+    """Ids of the usable test cases."""
+    return usable(TEST)
+
+
+def usable_test_scans(wildcards):
+    """Raw CT, ground truth and prediction of each usable test case, in that order per case."""
+    return [path for c in usable(TEST) for path in (CASE[c].image, CASE[c].label, f"{RESULTS}/predictions/{c}.nii.gz")]
+
+
+def test_metrics(wildcards):
+    """Per-case metric files of the usable test cases."""
+    return [f"{RESULTS}/metrics/cases/{c}.json" for c in usable(TEST)]
+
+
+def predict_only_outputs(wildcards):
+    """Predictions of the usable imaging-only cases."""
+    return [f"{RESULTS}/predictions/{c}.nii.gz" for c in usable(PREDICT_ONLY)]
 
 
 def model_dir(fold):
@@ -80,16 +130,35 @@ def predicting_models(wildcards):
     return [f"{model_dir(k)}/model.keras" for k in ([fold] if fold is not None else FOLDS)]
 
 
+def validation_cases(wildcards=None):
+    """The usable validation cases, on whose predictions post-processing is decided."""
+    return usable(VALIDATION)
+
+
 def validation_predictions(wildcards=None):
-    """Raw predictions of the validation cases, on which post-processing is decided."""
-    return [f"{RESULTS}/raw_predictions/{c}.nii.gz" for c in VALIDATION]
+    """Raw predictions of the usable validation cases."""
+    return [f"{RESULTS}/raw_predictions/{c}.nii.gz" for c in validation_cases()]
 
 
 def validation_labels(wildcards=None):
-    """Ground truth of the validation cases."""
-    return [CASE[c].label for c in VALIDATION]
+    """Ground truth of the usable validation cases."""
+    return [CASE[c].label for c in validation_cases()]
 
 
-def train_threads():
-    """Cores per train job: all of them, shared between the folds so that they can train side by side."""
-    return max(1, workflow.cores // len(FOLDS))
+def train_threads(wildcards):
+    """Cores per train job: all of them, shared between the folds so that they can train side by side.
+
+    Without --cores (e.g. `snakemake --report`) no job runs, and the count is 1.
+    """
+    try:
+        cores = workflow.cores
+    except WorkflowError:
+        return 1
+    return max(1, cores // len(FOLDS))
+
+
+def report_failures(failures_csv):
+    """Print the cases that failed their checks at the end of a run, so that none goes unnoticed."""
+    message = failure_message(failures_csv)
+    if message:
+        print(message, file=sys.stderr)

@@ -19,11 +19,13 @@ rule evaluate_case:
 
 rule evaluate:
     input:
-        cases=expand(f"{RESULTS}/metrics/cases/{{case}}.json", case=TEST),
+        cases=test_metrics,
         code=library("evaluation.py"),
     output:
-        per_case=f"{RESULTS}/metrics/per_case.csv",
-        summary=f"{RESULTS}/metrics/summary.csv",
+        per_case=report(f"{RESULTS}/metrics/per_case.csv", caption="../report/per_case.rst", category="Metrics",
+                        labels={"table": "per case"}),
+        summary=report(f"{RESULTS}/metrics/summary.csv", caption="../report/summary.rst", category="Metrics",
+                       labels={"table": "summary"}),
     log:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:

@@ -6,7 +6,7 @@ rule decide_postprocessing:
     output:
         f"{RESULTS}/model/postprocessing.json",
     params:
-        cases=VALIDATION,
+        cases=validation_cases,
         settings=config["postprocessing"],
         labels=LABELS,
     log:

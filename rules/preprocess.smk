@@ -1,12 +1,12 @@
 rule fingerprint:
     input:
-        images=[CASE[c].image for c in TRAIN],
-        labels=[CASE[c].label for c in TRAIN],
+        images=usable_training_images,
+        labels=usable_training_labels,
         code=library("preprocessing.py"),
     output:
         f"{RESULTS}/fingerprint.json",
     params:
-        cases=TRAIN,
+        cases=usable_training_cases,
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/fingerprint.log",

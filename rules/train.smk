@@ -4,12 +4,14 @@ rule train:
         train=fold_training,
         val=fold_validation,
         fingerprint=fingerprint,
-        code=library("model.py", "losses.py", "sampling.py", "training.py", "config.py"),
+        code=library("model.py", "losses.py", "sampling.py", "training.py", "config.py", "environment.py"),
     output:
         model=f"{RESULTS}/model/fold_{{fold}}/model.keras",
         history=f"{RESULTS}/model/fold_{{fold}}/history.csv",
         settings=f"{RESULTS}/model/fold_{{fold}}/inference.json",
-        curves=f"{RESULTS}/model/fold_{{fold}}/curves.png",
+        environment=f"{RESULTS}/model/fold_{{fold}}/environment.json",
+        curves=report(f"{RESULTS}/model/fold_{{fold}}/curves.png", caption="../report/curves.rst", category="Training",
+                      labels={"fold": "{fold}"}),
     params:
         model=config["model"],
         training=config["training"],
@@ -17,7 +19,7 @@ rule train:
         labels=LABELS,
         seed=config["seed"],
         checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
-    threads: train_threads()
+    threads: train_threads
     resources:
         gpu=1,
     log:

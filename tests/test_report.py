@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import base64
+import html
+import json
 import re
+import shutil
+import subprocess
+from html.parser import HTMLParser
 
 import numpy as np
 import pandas as pd
@@ -11,7 +16,10 @@ import pytest
 
 from kidney_seg import evaluation as ev
 from kidney_seg.report import build_report
+from kidney_seg.report import figures as rdist
 from kidney_seg.report import html as rh
+from kidney_seg.report import overlays as roverlays
+from tests.conftest import kits_affine, write_nifti
 
 CASES = ["case_00003", "case_00010", "case_00021"]
 
@@ -58,7 +66,7 @@ def _split(tmp_path):
 
 def _benchmark(tmp_path):
     path = tmp_path / "benchmarks" / "train" / "model.tsv"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
                     "3723.5\t1:02:03\t20480.25\t40960.5\t1\t1\t0\t0\t95.2\t3600\n")
     return path
@@ -191,3 +199,460 @@ def test_odd_benchmark_files_do_not_fail(tmp_path, bad):
     path.write_text(bad)
     page = _build(tmp_path, benchmark_files=[path, tmp_path / "missing.tsv"])
     assert "bench/odd" in page
+
+
+# ---------------------------------------------------------------- every section from synthetic scans
+
+SPACING = (3.0, 0.8, 0.75)  # internal (I, P, L) mm
+SHAPE = (12, 64, 80)
+#: case -> (tumour centre slice or None, prediction shift in columns, predicted false tumour)
+SCAN_CASES = {
+    "case_00003": (None, 0, True),   # no tumour; a false tumour is predicted: TU Dice 0, TU HD95 NaN
+    "case_00010": (3, 0, False),     # perfect: best by TU Dice
+    "case_00021": (8, 1, False),     # median
+    "case_00034": (4, 3, False),     # worst among the cases with a tumour
+}
+KIDNEY_CENTRE_SLICE = 6
+
+
+def _volumes(tumour_slice, shift, false_tumour, rng):
+    """CT (HU), truth and prediction in the internal layout."""
+    z, y, x = np.mgrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+    truth = np.zeros(SHAPE, np.uint8)
+    for cx in (20, 58):  # two kidneys, widest at KIDNEY_CENTRE_SLICE
+        truth[((z - KIDNEY_CENTRE_SLICE) / 5.5) ** 2 + ((y - 34) / 14) ** 2 + ((x - cx) / 10) ** 2 < 1] = 1
+    if tumour_slice is not None:  # inside the right-hand kidney, widest at tumour_slice
+        truth[((z - tumour_slice) / 1.6) ** 2 + ((y - 34) / 6) ** 2 + ((x - 58) / 5) ** 2 < 1] = 2
+    pred = np.roll(truth, shift, axis=2)
+    if false_tumour:
+        pred[5:7, 30:33, 18:21] = 2
+    ct = rng.normal(40, 25, SHAPE).astype(np.float32)
+    ct[truth == 1] += 120
+    ct[truth == 2] += 60
+    return ct, truth, pred
+
+
+def make_scans(tmp_path):
+    """Synthetic scans written as KiTS-like NIfTI files; (scans dict, per-case DataFrame, expected slices)."""
+    rng = np.random.default_rng(0)
+    affine = kits_affine(SPACING)  # (I, P, L) file layout = the internal layout
+    scans, rows, slices = {}, [], {}
+    for case, (tumour_slice, shift, false_tumour) in SCAN_CASES.items():
+        ct, truth, pred = _volumes(tumour_slice, shift, false_tumour, rng)
+        scans[case] = (write_nifti(tmp_path / "data" / case / "imaging.nii.gz", ct, affine),
+                       write_nifti(tmp_path / "data" / case / "segmentation.nii.gz", truth, affine),
+                       write_nifti(tmp_path / "predictions" / f"{case}.nii.gz", pred, affine))
+        rows.append({"case_id": case, **ev.case_metrics(pred, truth, SPACING)})
+        slices[case] = KIDNEY_CENTRE_SLICE if tumour_slice is None else tumour_slice
+    per_case = pd.DataFrame(rows)[["case_id", *ev.METRIC_COLUMNS]]
+    return scans, per_case, slices
+
+
+def write_environment_json(path, **overrides):
+    """A training environment.json as kidney_seg.environment writes it, with a GPU."""
+    env = {"hostname": "gpu-node-7", "cpu_model": "Test CPU <Xeon> & co", "cpu_count": 32, "cpus_usable": 16,
+           "memory_gb": 251.5, "python": "CPython 3.11.9", "platform": "Linux-test", "keras_backend": "jax",
+           "packages": {"keras": "3.99.0-test", "jax": "0.4.99-test", "numpy": "2.0.0"},
+           "accelerators": [{"name": "NVIDIA H200", "kind": "GPU", "id": "0"}]}
+    env.update(overrides)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(env))
+    return path
+
+
+def full_inputs(tmp_path):
+    """build_report keyword arguments that exercise every section (overlays, failures, provenance included)."""
+    scans, per_case, _ = make_scans(tmp_path)
+    per_case_csv, summary_csv = tmp_path / "per_case.csv", tmp_path / "summary.csv"
+    per_case.to_csv(per_case_csv, index=False)
+    ev.summary_table(per_case).to_csv(summary_csv, index=False)
+    results = tmp_path / "results"
+    bench = results / "benchmarks"
+    for rel, s in (("train/fold_0.tsv", 100.0), ("train/fold_1.tsv", 50.5), ("evaluate.tsv", 2.0)):
+        (bench / rel).parent.mkdir(parents=True, exist_ok=True)
+        (bench / rel).write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+                                 f"{s}\t0:00:{int(s) % 60:02d}\t{s * 10}\t{s * 20}\t1\t1\t0\t0\t95.2\t{s}\n")
+    decision = results / "model" / "postprocessing.json"
+    decision.parent.mkdir(parents=True, exist_ok=True)
+    decision.write_text(json.dumps({
+        "enabled": True, "settings": {"keep_largest": 2}, "validation_cases": ["case_00001"], "apply": ["foreground"],
+        "steps": [{"name": "foreground", "region": "tk", "dice_before": 0.80, "dice_after": 0.85, "other_region": "tu",
+                   "other_before": 0.30, "other_after": 0.30, "applied": True}]}))
+    failures = tmp_path / "failures.csv"
+    pd.DataFrame([{"case_id": "case_00099", "stage": "preprocess", "reason": "corrupt gzip <b>stream</b> & more",
+                   "log": "logs/preprocess/case_00099.log"}]).to_csv(failures, index=False)
+    env0 = write_environment_json(results / "model" / "fold_0" / "environment.json")
+    return dict(
+        out_html=tmp_path / "out" / "report.html",
+        per_case_csv=per_case_csv,
+        summary_csv=summary_csv,
+        history_csv=[_history(tmp_path)],
+        split_csv=_split(tmp_path),
+        config=CONFIG,
+        benchmark_files=bench,
+        postprocessing_json=decision,
+        scans=scans,
+        environment_files=[env0, results / "model" / "fold_1" / "environment.json"],
+        workflow_dir=tmp_path,
+        failures=failures,
+    )
+
+
+def _build_full(tmp_path, **overrides):
+    kwargs = full_inputs(tmp_path)
+    kwargs.update(overrides)
+    build_report(**kwargs)
+    return kwargs["out_html"].read_text()
+
+
+def _pngs(fragment):
+    return [base64.b64decode(d) for d in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', fragment)]
+
+
+def _section(page, anchor):
+    """The HTML between <h2 id=anchor> and the next <h2>."""
+    return page.split(f'<h2 id="{anchor}">', 1)[1].split("<h2 ", 1)[0]
+
+
+# ---- headline
+
+
+def test_headline_shows_distance_rows_without_paper_values(tmp_path):
+    page = _build(tmp_path)
+    headline = page.split('<table class="headline">')[1].split("</table>")[0]
+    for key in ("tk_hd95", "tu_hd95", "tk_surface_dice", "tu_surface_dice"):
+        row = re.search(rf'<tr data-metric="{key}">(.*?)</tr>', headline).group(1)
+        cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+        assert cells[1] != "<b>&mdash;</b>", key  # this run's mean is shown
+        assert cells[4:] == ["&mdash;"] * 3, key  # paper, leaderboard and winner report none
+    assert "masses_dice" not in headline and "kits23_composite" not in headline  # 3-class data
+
+
+def test_headline_shows_4class_rows(tmp_path):
+    per_case_csv, summary_csv = _per_case_and_summary(tmp_path)
+    df = pd.read_csv(per_case_csv)
+    for col in ev.CYST_COLUMNS:
+        df[col] = 0.5
+    df.to_csv(per_case_csv, index=False)
+    ev.summary_table(df).to_csv(summary_csv, index=False)
+    out = tmp_path / "r.html"
+    build_report(out, per_case_csv, summary_csv, None, None, CONFIG)
+    headline = out.read_text().split('<table class="headline">')[1].split("</table>")[0]
+    for key in ("masses_dice", "masses_hd95", "masses_surface_dice", "kits23_composite"):
+        assert f'<tr data-metric="{key}">' in headline, key
+    assert re.search(r'<tr data-metric="masses_dice"><td class=txt>[^<]*</td><td><b>0.500</b>', headline)
+
+
+# ---- distributions
+
+
+def test_distribution_plot_for_every_metric_with_nan_counts(tmp_path):
+    page = _build(tmp_path)  # tumor_precision is NaN for one of the three cases
+    section = _section(page, "distributions")
+    plotted = set()
+    for unit, metrics in re.findall(r'<figure class="dist" data-unit="([^"]+)" data-metrics="([^"]*)">', section):
+        for m in metrics.split():
+            assert rdist.metric_unit(m) == unit, m
+            plotted.add(m)
+    assert plotted == set(ev.NUMERIC_METRICS)  # every numeric per-case metric, has_tumor is not one
+    assert {"tk_dice", "tumor_precision", "tk_surface_dice"} <= set(
+        re.search(r'data-unit="score" data-metrics="([^"]*)"', section).group(1).split())
+    assert re.search(r'data-unit="mm" data-metrics="tk_hd95 tu_hd95"', section)
+    assert 'data-unit="ml-scatter"' in section  # predicted vs true volume
+    assert '<tr data-metric="tumor_precision" data-plotted="2" data-skipped="1">' in section
+    assert '<tr data-metric="tk_dice" data-plotted="3" data-skipped="0">' in section
+    assert "tumor_precision: 1 of 3" in section
+    pngs = _pngs(section)
+    assert len(pngs) == 4 and all(p[:8] == b"\x89PNG\r\n\x1a\n" for p in pngs)
+
+
+def test_distribution_values_skip_nan_and_count_them():
+    df = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "tu_hd95": [1.0, np.nan, 3.0, np.inf],
+                       "has_tumor": [True, False, True, True], "note": ["x", "y", "z", "w"]})
+    values, rows, skipped = rdist.metric_values(df, "tu_hd95")
+    assert values.tolist() == [1.0, 3.0] and rows.tolist() == [0, 2] and skipped == 2
+    assert rdist.numeric_metric_columns(df) == ["tu_hd95"]  # ids, flags and text are not metrics
+    assert [rdist.metric_unit(m) for m in ("tk_dice", "kidney_recall", "masses_surface_dice", "tu_hd95", "pred_cyst_ml",
+                                            "seconds")] == ["score", "score", "score", "mm", "ml", "other"]
+
+
+def test_all_nan_metric_is_stated(tmp_path):
+    per_case_csv, summary_csv = _per_case_and_summary(tmp_path)
+    df = pd.read_csv(per_case_csv)
+    df["tu_hd95"] = np.nan
+    all_nan = tmp_path / "all_nan.csv"
+    df.to_csv(all_nan, index=False)
+    page = _build(tmp_path, per_case_csv=all_nan)
+    section = _section(page, "distributions")
+    assert '<tr data-metric="tu_hd95" data-plotted="0" data-skipped="3">' in section
+    assert "tu_hd95: 3 of 3" in section
+
+
+# ---- overlays
+
+
+def test_pick_cases_ranks_tumour_cases_by_tu_dice():
+    df = pd.DataFrame({
+        "case_id": ["c_free", "c_a", "c_b", "c_c", "c_d", "c_e", "c_nan"],
+        "tu_dice": [1.0, 0.9, 0.2, 0.5, 0.7, 0.05, np.nan],
+        "tk_dice": [0.99, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+        "has_tumor": [False, True, True, True, True, True, True],
+    })
+    picks, metric = roverlays.pick_cases(df)
+    assert metric == "tu_dice"
+    # c_free (tumour-free, TU Dice 1.0) and c_nan are not ranked; order 0.9, 0.7, 0.5, 0.2, 0.05
+    assert [(p["case_id"], p["roles"]) for p in picks] == [("c_a", ["best"]), ("c_c", ["median"]), ("c_e", ["worst"])]
+    assert picks[1]["value"] == 0.5
+
+
+def test_pick_cases_falls_back_to_tk_dice_without_tumours():
+    df = pd.DataFrame({"case_id": ["x", "y", "z", "w"], "tu_dice": [1.0, 1.0, 0.0, 1.0],
+                       "tk_dice": [0.5, 0.9, 0.7, 0.7], "has_tumor": [False] * 4})
+    picks, metric = roverlays.pick_cases(df)
+    assert metric == "tk_dice"
+    # 0.9 y; ties at 0.7 by case id: w before z; then 0.5 x. Median of 4 = the better middle one.
+    assert [(p["case_id"], p["roles"]) for p in picks] == [("y", ["best"]), ("w", ["median"]), ("x", ["worst"])]
+
+
+def test_pick_cases_merges_roles_with_few_cases():
+    one = pd.DataFrame({"case_id": ["only"], "tu_dice": [0.3], "tk_dice": [0.8], "has_tumor": [True]})
+    assert [(p["case_id"], p["roles"]) for p in roverlays.pick_cases(one)[0]] == [("only", ["best", "median", "worst"])]
+    two = pd.DataFrame({"case_id": ["p", "q"], "tu_dice": [0.3, 0.6], "tk_dice": [0.8, 0.8], "has_tumor": [True, True]})
+    assert [(p["case_id"], p["roles"]) for p in roverlays.pick_cases(two)[0]] == [("q", ["best", "median"]),
+                                                                                  ("p", ["worst"])]
+    assert roverlays.pick_cases(None) == ([], None)
+    assert roverlays.pick_cases(pd.DataFrame(columns=["case_id", "tu_dice"])) == ([], None)
+
+
+def test_choose_slice_largest_tumour_then_largest_foreground():
+    label = np.zeros((6, 10, 10), np.uint8)
+    label[1, :8, :8] = 1    # the largest kidney cross-section
+    label[2, :3, :3] = 2    # tumour area 9
+    label[4, :4, :4] = 2    # tumour area 16: the largest
+    label[5, :4, :4] = 2    # a tie: the first one wins
+    assert roverlays.choose_slice(label)[0] == 4
+    assert "tumour" in roverlays.choose_slice(label)[1]
+    label[label == 2] = 1
+    assert roverlays.choose_slice(label)[0] == 1  # no tumour: largest kidney + tumour
+    assert roverlays.choose_slice(np.zeros((7, 4, 4), np.uint8))[0] == 3  # empty: middle
+    with pytest.raises(ValueError):
+        roverlays.choose_slice(np.zeros((4, 4), np.uint8))
+
+
+def test_overlays_show_best_median_worst_at_the_largest_tumour_slice(tmp_path):
+    page = _build_full(tmp_path)
+    section = _section(page, "overlays")
+    figures = re.findall(r'<figure class="overlay" data-case="([^"]+)" data-roles="([^"]+)" data-slice="(\d+)"', section)
+    # case_00003 has no tumour and TU Dice 0: by TU Dice over the tumour cases it is not ranked
+    assert [(c, r) for c, r, _ in figures] == [("case_00010", "best"), ("case_00021", "median"), ("case_00034", "worst")]
+    _, per_case, slices = make_scans(tmp_path / "again")
+    assert {c: int(s) for c, _, s in figures} == {c: slices[c] for c, _, _ in figures}
+    pngs = _pngs(section)
+    assert len(pngs) == 3
+    for png in pngs:
+        assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 150_000
+    tk = per_case.set_index("case_id").loc["case_00034", "tk_dice"]
+    assert f"case_00034 (worst): TK Dice {tk:.3f}, TU Dice" in section
+
+
+def test_overlay_uses_the_largest_kidney_slice_when_no_case_has_a_tumour(tmp_path):
+    kwargs = full_inputs(tmp_path)
+    df = pd.read_csv(kwargs["per_case_csv"])
+    df = df[df["case_id"] == "case_00003"]  # the only case: no tumour
+    df.to_csv(kwargs["per_case_csv"], index=False)
+    build_report(**kwargs)
+    section = _section(kwargs["out_html"].read_text(), "overlays")
+    assert "TK Dice (no test case has a tumour)" in section
+    assert re.search(rf'data-case="case_00003" data-roles="best median worst" data-slice="{KIDNEY_CENTRE_SLICE}"',
+                     section)
+
+
+def test_overlay_png_stays_small_for_a_full_noisy_slice():
+    rng = np.random.default_rng(1)
+    ct = rng.normal(0, 300, (512, 512)).astype(np.float32)
+    truth = np.zeros((512, 512), np.uint8)
+    truth[100:400, 80:450] = 1
+    truth[200:260, 300:380] = 2
+    pred = np.roll(truth, 7, axis=1)
+    fig = roverlays.overlay_figure(ct, truth, pred, (0.7, 0.7), "case_00000 (best): TK Dice 0.9, TU Dice 0.8")
+    png = roverlays.small_png(fig)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) < 150_000
+
+
+def test_overlay_aspect_follows_the_voxel_spacing():
+    ct = np.zeros((40, 40), np.float32)
+    truth = np.zeros((40, 40), np.uint8)
+    fig = roverlays.overlay_figure(ct, truth, truth, (2.0, 0.5), "t")
+    assert fig.axes[0].get_aspect() == pytest.approx(4.0)
+
+
+def test_missing_or_unreadable_scan_gives_a_note(tmp_path):
+    kwargs = full_inputs(tmp_path)
+    scans = dict(kwargs["scans"])
+    missing = tmp_path / "nowhere" / "imaging.nii.gz"
+    scans["case_00010"] = (missing, *scans["case_00010"][1:])
+    broken = scans["case_00034"][2]
+    broken.write_bytes(broken.read_bytes()[:100])  # a truncated prediction
+    build_report(**{**kwargs, "scans": scans})
+    section = _section(kwargs["out_html"].read_text(), "overlays")
+    notes = re.findall(r'<p class="note">(.*?)</p>', section)
+    assert any("case_00010" in n and str(missing) in n for n in notes), notes
+    assert any("case_00034" in n and str(broken) in n for n in notes), notes
+    assert re.findall(r'<figure class="overlay" data-case="([^"]+)"', section) == ["case_00021"]  # the good one
+
+
+def test_no_scans_gives_a_note(tmp_path):
+    page = _build(tmp_path)
+    assert "No scans were given for the overlays." in _section(page, "overlays")
+
+
+# ---- provenance
+
+
+def _git_repo(path):
+    git = shutil.which("git")
+    if git is None:
+        pytest.skip("git is not installed")
+    path.mkdir(parents=True, exist_ok=True)
+    run = lambda *a: subprocess.run([git, "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t",  # noqa: E731
+                                     "-c", "commit.gpgsign=false", *a], check=True, capture_output=True, text=True)
+    (path / "Snakefile").write_text("rule all:\n")
+    run("init", "-q")
+    run("add", "Snakefile")
+    run("commit", "-q", "-m", "init")
+    return run("rev-parse", "HEAD").stdout.strip()
+
+
+def test_provenance_shows_commit_versions_and_hardware(tmp_path):
+    commit = _git_repo(tmp_path / "wf")
+    page = _build_full(tmp_path, workflow_dir=tmp_path / "wf")
+    prov = _section(page, "provenance")
+    assert f'data-commit="{commit}" data-dirty="false"' in prov and "<b>clean</b>" in prov
+    (tmp_path / "wf" / "Snakefile").write_text("rule all:\n    input: []\n")
+    prov = _section(_build_full(tmp_path, workflow_dir=tmp_path / "wf"), "provenance")
+    assert f'data-commit="{commit}" data-dirty="true"' in prov and "modified" in prov
+    # training hardware from fold_0/environment.json; fold 1 has none
+    fold0 = re.search(r'<tr data-role="training, fold 0">(.*?)</tr>', prov).group(1)
+    assert "NVIDIA H200" in fold0 and "gpu-node-7" in fold0 and "Test CPU &lt;Xeon&gt; &amp; co" in fold0
+    assert "32 (16 usable)" in fold0 and "jax" in fold0
+    assert "not recorded" in re.search(r'<tr data-role="training, fold 1">(.*?)</tr>', prov).group(1)
+    host = re.search(r'<tr data-role="report host">(.*?)</tr>', prov).group(1)
+    assert "not queried" in host  # the report host's accelerators are not probed
+    # package versions: the training fold's and this host's
+    numpy_row = re.search(r'<tr data-package="numpy">(.*?)</tr>', prov).group(1)
+    assert np.__version__ in numpy_row and "2.0.0" in numpy_row
+    assert "3.99.0-test" in re.search(r'<tr data-package="keras">(.*?)</tr>', prov).group(1)
+    # data source, case count, split, per-rule run time
+    assert "<code>kits19</code>" in prov and "Labelled cases in the split: 12" in prov
+
+
+def test_provenance_without_git_or_environment(tmp_path):
+    page = _build(tmp_path)  # no workflow_dir, no environment files
+    prov = _section(page, "provenance")
+    assert "Workflow git commit: not recorded" in prov
+    assert "No training environment recorded" in prov
+    bad = tmp_path / "model" / "fold_0" / "environment.json"
+    bad.parent.mkdir(parents=True)
+    bad.write_text("{not json")
+    prov = _section(_build(tmp_path, environment_files=[bad], workflow_dir=tmp_path / "nope"), "provenance")
+    assert "unreadable" in re.search(r'<tr data-role="training, fold 0">(.*?)</tr>', prov).group(1)
+    assert "is not a git work tree" in prov
+
+
+def test_benchmarks_are_aggregated_per_rule(tmp_path):
+    prov = _section(_build_full(tmp_path), "provenance")
+    train = re.search(r'<tr data-rule="train">(.*?)</tr>', prov).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", train) == ["2", "150.5", "100.0", "1000.0"]  # jobs, total, max s, max RSS
+    evaluate = re.search(r'<tr data-rule="evaluate">(.*?)</tr>', prov).group(1)
+    assert re.findall(r"<td>([^<]*)</td>", evaluate) == ["1", "2.0", "2.0", "20.0"]
+    assert "train/fold_1" in prov  # the per-job table
+
+
+# ---- failures
+
+
+def test_failures_are_rendered_and_escaped(tmp_path):
+    page = _build_full(tmp_path)
+    section = _section(page, "failures")
+    row = re.search(r'<tr class="failure" data-case="case_00099">(.*?)</tr>', section).group(1)
+    assert re.findall(r"<td class=txt>(.*?)</td>", row) == [
+        "case_00099", "preprocess", "corrupt gzip &lt;b&gt;stream&lt;/b&gt; &amp; more", "logs/preprocess/case_00099.log"]
+    assert "<b>stream</b>" not in page
+
+
+@pytest.mark.parametrize("kind", ["none", "missing", "header_only"])
+def test_no_failures(tmp_path, kind):
+    path = {"none": None, "missing": tmp_path / "absent.csv", "header_only": tmp_path / "f.csv"}[kind]
+    if kind == "header_only":
+        path.write_text("case_id,stage,reason,log\n")
+    section = _section(_build_full(tmp_path, failures=path), "failures")
+    assert "No failures recorded." in section and "<table" not in section
+
+
+def test_hostile_failure_case_id(tmp_path):
+    failures = tmp_path / "failures.csv"
+    pd.DataFrame([{"case_id": '"><script>alert(1)</script>', "stage": "train", "reason": "x", "log": ""}]).to_csv(
+        failures, index=False)
+    page = _build(tmp_path, failures=failures)
+    assert "<script>alert(1)</script>" not in page
+    assert 'data-case="&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in page
+
+
+# ---- self-contained and ASCII
+
+
+class _Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_page_is_self_contained_even_with_urls_in_the_config(tmp_path):
+    url = "https://mirror.example.org/kits19?a=1&b=2"
+    config = {**CONFIG, "dataset": {"source": "kits19", "kits_imaging_url": url, "kits_labels_url": "http://x.test/"}}
+    page = _build_full(tmp_path, config=config)
+    # the URLs appear once, as escaped text of the config block, and nowhere else
+    config_block = re.search(r'<pre class="config">(.*?)</pre>', page, flags=re.S).group(1)
+    assert html.escape(url) in config_block
+    rest = page.replace(config_block, "")
+    for needle in ("http://", "https://", 'src="//', "src='//", "<link", "@import", "url("):
+        assert needle not in rest, needle
+    parser = _Tags()
+    parser.feed(page)
+    for tag, attrs in parser.tags:
+        assert "src" not in attrs or attrs["src"].startswith("data:image/png;base64,"), (tag, attrs)
+        assert "href" not in attrs or attrs["href"].startswith("#"), (tag, attrs)
+        assert not (tag == "script" and "src" in attrs)
+    assert sum(tag == "img" for tag, _ in parser.tags) >= 3 + 4 + 1  # overlays, distributions, curves
+    csp = [a for t, a in parser.tags if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"]
+    assert len(csp) == 1
+    directives = dict(d.strip().split(None, 1) for d in csp[0]["content"].split(";") if d.strip())
+    assert directives["default-src"] == "'none'" and directives["img-src"] == "data:"  # the page may load nothing
+    assert not re.search(r"https?:|\*|'self'", csp[0]["content"])
+
+
+def test_page_is_ascii_safe(tmp_path):
+    kwargs = full_inputs(tmp_path)
+    df = pd.read_csv(kwargs["per_case_csv"])
+    df.loc[0, "case_id"] = "case_\u00e9\u4e2d"
+    df.to_csv(kwargs["per_case_csv"], index=False)
+    config = {**CONFIG, "note": "Z\u00fcrich \u2013 \u2713"}
+    build_report(**{**kwargs, "config": config})
+    raw = kwargs["out_html"].read_bytes()
+    raw.decode("ascii")  # raises on any non-ASCII byte
+    page = raw.decode("ascii")
+    assert "case_&#233;&#20013;" in page and "Z&#252;rich" in page
+
+
+def test_scans_by_case_groups_three_paths_per_case():
+    from kidney_seg.report import scans_by_case
+
+    flat = ["a/img", "a/lab", "a/pred", "b/img", "b/lab", "b/pred"]
+    assert scans_by_case(["case_a", "case_b"], flat) == {"case_a": ("a/img", "a/lab", "a/pred"),
+                                                        "case_b": ("b/img", "b/lab", "b/pred")}
+    assert scans_by_case([], []) == {}
+    with pytest.raises(ValueError, match="3 paths"):
+        scans_by_case(["case_a"], flat)

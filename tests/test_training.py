@@ -53,6 +53,9 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
     assert not list((tmp_path / "model").glob(".curves.png.*")), "temporary file left behind"
     settings = json.loads((tmp_path / "model" / "inference.json").read_text())
     assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3 and settings["output_activation"] == "softmax"
+    environment = json.loads((tmp_path / "model" / "environment.json").read_text())
+    assert environment["keras_backend"] == "tensorflow" and environment["accelerators"] == []  # trained on the CPU
+    assert environment["cpu_model"] and "keras" in environment["packages"]
 
 
 def test_resume_continues_from_the_last_epoch(cache, tmp_path):
@@ -93,7 +96,7 @@ def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
     model = load_model(out / "model.keras")
     assert model.output_shape[-1] == 2 and type(model.loss).__name__ == "SigmoidDiceBCELoss"
     predictor = load_predictor(out)
-    assert predictor[0](np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 16, 16, 2)
+    assert predictor[0][0](np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 16, 16, 2)
     data = np.random.default_rng(0).normal(0, 20, (5, 22, 19)).astype(np.float32)
     data[1:4, 6:14, 5:12] = 250
     path = write_nifti(tmp_path / "scan.nii.gz", data, kits_affine((2.5, 0.9, 0.8)))

@@ -114,6 +114,18 @@ def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "missing.nii.gz" in bad.stderr
 
 
+def test_snakemake_report_holds_the_tagged_outputs(tiny_run, tmp_path):
+    _, cfg, _ = tiny_run
+    out = tmp_path / "snakemake-report.html"
+    snakemake("--report", str(out), "--configfile", str(cfg))
+    page = out.read_text()
+    for name in ("per_case.csv", "summary.csv", "curves.png", "report.html"):  # results tagged with report()
+        assert name in page, name
+    for category in ("Metrics", "Training", "Report"):
+        assert category in page, category
+    assert "patch-aggregated sliding-window inference" in page  # report/workflow.rst
+
+
 def planned_jobs(cfg: Path, *extra: str) -> set[str]:
     """Rule names a dry run would execute."""
     out = snakemake("-n", "--quiet", "rules", "--configfile", str(cfg), *extra).stdout
@@ -192,6 +204,47 @@ def test_keep_going_finishes_the_good_cases(tmp_path):
         (tmp_path / "results" / "preprocessed" / "case_00001").iterdir())
     log = (tmp_path / "results" / "logs" / "preprocess" / "case_00001.log").read_text()
     assert "case_00001" in log and str(broken) in log and "truncated" in log
+
+
+def _tiny_config(tmp_path: Path, **overrides) -> Path:
+    """The tiny config with its outputs under ``tmp_path``; top-level keys overridden."""
+    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
+    cfg["results_dir"] = str(tmp_path / "results")
+    cfg["dataset"]["root"] = str(tmp_path / "data")
+    for key, value in overrides.items():
+        cfg[key] = {**cfg.get(key, {}), **value}
+    path = tmp_path / "config.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def test_a_bad_case_is_left_out_listed_and_the_run_finishes(tmp_path):
+    from kidney_seg.split import cases_in, make_split
+
+    cfg = _tiny_config(tmp_path)
+    cases = [f"case_{i:05d}" for i in range(6)]
+    snakemake(*[str(tmp_path / "data" / c / "imaging.nii.gz") for c in cases], "--cores", "2", "--configfile", str(cfg))
+    bad = cases_in(make_split(cases, (0.8, 0.1, 0.1), 42), "train")[0]
+    broken = tmp_path / "data" / bad / "imaging.nii.gz"
+    broken.write_bytes(broken.read_bytes()[:300])  # a download cut short
+    proc = snakemake("--cores", "2", "--configfile", str(cfg))
+    results = tmp_path / "results"
+    failures = pd.read_csv(results / "failures.csv")
+    assert failures["case_id"].tolist() == [bad] and "truncated" in failures["reason"].item()
+    assert f"WARNING: 1 case(s) failed" in proc.stderr and bad in proc.stderr
+    assert "3 train cases" in (results / "logs" / "train" / "fold_0.log").read_text()  # 4 in the split, 1 left out
+    assert not (results / "preprocessed" / bad).exists()
+    html = (results / "report.html").read_text()
+    failures_section = html[html.index('id="failures"'):]
+    assert bad in failures_section and "truncated" in failures_section
+    # with on_bad_case: fail the check itself fails, naming the case and the file; the others still finish
+    strict = _tiny_config(tmp_path / "strict", dataset={"on_bad_case": "fail", "root": str(tmp_path / "data")})
+    proc = snakemake("--cores", "2", "--keep-going", "--configfile", str(strict), check=False)
+    assert proc.returncode != 0
+    log = (tmp_path / "strict" / "results" / "logs" / "check_case" / f"{bad}.log").read_text()
+    assert bad in log and str(broken) in log and "truncated" in log
+    assert len(list((tmp_path / "strict" / "results" / "checks").glob("*.json"))) == 5
 
 
 @pytest.fixture

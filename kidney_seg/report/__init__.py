@@ -1,14 +1,6 @@
-"""A single self-contained HTML report of a run: metrics, curves and provenance."""
+"""A single self-contained HTML report of a run: metrics, distributions, overlays, curves, failures and provenance."""
 
-from pathlib import Path
+from kidney_seg.report.html import build_report, scans_by_case
+from kidney_seg.report.provenance import find_benchmarks
 
-from kidney_seg.report.html import build_report
-
-
-def find_benchmarks(benchmark_dir: str | Path) -> list[Path]:
-    """The Snakemake benchmark TSVs written so far under ``benchmark_dir``."""
-    root = Path(benchmark_dir)
-    return sorted(root.rglob("*.tsv")) if root.is_dir() else []
-
-
-__all__ = ["build_report", "find_benchmarks"]
+__all__ = ["build_report", "find_benchmarks", "scans_by_case"]

@@ -1,27 +1,42 @@
-"""Build one self-contained HTML report (inline CSS, inline PNG data URIs, no external URLs).
+"""Build one self-contained HTML report (inline CSS and JS, inline PNG data URIs, no external URLs).
 
-Everything taken from inputs (case ids, config values, file names) is HTML-escaped.
-Missing or empty inputs (history, split, benchmarks, NaN metrics) give a note, not an error.
+Sections: headline (this run beside the paper and the KiTS19 winner), per-case table,
+metric distributions, CT overlays of the best, median and worst case, summary
+statistics, training curves, post-processing, failures and provenance (data, split,
+git commit, hardware, package versions, run time and memory, the config).
+
+Everything taken from inputs (case ids, config values, file names) is HTML-escaped, and
+the page is ASCII (other characters become character references). A Content Security
+Policy forbids the page to load anything: images must be data: URIs, and scripts and
+styles inline. Missing or empty inputs (history, split, benchmarks, scans, NaN metrics)
+give a note, not an error.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import json
 import math
 import os
-from datetime import datetime, timezone
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-import kidney_seg
 from kidney_seg.io import write_text_atomic
+from kidney_seg.report.common import DASH, esc, fmt, img, note, png_data_uri, read_csv_or_none
+from kidney_seg.report.common import is_missing as _is_missing
+from kidney_seg.report.figures import distributions_section
+from kidney_seg.report.overlays import overlays_section
+from kidney_seg.report.provenance import (benchmark_row, benchmarks_table, config_text, dataset_source,
+                                          find_benchmarks, provenance_section, split_sizes)
+
+__all__ = [
+    "DASH", "benchmark_row", "benchmarks_table", "build_report", "config_text", "dataset_source", "esc",
+    "failures_section", "fmt", "headline_table", "history_figure", "per_case_table", "postprocessing_section",
+    "render_html", "split_sizes", "training_curves",
+]
 
 #: Paper (Chen & Jin 2019), Table 1: 2D U-Net on the local 0.8/0.1/0.1 test split.
 PAPER_LOCAL_TEST: dict[str, float] = {
@@ -37,7 +52,7 @@ PAPER_LEADERBOARD: dict[str, float] = {"tk_dice": 0.858, "tu_dice": 0.224}
 #: KiTS19 winner (nnU-Net, 3D residual U-Net): kidney (TK) Dice, tumour Dice, composite.
 KITS19_WINNER: dict[str, float] = {"tk_dice": 0.974, "tu_dice": 0.851, "kits_composite": 0.912}
 
-#: Headline rows: (summary metric name, label shown).
+#: Headline rows: (summary metric name, label shown). The paper reports none of the distance metrics.
 HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
     ("tk_dice", "TK Dice (kidney + tumour)"),
     ("tu_dice", "TU Dice (tumour)"),
@@ -47,16 +62,27 @@ HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
     ("kidney_recall", "Kidney recall"),
     ("tumor_precision", "Tumour precision"),
     ("tumor_recall", "Tumour recall"),
+    ("tk_hd95", "TK HD95 (mm)"),
+    ("tu_hd95", "TU HD95 (mm)"),
+    ("tk_surface_dice", "TK surface Dice (1.03 mm)"),
+    ("tu_surface_dice", "TU surface Dice (1.15 mm)"),
 )
-
-DASH = "&mdash;"
+#: Extra headline rows for 4-class data (KiTS21/23), shown when the summary has them.
+HEADLINE_ROWS_4CLASS: tuple[tuple[str, str], ...] = (
+    ("masses_dice", "Masses Dice (tumour + cyst)"),
+    ("masses_hd95", "Masses HD95 (mm)"),
+    ("masses_surface_dice", "Masses surface Dice (1.13 mm)"),
+    ("kits23_composite", "KiTS23-style composite (Dice and surface Dice of TK, masses, TU)"),
+)
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:2em auto;
 max-width:1200px;padding:0 1em;color:#222;line-height:1.4}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
+h3{font-size:1.05em}
+nav{font-size:.9em}nav a{margin-right:.9em}
 table{border-collapse:collapse;margin:.5em 0;font-size:.88em}
-th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right}
+th,td{border:1px solid #ccc;padding:.25em .55em;text-align:right;vertical-align:top}
 th{background:#f2f2f2}td.txt,th.txt{text-align:left}
 table.sortable th{cursor:pointer;user-select:none}
 table.sortable th[data-dir=asc]::after{content:" \\25B2"}table.sortable th[data-dir=desc]::after{content:" \\25BC"}
@@ -64,15 +90,24 @@ tr:nth-child(even) td{background:#fafafa}
 .note{color:#555;font-style:italic}.muted{color:#777}
 pre{background:#f6f8fa;border:1px solid #ddd;padding:.8em;overflow:auto;font-size:.85em}
 img{max-width:100%;height:auto}
+figure{margin:.6em 0}figcaption{font-size:.85em;color:#444;max-width:40em}
+figure.dist{display:inline-block;vertical-align:top;margin-right:1.2em}
+.overlays{display:flex;flex-wrap:wrap;gap:1em}.overlays figure{flex:0 1 30em}
 .scroll{overflow-x:auto}
 """
 
+#: The page may load nothing: images only as data: URIs, scripts and styles only inline.
+CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src 'unsafe-inline'"
+
 # Sorts table.sortable by the clicked column, numerically where both cells hold numbers;
-# cells without a number (missing values) stay last in either direction.
+# cells without a number (missing values) stay last in either direction. When every table
+# is set up, <html> gets data-sort-ready="<number of sortable tables>".
 SORT_JS = """
 (function(){
+  'use strict';
   var tables = document.querySelectorAll('table.sortable');
   for (var t = 0; t < tables.length; t++) { setup(tables[t]); }
+  document.documentElement.setAttribute('data-sort-ready', String(tables.length));
   function key(cell){ var v = cell ? cell.getAttribute('data-v') : null; return v === null ? (cell ? cell.textContent : '') : v; }
   function setup(table){
     var heads = table.querySelectorAll('thead th');
@@ -88,7 +123,7 @@ SORT_JS = """
       var rows = Array.prototype.slice.call(body.rows);
       rows.sort(function(a, b){
         var x = key(a.cells[col]), y = key(b.cells[col]);
-        var nx = parseFloat(x), ny = parseFloat(y), c;
+        var nx = x === '' ? NaN : Number(x), ny = y === '' ? NaN : Number(y), c;
         if (!isNaN(nx) && !isNaN(ny)) { c = nx - ny; }
         else if (!isNaN(nx)) { return -1; } else if (!isNaN(ny)) { return 1; }
         else { c = String(x).localeCompare(String(y)); }
@@ -100,63 +135,9 @@ SORT_JS = """
 })();
 """
 
-
-def esc(value: object) -> str:
-    """HTML-escape any value's text (quotes included)."""
-    return html.escape(str(value), quote=True)
-
-
-def _is_missing(value: object) -> bool:
-    """True for None, NaN and non-numeric placeholders."""
-    if value is None:
-        return True
-    try:
-        return math.isnan(float(value))
-    except (TypeError, ValueError):
-        return False
-
-
-def fmt(value: object, digits: int = 3) -> str:
-    """A number to ``digits`` decimals, a dash for missing/NaN, escaped text otherwise."""
-    if _is_missing(value):
-        return DASH
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    try:
-        return f"{float(value):.{digits}f}"
-    except (TypeError, ValueError):
-        return esc(value)
-
-
-def read_csv_or_none(path: str | os.PathLike | None) -> pd.DataFrame | None:
-    """A CSV as a DataFrame, or None when the path is missing, empty or unreadable."""
-    if path is None or not Path(path).is_file():
-        return None
-    try:
-        df = pd.read_csv(path)
-    except (pd.errors.EmptyDataError, pd.errors.ParserError, UnicodeDecodeError, OSError):
-        return None
-    return df
-
-
-def png_data_uri(fig: Figure) -> str:
-    """Render a figure (Agg) to a base64 PNG data URI."""
-    FigureCanvasAgg(fig)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _img(uri: str, alt: str) -> str:
-    """An <img> tag for a data URI."""
-    return f'<img src="{uri}" alt="{esc(alt)}">'
-
-
-def _note(text: str) -> str:
-    """An italic note paragraph (text is escaped)."""
-    return f'<p class="note">{esc(text)}</p>'
+# Back-compatible private names.
+_note = note
+_img = img
 
 
 # ---------------------------------------------------------------- headline
@@ -169,8 +150,15 @@ def summary_lookup(summary: pd.DataFrame | None) -> dict[str, dict]:
     return {str(r["metric"]): r for r in summary.to_dict("records")}
 
 
+def headline_rows(summary: pd.DataFrame | None) -> tuple[tuple[str, str], ...]:
+    """The headline's rows: the standard ones, plus the 4-class ones when the summary has any of them."""
+    rows = summary_lookup(summary)
+    extra = HEADLINE_ROWS_4CLASS if any(k in rows for k, _ in HEADLINE_ROWS_4CLASS) else ()
+    return HEADLINE_ROWS + extra
+
+
 def headline_table(summary: pd.DataFrame | None) -> str:
-    """This run's test-set means beside the paper's Table 1 and the KiTS19 winner."""
+    """This run's test-set means beside the paper's Table 1 and the KiTS19 winner (a dash where they report none)."""
     rows = summary_lookup(summary)
     head = (
         "<thead><tr><th class=txt>Metric</th><th>This run: mean</th><th>median</th><th>n</th>"
@@ -178,13 +166,14 @@ def headline_table(summary: pd.DataFrame | None) -> str:
         "<th>KiTS19 winner (nnU-Net)</th></tr></thead>"
     )
     body = []
-    for key, label in HEADLINE_ROWS:
+    for key, label in headline_rows(summary):
         r = rows.get(key, {})
         n = r.get("n")
+        digits = 2 if key.endswith("_hd95") else 3
         cells = [
             f"<td class=txt>{esc(label)}</td>",
-            f"<td><b>{fmt(r.get('mean'))}</b></td>",
-            f"<td>{fmt(r.get('median'))}</td>",
+            f"<td><b>{fmt(r.get('mean'), digits)}</b></td>",
+            f"<td>{fmt(r.get('median'), digits)}</td>",
             f"<td>{DASH if _is_missing(n) else int(float(n))}</td>",
             f"<td>{fmt(PAPER_LOCAL_TEST.get(key))}</td>",
             f"<td>{fmt(PAPER_LEADERBOARD.get(key))}</td>",
@@ -197,14 +186,14 @@ def headline_table(summary: pd.DataFrame | None) -> str:
 def summary_full_table(summary: pd.DataFrame | None) -> str:
     """All rows of summary.csv."""
     if summary is None or summary.empty:
-        return _note("No summary metrics available.")
-    return f'<table class="sortable">{_table_body(summary, "metric")}</table>'
+        return note("No summary metrics available.")
+    return f'<table class="sortable summary">{_table_body(summary, "metric")}</table>'
 
 
 def _table_body(df: pd.DataFrame, text_col: str, row_class: str | None = None) -> str:
     """<thead> and <tbody> of a sortable table; ``text_col`` holds text, ``row_class`` tags rows by it."""
     cols = list(df.columns)
-    head = "".join(f"<th{' class=txt' if c == text_col else ''}>{esc(c)}</th>" for c in cols)
+    head = "".join(f"<th{' class=txt' if c == text_col else ''} data-col=\"{esc(c)}\">{esc(c)}</th>" for c in cols)
     rows = []
     for rec in df.to_dict("records"):
         cells = "".join(_cell(rec[c], text=(c == text_col)) for c in cols)
@@ -229,37 +218,11 @@ def _cell(value: object, text: bool = False) -> str:
 def per_case_table(per_case: pd.DataFrame | None) -> str:
     """Every case with every metric; rows are <tr class="case-row" data-case=...>."""
     if per_case is None or per_case.empty or "case_id" not in per_case.columns:
-        return _note("No per-case metrics available (zero evaluated cases).")
+        return note("No per-case metrics available (zero evaluated cases).")
     return (
         f'<div class="scroll"><table class="sortable per-case">{_table_body(per_case, "case_id", "case-row")}</table></div>'
-        '<p class="muted">Click a column header to sort.</p>'
+        '<p class="muted">Click a column header to sort (missing values stay last). HD95 in mm, volumes in ml.</p>'
     )
-
-
-def per_case_dice_plot(per_case: pd.DataFrame | None) -> str:
-    """A strip plot of per-case TK and TU Dice, or a note."""
-    if per_case is None or per_case.empty:
-        return ""
-    series = []
-    for col, label in (("tk_dice", "TK Dice"), ("tu_dice", "TU Dice")):
-        if col in per_case.columns:
-            v = pd.to_numeric(per_case[col], errors="coerce").dropna().to_numpy()
-            series.append((label, v))
-    if not any(v.size for _, v in series):
-        return _note("No finite per-case Dice values to plot.")
-    fig = Figure(figsize=(5.5, 3.2))
-    ax = fig.add_subplot(1, 1, 1)
-    rng = np.random.default_rng(0)
-    for i, (label, v) in enumerate(series):
-        ax.scatter(i + rng.uniform(-0.12, 0.12, v.size), v, s=14, alpha=0.7)
-        if v.size:
-            ax.hlines(v.mean(), i - 0.25, i + 0.25, colors="k", linewidth=1.5)
-    ax.set_xticks(range(len(series)))
-    ax.set_xticklabels([s[0] for s in series])
-    ax.set_ylim(-0.03, 1.03)
-    ax.set_ylabel("Dice per case (bar = mean)")
-    ax.grid(axis="y", alpha=0.3)
-    return _img(png_data_uri(fig), "Per-case Dice")
 
 
 # ---------------------------------------------------------------- training curves
@@ -271,21 +234,22 @@ def _numeric(history: pd.DataFrame, col: str) -> pd.Series:
 
 
 def history_panels(history: pd.DataFrame) -> list[tuple[str, list[str], bool]]:
-    """(title, columns, log-scale) for each panel that has data."""
+    """(title, columns, log-scale) for each panel that has data: loss, validation Dice, learning rate."""
     panels: list[tuple[str, list[str], bool]] = []
     losses = [c for c in ("loss", "val_loss") if c in history.columns and _numeric(history, c).notna().any()]
     if losses:
         panels.append(("Loss", losses, False))
-    for c in sorted(c for c in history.columns if str(c).startswith("val_dice_")):
-        if _numeric(history, c).notna().any():
-            panels.append((str(c), [c], False))
+    dice = [c for c in sorted(str(c) for c in history.columns if str(c).startswith("val_dice_"))
+            if _numeric(history, c).notna().any()]
+    if dice:
+        panels.append(("Validation Dice", dice, False))
     if "lr" in history.columns and (_numeric(history, "lr") > 0).any():
         panels.append(("Learning rate", ["lr"], True))
     return panels
 
 
 def history_figure(history: pd.DataFrame) -> Figure | None:
-    """The training-curve panels of a history (loss, each val_dice_*, log-scale lr), or None when nothing is plottable."""
+    """The training-curve panels of a history (loss and val_loss, val_dice_*, log-scale lr), or None when nothing is plottable."""
     panels = history_panels(history) if history is not None and not history.empty else []
     if not panels:
         return None
@@ -301,11 +265,13 @@ def history_figure(history: pd.DataFrame) -> Figure | None:
             ax.plot(x[ok], y[ok], marker="." if ok.sum() < 30 else None, label=str(c))
         if log:
             ax.set_yscale("log")
+        if title == "Validation Dice":
+            ax.set_ylim(-0.02, 1.02)
         ax.set_title(title)
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
         if len(cols) > 1:
-            ax.legend()
+            ax.legend(fontsize=8)
     fig.tight_layout()
     return fig
 
@@ -318,147 +284,84 @@ def training_curves(history_csv) -> str:
         heading = f"<h3>Fold {fold}</h3>" if len(paths) > 1 else ""
         history = read_csv_or_none(path)
         if history is None or history.empty:
-            parts.append(heading + _note(f"No training history available ({path})."))
+            parts.append(heading + note(f"No training history available ({path})."))
             continue
         fig = history_figure(history)
         if fig is None:
-            parts.append(heading + _note("The training history holds no plottable columns."))
+            parts.append(heading + note("The training history holds no plottable columns."))
             continue
-        parts.append(heading + _img(png_data_uri(fig), f"Training curves{f' of fold {fold}' if len(paths) > 1 else ''}"))
-    return "\n".join(parts) if parts else _note("No training history available.")
+        parts.append(heading + img(png_data_uri(fig), f"Training curves{f' of fold {fold}' if len(paths) > 1 else ''}"))
+    return "\n".join(parts) if parts else note("No training history available.")
+
+
+# ---------------------------------------------------------------- post-processing
+
+
+def _delta(before: object, after: object) -> str:
+    """after - before with a sign, or a dash."""
+    if _is_missing(before) or _is_missing(after):
+        return DASH
+    return f"{float(after) - float(before):+.4f}"
 
 
 def postprocessing_section(decision_json: str | os.PathLike | None) -> str:
-    """The post-processing decision: each step's validation Dice without and with it, and whether it was applied."""
+    """The post-processing decision: each step's validation Dice without and with it, the change, and whether it was applied."""
     decision = None
     if decision_json is not None and Path(decision_json).is_file():
-        decision = json.loads(Path(decision_json).read_text())
-    if not decision:
-        return _note("No post-processing decision available.")
-    applied = ", ".join(decision.get("apply") or []) or "none"
+        try:
+            decision = json.loads(Path(decision_json).read_text())
+        except (OSError, ValueError, UnicodeDecodeError) as exc:
+            return note(f"Post-processing decision unreadable: {decision_json}: {exc}")
+    if not decision or not isinstance(decision, dict):
+        return note("No post-processing decision available.")
+    applied = ", ".join(str(a) for a in decision.get("apply") or []) or "none"
     head = (f"<p>Applied to every prediction: <b>{esc(applied)}</b>. Decided on "
-            f"{len(decision.get('validation_cases') or [])} validation case(s); settings "
+            f"{len(decision.get('validation_cases') or [])} validation case(s); a step is kept only when it raises "
+            "its region's mean validation Dice without lowering the other region's. Settings "
             f"<code>{esc(json.dumps(decision.get('settings', {})))}</code>.</p>")
-    if not decision.get("steps"):
-        return head + _note(decision.get("reason", "No step was evaluated."))
+    steps = decision.get("steps") or []
+    if not steps:
+        return head + note(str(decision.get("reason", "No step was evaluated.")))
     rows = "".join(
-        f"<tr><td class=txt>{esc(st['name'])}</td><td class=txt>{esc(st['region'])}</td><td>{fmt(st['dice_before'], 4)}</td>"
-        f"<td>{fmt(st['dice_after'], 4)}</td><td class=txt>{esc(st['other_region'])}</td><td>{fmt(st['other_before'], 4)}</td>"
-        f"<td>{fmt(st['other_after'], 4)}</td><td class=txt>{'yes' if st['applied'] else 'no'}</td></tr>"
-        for st in decision["steps"])
-    return head + ('<table><thead><tr><th class=txt>Step</th><th class=txt>Region</th><th>Val Dice without</th>'
-                   "<th>Val Dice with</th><th class=txt>Other region</th><th>Its Dice without</th><th>Its Dice with</th>"
-                   f"<th class=txt>Applied</th></tr></thead><tbody>{rows}</tbody></table>")
+        f"<tr><td class=txt>{esc(st.get('name'))}</td><td class=txt>{esc(st.get('region'))}</td>"
+        f"<td>{fmt(st.get('dice_before'), 4)}</td><td>{fmt(st.get('dice_after'), 4)}</td>"
+        f"<td>{_delta(st.get('dice_before'), st.get('dice_after'))}</td>"
+        f"<td class=txt>{esc(st.get('other_region'))}</td><td>{fmt(st.get('other_before'), 4)}</td>"
+        f"<td>{fmt(st.get('other_after'), 4)}</td><td>{_delta(st.get('other_before'), st.get('other_after'))}</td>"
+        f"<td class=txt>{'yes' if st.get('applied') else 'no'}</td></tr>"
+        for st in steps if isinstance(st, dict))
+    return head + ('<table class="postprocessing"><thead><tr><th class=txt>Step</th><th class=txt>Region</th>'
+                   "<th>Val Dice without</th><th>Val Dice with</th><th>Change</th><th class=txt>Other region</th>"
+                   "<th>Its Dice without</th><th>Its Dice with</th><th>Change</th><th class=txt>Applied</th></tr></thead>"
+                   f"<tbody>{rows}</tbody></table>")
 
 
-# ---------------------------------------------------------------- provenance
+# ---------------------------------------------------------------- failures
+
+FAILURE_COLUMNS: tuple[str, ...] = ("case_id", "stage", "reason", "log")
 
 
-def config_text(config: dict) -> str:
-    """The config as YAML (JSON if it cannot be dumped as YAML)."""
-    try:
-        import yaml
-
-        return yaml.safe_dump(config, sort_keys=False, default_flow_style=False, allow_unicode=True)
-    except Exception:
-        return json.dumps(config, indent=2, default=str, ensure_ascii=False)
-
-
-def dataset_source(config: dict) -> str:
-    """The dataset source named in the config, or 'unknown'."""
-    ds = config.get("dataset") if isinstance(config, dict) else None
-    if isinstance(ds, dict):
-        for key in ("source", "name", "variant"):
-            if ds.get(key) is not None:
-                return str(ds[key])
-    elif ds is not None:
-        return str(ds)
-    for key in ("data_source", "source"):
-        if isinstance(config, dict) and config.get(key) is not None:
-            return str(config[key])
-    return "unknown"
-
-
-def split_sizes(split_csv: str | os.PathLike | None) -> dict[str, int] | None:
-    """Case counts per subset in split.csv, or None when unavailable."""
-    split = read_csv_or_none(split_csv)
-    if split is None or "subset" not in split.columns:
-        return None
-    if "case_id" in split.columns:
-        split = split.drop_duplicates("case_id")
-    counts = split["subset"].astype(str).value_counts()
-    order = [s for s in ("train", "val", "test") if s in counts.index] + sorted(
-        s for s in counts.index if s not in ("train", "val", "test")
-    )
-    return {s: int(counts[s]) for s in order}
-
-
-def benchmark_row(path: str | os.PathLike) -> dict:
-    """Run time (s, h:m:s) and peak RSS/VMS (MB) from one Snakemake benchmark TSV."""
-    p = Path(path)
-    label = f"{p.parent.name}/{p.stem}" if p.parent.name else p.stem
-    row = {"label": label, "s": np.nan, "hms": "", "max_rss": np.nan, "max_vms": np.nan, "repeats": 0}
-    try:
-        df = pd.read_csv(p, sep="\t")
-    except Exception:
-        row["hms"] = "unreadable"
-        return row
+def failures_section(failures_csv: str | os.PathLike | None) -> str:
+    """Cases that failed (case_id, stage, reason, log) from a CSV, or 'No failures recorded.'"""
+    if failures_csv is None or not Path(failures_csv).is_file():
+        return note("No failures recorded.")
+    df = read_csv_or_none(failures_csv, dtype=str, keep_default_na=False)
+    if df is None:
+        if Path(failures_csv).stat().st_size == 0:
+            return note("No failures recorded.")
+        return note(f"The failures file could not be read: {failures_csv}")
     if df.empty:
-        return row
-    row["repeats"] = len(df)
-    for col in ("s", "max_rss", "max_vms"):
-        if col in df.columns:
-            v = pd.to_numeric(df[col], errors="coerce")
-            row[col] = float(v.mean() if col == "s" else v.max())
-    if "h:m:s" in df.columns:
-        row["hms"] = str(df["h:m:s"].iloc[0])
-    return row
-
-
-def benchmarks_table(benchmark_files: list | None) -> str:
-    """Run time and peak memory per benchmark file."""
-    if not benchmark_files:
-        return _note("No benchmark files given.")
-    rows = [benchmark_row(f) for f in benchmark_files]
+        return note("No failures recorded.")
+    cols = list(FAILURE_COLUMNS) + [c for c in df.columns if c not in FAILURE_COLUMNS]
+    head = "".join(f"<th class=txt>{esc(c)}</th>" for c in cols)
     body = "".join(
-        f'<tr><td class=txt>{esc(r["label"])}</td><td>{fmt(r["s"], 1)}</td><td class=txt>{esc(r["hms"])}</td>'
-        f'<td>{fmt(r["max_rss"], 1)}</td><td>{fmt(r["max_vms"], 1)}</td><td>{r["repeats"]}</td></tr>'
-        for r in rows
-    )
-    total = float(np.nansum([r["s"] for r in rows])) if rows else 0.0
-    return (
-        '<table class="sortable benchmarks"><thead><tr><th class=txt>Job</th><th>Run time (s)</th>'
-        "<th class=txt>h:m:s</th><th>Peak RSS (MB)</th><th>Peak VMS (MB)</th><th>Rows</th></tr></thead>"
-        f"<tbody>{body}</tbody></table><p>Total run time over these jobs: {fmt(total, 1)} s.</p>"
-    )
-
-
-def provenance_section(
-    config: dict, per_case: pd.DataFrame | None, split_csv, benchmark_files: list | None
-) -> str:
-    """Dataset, split sizes, benchmarks, version, date and the config."""
-    n_eval = 0 if per_case is None else len(per_case)
-    sizes = split_sizes(split_csv)
-    if sizes is None:
-        split_html = _note(f"No split available ({split_csv}).")
-    else:
-        cells = "".join(f"<tr><td class=txt>{esc(k)}</td><td>{v}</td></tr>" for k, v in sizes.items())
-        cells += f"<tr><td class=txt><b>total</b></td><td><b>{sum(sizes.values())}</b></td></tr>"
-        split_html = f'<table><thead><tr><th class=txt>Subset</th><th>Cases</th></tr></thead><tbody>{cells}</tbody></table>'
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
-    facts = (
-        "<ul>"
-        f"<li>Dataset source: <code>{esc(dataset_source(config))}</code></li>"
-        f"<li>Cases in the split: {DASH if sizes is None else sum(sizes.values())}; evaluated test cases: {n_eval}</li>"
-        f"<li>kidney_seg version: <code>{esc(getattr(kidney_seg, '__version__', 'unknown'))}</code></li>"
-        f"<li>Report generated: {esc(date)}</li>"
-        "</ul>"
-    )
-    return (
-        f"<h2>Provenance</h2>{facts}<h3>Split</h3>{split_html}"
-        f"<h3>Run time and memory</h3>{benchmarks_table(benchmark_files)}"
-        f"<h3>Configuration</h3><pre>{esc(config_text(config))}</pre>"
-    )
+        f'<tr class="failure" data-case="{esc(r.get("case_id", ""))}">'
+        + "".join(f"<td class=txt>{esc(r.get(c, '')) or DASH}</td>" for c in cols) + "</tr>"
+        for r in df.to_dict("records"))
+    n_cases = df["case_id"].nunique() if "case_id" in df.columns else len(df)
+    return (f"<p><b>{len(df)}</b> failure(s) in {n_cases} case(s); these cases are missing from the results above.</p>"
+            f'<div class="scroll"><table class="sortable failures"><thead><tr>{head}</tr></thead>'
+            f"<tbody>{body}</tbody></table></div>")
 
 
 # ---------------------------------------------------------------- page
@@ -467,10 +370,22 @@ def provenance_section(
 CONVENTIONS = (
     "TK Dice = Dice(pred > 0, truth > 0); TU Dice = Dice(pred == 2, truth == 2); composite = "
     "mean of the TK and TU Dice means. Empty masks (KiTS23 convention): both empty scores 1, "
-    "exactly one empty scores 0; precision and recall likewise. Summaries skip NaN values; "
+    "exactly one empty scores 0; precision and recall likewise. HD95 (mm) is NaN when exactly one "
+    "mask is empty; surface Dice uses KiTS23's tolerances. Summaries skip NaN values; "
     "n counts the values used. Precision and recall are per class (kidney = label 1, tumour = "
-    "label 2). Paper numbers are from its Table 1; its local test split differs from ours."
+    "label 2). Paper numbers are from its Table 1; its local test split differs from ours. "
+    "A dash: no value (the paper and the winner report no distance metrics)."
 )
+
+SECTIONS: tuple[tuple[str, str], ...] = (
+    ("headline", "Headline"), ("per-case", "Per-case metrics"), ("distributions", "Distributions"),
+    ("overlays", "Overlays"), ("summary", "Summary statistics"), ("training", "Training curves"),
+    ("postprocessing", "Post-processing"), ("failures", "Failures"), ("provenance", "Provenance"),
+)
+
+
+def _h2(anchor: str, title: str) -> str:
+    return f'<h2 id="{anchor}">{esc(title)}</h2>'
 
 
 def render_html(
@@ -481,45 +396,91 @@ def render_html(
     config: dict,
     benchmark_files: list | None,
     postprocessing_json: str | os.PathLike | None = None,
+    *,
+    scans: Mapping | None = None,
+    label_values: tuple[int, ...] = (0, 1, 2),
+    environment_files: list | None = None,
+    workflow_dir: str | os.PathLike | None = None,
+    failures: str | os.PathLike | None = None,
+    benchmark_root: str | os.PathLike | None = None,
+    host_environment: dict | None = None,
 ) -> str:
     """The whole report page as an ASCII-safe HTML string."""
     title = f"kidney-seg report: 2D U-Net on {dataset_source(config)} data"
+    nav = "".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in SECTIONS)
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
+        f'<meta http-equiv="Content-Security-Policy" content="{CSP}">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
         f"<title>{esc(title)}</title><style>{CSS}</style></head><body>",
         f"<h1>{esc(title)}</h1>",
-        "<h2>Headline: test-set means</h2>",
+        f"<nav>{nav}</nav>",
+        _h2("headline", "Headline: test-set means"),
         headline_table(summary),
         f'<p class="muted">{esc(CONVENTIONS)}</p>',
-        "<h2>Per-case metrics</h2>",
-        per_case_dice_plot(per_case),
+        _h2("per-case", "Per-case metrics"),
         per_case_table(per_case),
-        "<h2>Summary statistics</h2>",
+        _h2("distributions", "Distributions of the per-case metrics"),
+        distributions_section(per_case),
+        _h2("overlays", "Overlays: best, median and worst test case"),
+        overlays_section(per_case, scans, tuple(label_values)),
+        _h2("summary", "Summary statistics"),
         summary_full_table(summary),
-        "<h2>Training curves</h2>",
+        _h2("training", "Training curves"),
         training_curves(history_csv),
-        "<h2>Post-processing</h2>",
+        _h2("postprocessing", "Post-processing"),
         postprocessing_section(postprocessing_json),
-        provenance_section(config, per_case, split_csv, benchmark_files),
+        _h2("failures", "Failures"),
+        failures_section(failures),
+        _h2("provenance", "Provenance"),
+        provenance_section(config, per_case, split_csv, benchmark_files, benchmark_root=benchmark_root,
+                           environment_files=environment_files, workflow_dir=workflow_dir,
+                           host_environment=host_environment),
         f"<script>{SORT_JS}</script>",
         "</body></html>",
     ]
     return "\n".join(parts).encode("ascii", "xmlcharrefreplace").decode("ascii") + "\n"
 
 
+def scans_by_case(case_ids: Sequence[str], paths: Sequence[str]) -> dict[str, tuple[str, str, str]]:
+    """{case: (image, label, prediction)} from a flat list holding those three paths per case, in case order."""
+    paths = [str(p) for p in paths]
+    if len(paths) != 3 * len(case_ids):
+        raise ValueError(f"expected 3 paths (image, label, prediction) per case for {len(case_ids)} cases, got {len(paths)}")
+    return {c: tuple(paths[3 * i : 3 * i + 3]) for i, c in enumerate(case_ids)}
+
+
 def build_report(
     out_html: str | os.PathLike,
     per_case_csv: str | os.PathLike,
     summary_csv: str | os.PathLike,
-    history_csv: str | os.PathLike | None,
+    history_csv: str | os.PathLike | list | None,
     split_csv: str | os.PathLike | None,
     config: dict,
-    benchmark_files: list | None = None,
+    benchmark_files: str | os.PathLike | list | None = None,
     postprocessing_json: str | os.PathLike | None = None,
+    *,
+    scans: Mapping | None = None,
+    label_values: tuple[int, ...] = (0, 1, 2),
+    environment_files: list | None = None,
+    workflow_dir: str | os.PathLike | None = None,
+    failures: str | os.PathLike | None = None,
 ) -> None:
-    """Write the self-contained HTML report atomically."""
+    """Write the self-contained HTML report atomically.
+
+    ``history_csv``: one history.csv or a list, one per fold. ``benchmark_files``: a
+    folder (searched for ``*.tsv``; rule = first folder below it) or a list of TSV paths.
+    ``scans``: test case id -> (CT image, label, prediction) paths for the overlays;
+    ``label_values``: the dataset's valid labels. ``environment_files``: each fold's
+    environment.json (read where present). ``workflow_dir``: the workflow's folder, for
+    its git commit. ``failures``: a CSV with case_id, stage, reason, log (None or missing:
+    no failures).
+    """
+    root = None
+    if benchmark_files is not None and not isinstance(benchmark_files, (list, tuple)):
+        root = Path(benchmark_files)
+        benchmark_files = find_benchmarks(root)
     page = render_html(
         read_csv_or_none(per_case_csv),
         read_csv_or_none(summary_csv),
@@ -528,5 +489,11 @@ def build_report(
         dict(config or {}),
         list(benchmark_files or []),
         postprocessing_json,
+        scans=scans,
+        label_values=tuple(label_values),
+        environment_files=list(environment_files or []),
+        workflow_dir=workflow_dir,
+        failures=failures,
+        benchmark_root=root,
     )
     write_text_atomic(out_html, page)
