@@ -656,3 +656,15 @@ def test_scans_by_case_groups_three_paths_per_case():
     assert scans_by_case([], []) == {}
     with pytest.raises(ValueError, match="3 paths"):
         scans_by_case(["case_a"], flat)
+
+
+def test_write_overlay_png_extracts_the_chosen_overlay_of_a_report(tmp_path):
+    page = _build_full(tmp_path)
+    section = _section(page, "overlays")
+    report = next(tmp_path.rglob("*.html"))
+    out = tmp_path / "docs" / "overlay.png"
+    size = roverlays.write_overlay_png(report, out, "median")
+    assert out.read_bytes() == _pngs(section)[1] and size == out.stat().st_size  # best, median, worst order
+    assert roverlays.extract_overlay(report, "worst") == _pngs(section)[2]
+    with pytest.raises(ValueError, match="no nobody overlay"):
+        roverlays.extract_overlay(report, "nobody")

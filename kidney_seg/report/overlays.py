@@ -15,6 +15,7 @@ import logging
 import math
 import os
 from collections.abc import Mapping
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -235,3 +236,28 @@ def overlays_section(per_case: pd.DataFrame | None, scans: Mapping | None,
         parts.append(case_overlay(case, pick["roles"], paths, by_case.get(case, {}), tuple(label_values)))
     parts.append("</div>")
     return "\n".join(parts)
+
+
+def extract_overlay(report_html: str | os.PathLike, role: str = "median") -> bytes:
+    """The PNG of the overlay a report shows for ``role`` (best, median or worst), e.g. for the README."""
+    import base64
+    import re
+
+    page = Path(report_html).read_text()
+    for figure in re.findall(r'<figure class="overlay"[^>]*>.*?</figure>', page, flags=re.S):
+        roles = re.search(r'data-roles="([^"]*)"', figure).group(1).split()
+        found = re.search(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', figure)
+        if role in roles and found:
+            return base64.b64decode(found.group(1))
+    raise ValueError(f"{report_html}: no {role} overlay in this report")
+
+
+
+def write_overlay_png(report_html: str | os.PathLike, out_png: str | os.PathLike, role: str = "median") -> int:
+    """Write the ``role`` overlay of a finished report to a PNG file atomically; return its size in bytes."""
+    from kidney_seg.io import atomic_path
+
+    png = extract_overlay(report_html, role)
+    with atomic_path(out_png) as tmp:
+        Path(tmp).write_bytes(png)
+    return len(png)

@@ -238,8 +238,10 @@ def test_outputs_match_a_local_run(runs):
         for name in names:
             a, b = nib.load(str(local / folder / name)), nib.load(str(cluster / folder / name))
             np.testing.assert_array_equal(a.affine, b.affine)
+            # CPU training with the same thread count repeats bit for bit (two local runs agree),
+            # so a difference means the SLURM job ran differently (threads, environment, code)
             np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj),
-                                          err_msg=f"{folder}/{name}: labels differ")
+                                          err_msg=f"{folder}/{name}: labels differ from the local run")
 
     pd.testing.assert_frame_equal(pd.read_csv(cluster / "metrics" / "per_case.csv"),
                                   pd.read_csv(local / "metrics" / "per_case.csv"), check_exact=True)
