@@ -34,7 +34,7 @@ FETCH = {k: config["dataset"].get(k) for k in ("source", "root", "phantom", "man
 
 
 wildcard_constraints:
-    case=r"case_\d{5}",
+    case=r"case_[0-9]{5}",
     fold=r"\d+",
 
 

@@ -1,6 +1,9 @@
 # One job per file, so cases download (or are generated) in parallel. A local dataset is
 # read where it lies: no rule may ever produce (or delete) a user's own files.
 # Only the phantom's files depend on library code; downloaded files never go stale.
+# Downloads use https; dataset.allow_http (plain http to a loopback test server) is read
+# by the scripts from the config, not passed as a param: a params change reruns a job, and
+# toggling the override must not download the files again.
 SOURCE_CODE = library("data/phantom.py") if FETCH["source"] == "phantom" else []
 
 

@@ -74,7 +74,7 @@ def _write_manifest(path, text):
 def test_manifest_relative_absolute_and_empty_labels(tmp_path):
     files = tmp_path / "data"
     img_a, lab_a = _vol(files / "a_ct.nii.gz"), _vol(files / "a_seg.nii.gz", np.uint8)
-    img_b = _vol(tmp_path / "elsewhere" / "b.nii.gz")
+    img_b = _vol(files / "deep" / "b.nii.gz")  # given as an absolute path inside the manifest's folder
     img_c, lab_c = _vol(files / "sub" / "c.nii.gz"), _vol(files / "sub" / "c_lab.nii.gz", np.uint8)
     manifest = _write_manifest(
         files / "manifest.csv",
@@ -123,3 +123,82 @@ def test_manifest_errors(tmp_path, body, error, pattern):
 def test_missing_manifest(tmp_path):
     with pytest.raises(CaseDataError, match=r"absent\.csv.*manifest not found"):
         list_cases({"source": "local", "root": str(tmp_path), "manifest": str(tmp_path / "absent.csv")})
+
+
+# ----------------------------------------------------------------------------- containment (security)
+
+
+def _manifest_case(tmp_path, image, root=None, label=""):
+    manifest = _write_manifest(tmp_path / "data" / "manifest.csv", f"case_id,image,label\ncase_00001,{image},{label}\n")
+    return {"source": "local", "root": root, "manifest": str(manifest)}
+
+
+@pytest.mark.parametrize("image", ["../outside.nii.gz", "sub/../../outside.nii.gz", "{abs}"])
+def test_manifest_path_outside_the_manifest_folder_is_refused(tmp_path, image):
+    outside = _vol(tmp_path / "outside.nii.gz")  # exists, but outside the data folder
+    _vol(tmp_path / "data" / "sub" / "x.nii.gz")
+    cfg = _manifest_case(tmp_path, image.format(abs=outside))
+    with pytest.raises(CaseDataError, match=r"case_00001.*manifest .*manifest\.csv line 2.*outside the manifest folder") as err:
+        list_cases(cfg)
+    assert image.format(abs=outside) in str(err.value)
+
+
+def test_manifest_label_outside_is_refused_too(tmp_path):
+    _vol(tmp_path / "data" / "x.nii.gz")
+    _vol(tmp_path / "seg.nii.gz", np.uint8)
+    with pytest.raises(CaseDataError, match=r"case_00001.*line 2.*'\.\./seg\.nii\.gz'.*outside"):
+        list_cases(_manifest_case(tmp_path, "x.nii.gz", label="../seg.nii.gz"))
+
+
+def test_manifest_symlink_leading_outside_is_refused(tmp_path):
+    secret = _vol(tmp_path / "secret" / "ct.nii.gz")
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "link.nii.gz").symlink_to(secret)
+    with pytest.raises(CaseDataError, match=r"case_00001.*link\.nii\.gz.*outside.*resolves to .*secret"):
+        list_cases(_manifest_case(tmp_path, "link.nii.gz"))
+    (tmp_path / "data" / "dir").symlink_to(tmp_path / "secret", target_is_directory=True)
+    with pytest.raises(CaseDataError, match="outside"):
+        list_cases(_manifest_case(tmp_path, "dir/ct.nii.gz"))
+
+
+def test_manifest_symlink_inside_the_folder_is_fine(tmp_path):
+    real = _vol(tmp_path / "data" / "store" / "ct.nii.gz")
+    (tmp_path / "data" / "link.nii.gz").symlink_to(real)
+    assert list_cases(_manifest_case(tmp_path, "link.nii.gz"))[0].image == str(tmp_path / "data" / "link.nii.gz")
+
+
+def test_manifest_paths_must_lie_in_dataset_root_when_set(tmp_path):
+    """With dataset.root set, it is the folder every file must lie in (relative paths still start at the CSV)."""
+    scans = tmp_path / "scans"
+    img = _vol(scans / "a.nii.gz")
+    cfg = _manifest_case(tmp_path, "../scans/a.nii.gz", root=str(scans))
+    assert list_cases(cfg) == [Case("case_00001", str(img), None)]
+    _vol(tmp_path / "data" / "b.nii.gz")  # inside the manifest's folder, but not inside dataset.root
+    with pytest.raises(CaseDataError, match=r"case_00001.*outside dataset\.root"):
+        list_cases(_manifest_case(tmp_path, "b.nii.gz", root=str(scans)))
+
+
+@pytest.mark.parametrize("case_id", ["../../x", "case_00001/../../x", "/tmp/case_00001", "case_0000\u0661", "case_000011",
+                                     " case_00001x", "CASE_00001"])
+def test_manifest_case_ids_that_could_be_paths_are_refused(tmp_path, case_id):
+    _vol(tmp_path / "x.nii.gz")
+    manifest = _write_manifest(tmp_path / "manifest.csv", f"case_id,image,label\n{case_id},x.nii.gz,\n")
+    with pytest.raises(ValueError, match=r"line 2.*case_XXXXX"):
+        list_cases({"source": "local", "manifest": str(manifest)})
+
+
+def test_root_layout_symlinks_leading_outside_are_refused(tmp_path, root):
+    elsewhere = _vol(tmp_path / "elsewhere" / "case_00009" / "imaging.nii.gz").parent
+    (root / "case_00009").symlink_to(elsewhere, target_is_directory=True)
+    with pytest.raises(CaseDataError, match=r"case_00009.*imaging\.nii\.gz.*outside dataset\.root.*resolves to .*elsewhere"):
+        list_cases({"source": "local", "root": str(root)})
+    (root / "case_00009").unlink()
+    _vol(root / "case_00009" / "imaging.nii.gz")
+    (root / "case_00009" / "segmentation.nii.gz").symlink_to(_vol(tmp_path / "seg.nii.gz", np.uint8))
+    with pytest.raises(CaseDataError, match=r"case_00009.*segmentation\.nii\.gz.*outside"):
+        list_cases({"source": "local", "root": str(root)})
+
+
+def test_root_layout_folder_names_that_are_not_case_ids_are_ignored(root):
+    _vol(root / "case_0000\u0661" / "imaging.nii.gz")  # a non-ASCII digit: \\d would match it
+    assert _ids(list_cases({"source": "local", "root": str(root)})) == ["case_00000", "case_00001", "case_00002"]

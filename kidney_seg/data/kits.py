@@ -11,6 +11,12 @@ KiTS21 and KiTS23 reuse unchanged. The imaging of the KiTS23 cases 400-588 may l
 elsewhere: point ``dataset.kits_imaging_url`` at a mirror (or a local server) holding
 ``case_XXXXX.nii.gz`` for them. Labels are fetched from
 ``{labels_url}/case_XXXXX/<label_file>``; ``dataset.kits_labels_url`` overrides the base.
+
+Security: every download uses https, redirects included; ``dataset.allow_http`` admits
+plain http to a loopback host only (a local test server), and a redirect never goes from
+https back to http. The local path of a file is computed from the case id (which must be
+``case_XXXXX``) and must resolve inside the dataset root; nothing the server sends
+(headers, redirect targets, Content-Disposition) influences it.
 """
 
 from __future__ import annotations
@@ -41,6 +47,19 @@ CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 RETRY_HTTP = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+#: A case id: ``case_`` and five ASCII digits (the workflow's ``{case}`` wildcard constraint).
+CASE_ID = re.compile(r"case_[0-9]{5}")
+
+
+def is_case_id(value: object) -> bool:
+    """Whether ``value`` is a case id ``case_XXXXX`` (five ASCII digits, nothing else)."""
+    return isinstance(value, str) and CASE_ID.fullmatch(value) is not None
+
+
+def check_case_id(case_id: object, where: object = "case id") -> None:
+    """Raise unless ``case_id`` is a valid case id, so that it can never act as a path."""
+    if not is_case_id(case_id):
+        raise CaseDataError(None, where, f"invalid case id {case_id!r}: it must be case_XXXXX with five digits")
 
 
 @dataclass(frozen=True)
@@ -94,6 +113,40 @@ SOURCES: dict[str, KitsSource] = {
 # ----------------------------------------------------------------------------- URLs
 
 
+def raw_root(dataset_cfg: dict) -> str:
+    """Folder that holds (or receives) the raw cases: ``dataset.root`` or ``data/<source>``."""
+    return dataset_cfg.get("root") or os.path.join("data", dataset_cfg["source"])
+
+
+def destination(case_id: str, dataset_cfg: dict, name: str, root: str | os.PathLike | None = None) -> Path:
+    """``<root>/<case>/<name>``, computed from the case id alone; raise unless it resolves inside the root.
+
+    ``root`` defaults to the dataset root (:func:`raw_root`). A case folder (or file) that is
+    a symlink leading out of the root is refused.
+    """
+    check_case_id(case_id)
+    root = Path(raw_root(dataset_cfg) if root is None else root)
+    dest = root / case_id / name
+    real_root, real = root.resolve(), dest.resolve()
+    if not real.is_relative_to(real_root) or real == real_root:
+        raise CaseDataError(case_id, dest, f"resolves to {real}, outside the dataset root {real_root}: refused")
+    return dest
+
+
+def _checked_out(case_id: str, dataset_cfg: dict, name: str, out: str | os.PathLike) -> Path:
+    """The download destination of a case's file; raise when the requested ``out`` is any other path.
+
+    ``out`` must be ``<root>/<case>/<name>``; with a relative root, a prefix before it is
+    accepted (Snakemake storage plugins run jobs under a local copy of the root).
+    """
+    root = raw_root(dataset_cfg)
+    expected = os.path.normpath(os.path.join(root, case_id, name))
+    actual = os.path.abspath(out)
+    if actual == os.path.abspath(expected) or (not os.path.isabs(root) and actual.endswith(os.sep + expected)):
+        return destination(case_id, dataset_cfg, name, root=Path(actual).parent.parent)
+    raise CaseDataError(case_id, out, f"a downloaded {name} can only be written to {expected} (dataset root / case / file)")
+
+
 def source_of(dataset_cfg: dict) -> KitsSource:
     """The KiTS table of ``dataset.source``."""
     return SOURCES[dataset_cfg["source"]]
@@ -125,29 +178,40 @@ def _require_case(case_id: str, src: KitsSource, labelled: bool) -> None:
     raise CaseDataError(case_id, src.name, f"not a case of {src.name}")
 
 
-def fetch_kits_image(case_id: str, dataset_cfg: dict, out: str | os.PathLike) -> None:
-    """Download one imaging file; check its grid against the label when that exists."""
+def fetch_kits_image(case_id: str, dataset_cfg: dict, out: str | os.PathLike, allow_http: bool = False) -> None:
+    """Download one imaging file to ``<root>/<case>/imaging.nii.gz`` (``out`` must be that path).
+
+    The grid is checked against the label when that exists. ``allow_http`` admits plain
+    http to a loopback host (``dataset.allow_http``).
+    """
     src = source_of(dataset_cfg)
+    check_case_id(case_id)
     _require_case(case_id, src, labelled=False)
-    label = Path(out).with_name(LABEL_NAME)
+    out = _checked_out(case_id, dataset_cfg, IMAGE_NAME, out)
+    label = out.with_name(LABEL_NAME)
 
     def check(path: Path) -> None:
         if label.is_file():
             check_same_grid(geometry_of(load_nifti(path, case_id)), _geometry(label, case_id), case_id, label)
 
-    download(image_url(case_id, dataset_cfg), out, case_id, check=check)
+    download(image_url(case_id, dataset_cfg), out, case_id, check=check, allow_http=allow_http)
 
 
-def fetch_kits_label(case_id: str, dataset_cfg: dict, out: str | os.PathLike) -> None:
-    """Download one label file; check its values, and its grid against the image when that exists."""
+def fetch_kits_label(case_id: str, dataset_cfg: dict, out: str | os.PathLike, allow_http: bool = False) -> None:
+    """Download one label file to ``<root>/<case>/segmentation.nii.gz`` (``out`` must be that path).
+
+    Its values are checked, and its grid against the image when that exists.
+    """
     src = source_of(dataset_cfg)
+    check_case_id(case_id)
     _require_case(case_id, src, labelled=True)
-    image = Path(out).with_name(IMAGE_NAME)
+    out = _checked_out(case_id, dataset_cfg, LABEL_NAME, out)
+    image = out.with_name(IMAGE_NAME)
 
     def check(path: Path) -> None:
         load_label(path, case_id, src.labels, _geometry(image, case_id) if image.is_file() else None)
 
-    download(label_url(case_id, dataset_cfg), out, case_id, check=check)
+    download(label_url(case_id, dataset_cfg), out, case_id, check=check, allow_http=allow_http)
 
 
 def _geometry(path: Path, case_id: str) -> Geometry:
@@ -195,36 +259,100 @@ def download(
     backoff: float = 1.0,
     timeout: float = 60.0,
     check: Callable[[Path], None] | None = None,
+    allow_http: bool = False,
 ) -> None:
-    """Download ``url`` to ``dest`` with retries, resume and an integrity check; atomic."""
+    """Download ``url`` to ``dest`` with retries, resume and an integrity check; atomic.
+
+    ``url`` must be https, or plain http to a loopback host when ``allow_http``; so must
+    every redirect target, and a redirect never downgrades https to http. ``case_id`` must
+    be a valid case id. Both are checked before any connection. ``dest`` is the caller's:
+    nothing the server sends changes it.
+    """
+    check_case_id(case_id, url)
+    check_url(url, case_id, allow_http)
     dest = Path(dest)
     if dest.exists():
         log.info("%s: %s already present; nothing to download", case_id, dest)
         return
-    _check_scheme(url, case_id)
     dest.parent.mkdir(parents=True, exist_ok=True)
     _verify_path(dest).unlink(missing_ok=True)  # left by a run killed while checking
-    _transfer(url, partial_path(dest), case_id, retries, backoff, timeout)
+    _transfer(url, partial_path(dest), case_id, retries, backoff, timeout, allow_http)
     _verify_and_place(url, dest, case_id, check)
     log.info("%s: saved %s (%d bytes)", case_id, dest, dest.stat().st_size)
 
 
-def _check_scheme(url: str, case_id: str) -> None:
-    """Allow https, and http with a warning unless the host is loopback."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.scheme not in ("http", "https"):
-        raise CaseDataError(case_id, url, f"unsupported URL scheme {parts.scheme!r}; use https")
-    if parts.scheme == "http" and parts.hostname not in LOOPBACK:
-        log.warning("%s: %s uses plain http; the file is checked but not authenticated", case_id, url)
+def url_problem(url: str, allow_http: bool = False, redirected_from: str | None = None) -> str | None:
+    """Why ``url`` may not be fetched (None when it may): https only, or http to loopback with ``allow_http``.
+
+    ``redirected_from``: the URL that redirected here; a redirect from https to http is
+    refused even to a loopback host.
+    """
+    try:
+        parts = urllib.parse.urlsplit(url)
+        host = parts.hostname
+    except ValueError as exc:
+        return f"malformed URL ({exc})"
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https"):
+        return f"unsupported URL scheme {scheme!r}: downloads must use https"
+    if not host:
+        return "URL without a host"
+    if scheme == "https":
+        return None
+    if not allow_http:
+        return ("plain http refused: downloads must use https (dataset.allow_http admits http to a loopback "
+                "test server only)")
+    if host not in LOOPBACK:
+        return (f"plain http to {host!r} refused: dataset.allow_http admits http only to a loopback host "
+                "(127.0.0.1, ::1, localhost)")
+    if redirected_from is not None and urllib.parse.urlsplit(redirected_from).scheme.lower() != "http":
+        return "redirect from https to plain http refused"
+    return None
 
 
-def _transfer(url: str, part: Path, case_id: str, retries: int, backoff: float, timeout: float) -> None:
+def check_url(url: str, case_id: str, allow_http: bool = False) -> None:
+    """Raise a CaseDataError naming the case and the URL unless ``url`` may be fetched (see :func:`url_problem`)."""
+    problem = url_problem(url, allow_http)
+    if problem:
+        raise CaseDataError(case_id, url, problem)
+
+
+def check_redirect(source: str, target: str, case_id: str, allow_http: bool = False) -> None:
+    """Raise a CaseDataError naming the case, the URL and the redirect target unless the redirect may be followed."""
+    problem = url_problem(target, allow_http, redirected_from=source)
+    if problem:
+        raise CaseDataError(case_id, source, f"redirected to {target}: {problem}")
+
+
+class _SafeRedirects(urllib.request.HTTPRedirectHandler):
+    """Follows a redirect only to a URL that :func:`check_redirect` accepts; checked before connecting."""
+
+    def __init__(self, case_id: str, allow_http: bool):
+        self.case_id, self.allow_http = case_id, allow_http
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        """Refuse a redirect to a URL that is not allowed (``newurl`` is already absolute)."""
+        try:
+            check_redirect(req.full_url, newurl, self.case_id, self.allow_http)
+        except CaseDataError:
+            fp.close()
+            raise
+        return super().redirect_request(req, fp, code, msg, headers, newurl)
+
+
+def _opener(case_id: str, allow_http: bool) -> urllib.request.OpenerDirector:
+    """A URL opener whose redirects are checked."""
+    return urllib.request.build_opener(_SafeRedirects(case_id, allow_http))
+
+
+def _transfer(url: str, part: Path, case_id: str, retries: int, backoff: float, timeout: float,
+              allow_http: bool = False) -> None:
     """Fill ``part`` with the whole body, retrying transient failures; attempts that progress are free."""
     failures = 0
     while True:
         before = _size(part)
         try:
-            _attempt(url, part, case_id, timeout)
+            _attempt(url, part, case_id, timeout, allow_http)
             return
         except _Retry as exc:
             failures = 0 if _size(part) > before else failures + 1
@@ -245,14 +373,20 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _attempt(url: str, part: Path, case_id: str, timeout: float) -> None:
-    """One HTTP request: resume or restart ``part``; raise _Retry on transient failures."""
+def _attempt(url: str, part: Path, case_id: str, timeout: float, allow_http: bool = False) -> None:
+    """One HTTP request: resume or restart ``part``; raise _Retry on transient failures.
+
+    Redirects are checked before they are followed, and the final URL once more.
+    """
     offset = _size(part)
     request = urllib.request.Request(url, headers={"User-Agent": "kidney-seg", "Accept-Encoding": "identity"})
     if offset:
         request.add_header("Range", f"bytes={offset}-")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as resp:
+        with _opener(case_id, allow_http).open(request, timeout=timeout) as resp:
+            final = resp.geturl()
+            if final != url:
+                check_redirect(url, final, case_id, allow_http)
             _receive(resp, part, offset, case_id)
     except urllib.error.HTTPError as exc:
         _http_error(exc, url, part, case_id)

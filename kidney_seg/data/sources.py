@@ -4,7 +4,8 @@ Sources: ``phantom`` (generated on the fly), ``kits19``/``kits21``/``kits23`` (d
 facts in :mod:`kidney_seg.data.kits`) and ``local`` (the user's files;
 :mod:`kidney_seg.data.local`). Generated and downloaded cases are stored as
 ``<root>/<case>/imaging.nii.gz`` and ``<root>/<case>/segmentation.nii.gz``; local cases
-point at the user's own files.
+point at the user's own files. Every case id is ``case_XXXXX`` (five digits), checked for
+every source, so that no case id can act as a path under the dataset root or results_dir.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ class Case:
 
 def raw_root(dataset_cfg: dict) -> str:
     """Folder that holds (or receives) the raw cases: ``dataset.root`` or ``data/<source>``."""
-    return dataset_cfg.get("root") or os.path.join("data", dataset_cfg["source"])
+    return kits.raw_root(dataset_cfg)
 
 
 def labels_of(source: str) -> tuple[int, ...]:
@@ -52,7 +53,7 @@ def list_cases(dataset_cfg: dict) -> list[Case]:
     """Every case the source offers, labelled and imaging-only, sorted by id."""
     source = dataset_cfg["source"]
     if source == "local":
-        return [Case(c, image, label) for c, image, label in local.list_local(dataset_cfg)]
+        return _checked([Case(c, image, label) for c, image, label in local.list_local(dataset_cfg)])
     if source == "phantom":
         labelled, unlabelled = _phantom_ids(dataset_cfg), []
     elif source in kits.SOURCES:
@@ -62,7 +63,14 @@ def list_cases(dataset_cfg: dict) -> list[Case]:
         raise ValueError(f"unknown dataset.source {source!r}")
     root = raw_root(dataset_cfg)
     cases = [_stored(root, c, True) for c in labelled] + [_stored(root, c, False) for c in unlabelled]
-    return sorted(cases, key=lambda c: c.case_id)
+    return _checked(sorted(cases, key=lambda c: c.case_id))
+
+
+def _checked(cases: list[Case]) -> list[Case]:
+    """``cases``, after checking that every id is ``case_XXXXX`` (ids become paths under results_dir)."""
+    for case in cases:
+        kits.check_case_id(case.case_id, case.image)
+    return cases
 
 
 def _stored(root: str, case_id: str, labelled: bool) -> Case:
@@ -82,6 +90,7 @@ def _phantom_ids(dataset_cfg: dict) -> list[str]:
 
 def select(cases: list[Case], dataset_cfg: dict) -> tuple[list[Case], list[Case]]:
     """(labelled cases chosen by ``dataset.cases``, imaging-only cases chosen by ``dataset.unlabelled_cases``)."""
+    _checked(cases)
     labelled = [c for c in cases if c.label is not None]
     unlabelled = [c for c in cases if c.label is None]
     chosen = _choose(labelled, unlabelled, dataset_cfg.get("cases", "all"), "dataset.cases", "labelled")
@@ -103,6 +112,9 @@ def _choose(pool: list[Case], others: list[Case], spec, key: str, kind: str) -> 
         return pool[:spec]
     if isinstance(spec, str) or not isinstance(spec, (list, tuple)):
         raise ValueError(f"{key} must be 'all', a positive integer or a list of case ids, got {spec!r}")
+    invalid = [c for c in spec if not kits.is_case_id(c)]
+    if invalid:
+        raise ValueError(f"{key} names invalid case ids {invalid}: each must be case_XXXXX with five digits")
     wanted, other_ids = set(spec), {c.case_id for c in others}
     wrong_kind = sorted(wanted & other_ids)
     if wrong_kind:
@@ -116,26 +128,31 @@ def _choose(pool: list[Case], others: list[Case], spec, key: str, kind: str) -> 
 # ----------------------------------------------------------------------------- fetching
 
 
-def fetch_image(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
-    """Download or generate one case's image file at ``out`` (atomically)."""
-    _fetch("image", case_id, dataset_cfg, seed, out)
+def fetch_image(case_id: str, dataset_cfg: dict, seed: int, out: str, allow_http: bool = False) -> None:
+    """Download or generate one case's image file at ``out`` (atomically).
+
+    A download goes to ``<root>/<case>/imaging.nii.gz`` only (``out`` must be that path) and
+    uses https; ``allow_http`` (``dataset.allow_http``) admits plain http to a loopback host.
+    """
+    _fetch("image", case_id, dataset_cfg, seed, out, allow_http)
 
 
-def fetch_label(case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
-    """Download or generate one case's label file at ``out`` (atomically)."""
-    _fetch("label", case_id, dataset_cfg, seed, out)
+def fetch_label(case_id: str, dataset_cfg: dict, seed: int, out: str, allow_http: bool = False) -> None:
+    """Download or generate one case's label file at ``out`` (atomically); see :func:`fetch_image`."""
+    _fetch("label", case_id, dataset_cfg, seed, out, allow_http)
 
 
-def _fetch(kind: str, case_id: str, dataset_cfg: dict, seed: int, out: str) -> None:
+def _fetch(kind: str, case_id: str, dataset_cfg: dict, seed: int, out: str, allow_http: bool) -> None:
     """Produce the ``kind`` ("image" or "label") file of a case for any source."""
     source = dataset_cfg["source"]
+    kits.check_case_id(case_id, out)
     if source == "phantom":
         case = _phantom_case(case_id, dataset_cfg, seed)
         array, dtype = (case.image, np.int16) if kind == "image" else (case.label, np.uint8)
         save_nifti(out, array, case.affine, dtype=dtype)
     elif source in kits.SOURCES:
         fetch = kits.fetch_kits_image if kind == "image" else kits.fetch_kits_label
-        fetch(case_id, dataset_cfg, out)
+        fetch(case_id, dataset_cfg, out, allow_http=allow_http)
     elif source == "local":
         raise local.missing_file(case_id, out, kind)
     else:
