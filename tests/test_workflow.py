@@ -279,7 +279,8 @@ def test_kits19_through_the_real_rules_against_a_local_server(tmp_path, kits_ser
     cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
     cfg["results_dir"] = str(tmp_path / "results")
     cfg["dataset"] = {"source": "kits19", "root": str(tmp_path / "kits19"), "cases": 6, "unlabelled_cases": 1,
-                      "kits_imaging_url": f"{kits_server}/img", "kits_labels_url": f"{kits_server}/lab"}
+                      "kits_imaging_url": f"{kits_server}/img", "kits_labels_url": f"{kits_server}/lab",
+                      "allow_http": True}  # the local test server speaks plain http
     cfg["preprocessing"].update({"clip": "auto", "normalization": "dataset"})
     cfg_path = tmp_path / "config.yaml"
     cfg_path.write_text(yaml.safe_dump(cfg))
