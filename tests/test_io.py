@@ -1,12 +1,16 @@
+import errno
 import gzip
+import os
+import pickle
+import shutil
 
 import nibabel as nib
 import numpy as np
 import pytest
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import (atomic_path, from_internal, geometry_of, load_image, load_label, load_nifti, save_like,
-                           to_internal)
+from kidney_seg.io import (OutputWriteError, atomic_path, from_internal, geometry_of, load_image, load_label,
+                           load_nifti, save_like, to_internal)
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -156,3 +160,108 @@ def test_inf_image_is_rejected(tmp_path):
     path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine())
     with pytest.raises(CaseDataError, match="case_00006.*inf"):
         load_image(path, "case_00006")
+
+
+# ----------------------------------------------------------------------------- write errors name the output
+
+
+@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO],
+                         ids=["ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EIO"])
+def test_write_error_names_the_output_keeps_errno_and_cause(tmp_path, code):
+    target = tmp_path / "out" / "metrics.json"
+    original = OSError(code, os.strerror(code))
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_path(target) as tmp:
+            tmp.write_text('{"half": ')
+            raise original
+    err = info.value
+    assert isinstance(err, OSError) and err.errno == code and err.strerror == os.strerror(code)
+    assert err.filename == str(target) and err.path == target
+    assert str(target) in str(err) and os.strerror(code) in str(err)
+    assert err.__cause__ is original
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_write_error_keeps_the_original_class(tmp_path):
+    with pytest.raises(PermissionError) as info:
+        with atomic_path(tmp_path / "x.csv"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    assert isinstance(info.value, OutputWriteError) and "x.csv" in str(info.value)
+    with pytest.raises(FileNotFoundError, match=r"cannot write .*model\.keras.*best\.keras"):
+        with atomic_path(tmp_path / "model.keras") as tmp:
+            shutil.copyfile(tmp_path / "best.keras", tmp)  # the source is missing: the message names both
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_write_error_pickles(tmp_path):
+    with pytest.raises(OutputWriteError) as info:
+        with atomic_path(tmp_path / "x.npy"):
+            raise PermissionError(errno.EACCES, "Permission denied")
+    back = pickle.loads(pickle.dumps(info.value))
+    assert type(back) is type(info.value) and str(back) == str(info.value) and back.errno == errno.EACCES
+
+
+def test_existing_output_survives_a_failed_rewrite(tmp_path):
+    target = tmp_path / "summary.csv"
+    target.write_text("metric,mean\ndice,0.9\n")
+    with pytest.raises(OutputWriteError, match="summary.csv"):
+        with atomic_path(target) as tmp:
+            tmp.write_text("metric,me")
+            raise OSError(errno.ENOSPC, "No space left on device")
+    assert target.read_text() == "metric,mean\ndice,0.9\n"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.csv"]
+
+
+@pytest.mark.parametrize("stage", ["mkstemp", "fsync", "replace"])
+def test_errors_outside_the_body_also_name_the_output(tmp_path, monkeypatch, stage):
+    """Creating the temporary file, flushing it (where a deferred ENOSPC shows) and the rename."""
+    import tempfile
+
+    target = tmp_path / "pred.nii.gz"
+
+    def fail(*args, **kwargs):
+        raise OSError(errno.ENOSPC if stage == "fsync" else errno.EROFS, "simulated")
+
+    owner = {"mkstemp": (tempfile, "mkstemp"), "fsync": (os, "fsync"), "replace": (os, "replace")}[stage]
+    monkeypatch.setattr(*owner, fail)
+    with pytest.raises(OutputWriteError, match=r"cannot write .*pred\.nii\.gz") as info:
+        with atomic_path(target) as tmp:
+            tmp.write_bytes(b"complete")
+    assert info.value.errno in (errno.ENOSPC, errno.EROFS)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupt_passes_through_and_cleans_up(tmp_path):
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_path(tmp_path / "x.txt") as tmp:
+            tmp.write_text("half")
+            raise KeyboardInterrupt
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self/fd"), reason="needs /proc to name file descriptors")
+def test_data_is_flushed_before_the_rename(tmp_path, monkeypatch):
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real_fsync(fd)))
+    with atomic_path(tmp_path / "x.txt") as tmp:
+        tmp.write_text("data")
+    assert synced[0] == str(tmp) and synced[-1] == str(tmp_path)  # the file, then its folder after the rename
+
+
+@pytest.mark.parametrize("full", [True, False])
+def test_short_write_without_errno_on_a_full_disk_is_enospc(tmp_path, monkeypatch, full):
+    """numpy's tofile (behind np.save) reports a short write as a bare OSError; on a full disk that is ENOSPC."""
+    import types
+
+    free = 0 if full else 1000
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=free, f_bfree=free))
+    with pytest.raises(OutputWriteError, match=r"arr\.npy") as info:
+        with atomic_path(tmp_path / "arr.npy") as tmp:
+            tmp.write_bytes(b"\x93NUMPY")
+            raise OSError("262144 requested and 131040 written")
+    assert info.value.errno == (errno.ENOSPC if full else None)
+    assert "262144 requested and 131040 written" in str(info.value)
+    monkeypatch.undo()
+    assert list(tmp_path.iterdir()) == []

@@ -37,7 +37,7 @@ from typing import Callable
 from tqdm import tqdm
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import Geometry, check_same_grid, geometry_of, load_label, load_nifti
+from kidney_seg.io import Geometry, OutputWriteError, check_same_grid, geometry_of, load_label, load_nifti
 
 log = logging.getLogger(__name__)
 
@@ -435,11 +435,17 @@ def _copy(resp, part: Path, mode: str, offset: int, total: int | None, case_id: 
         total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
         desc=f"{case_id} {part.name.removesuffix('.part')}", file=_LogStream(), mininterval=10.0, ascii=True,
     )
-    with bar, open(part, mode) as fh:
-        while chunk := resp.read(CHUNK):
-            fh.write(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
+    try:
+        with bar, open(part, mode) as fh:
+            while chunk := resp.read(CHUNK):
+                fh.write(chunk)
+                received += len(chunk)
+                bar.update(len(chunk))
+    except OSError as exc:
+        if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
+            raise  # a network problem: retried by the caller
+        # disk full, quota, read-only: name the file; the .part stays for a resume once there is room
+        raise OutputWriteError(part.with_name(part.name.removesuffix(".part")), exc, f"downloading into {part.name}") from exc
     return received
 
 
