@@ -199,8 +199,11 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Load a .npy array without pickle, memory-mapped by default."""
-    return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    """Load a .npy array without pickle, memory-mapped by default; an object (pickled) array is refused, naming the file."""
+    try:
+        return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
+    except ValueError as exc:  # numpy's message names neither the file nor the reason for refusing
+        raise ValueError(f"{os.fspath(path)}: refused: {exc} (pickled object arrays are never loaded)") from exc
 
 
 @dataclass(frozen=True)

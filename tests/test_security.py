@@ -140,8 +140,9 @@ def test_load_npy_refuses_a_pickled_array(tmp_path, mmap):
 
     marker = tmp_path / "pwned"
     path = _pickled_npy(tmp_path / "image.npy", marker)
-    with pytest.raises(ValueError, match=r"(?i)pickle|python objects|object arrays|object dtype"):
+    with pytest.raises(ValueError, match=r"(?i)pickle|python objects|object arrays|object dtype") as info:
         load_npy(path, mmap=mmap)
+    assert str(path) in str(info.value)  # the error names the file
     assert not marker.exists()
 
 
