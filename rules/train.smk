@@ -4,7 +4,7 @@ rule train:
         train=fold_training,
         val=fold_validation,
         fingerprint=fingerprint,
-        code=library("model.py", "losses.py", "sampling.py", "training.py", "config.py", "environment.py"),
+        code=library("model.py", "losses.py", "sampling.py", "training.py", "determinism.py", "config.py", "environment.py"),
     output:
         model=f"{RESULTS}/model/fold_{{fold}}/model.keras",
         history=f"{RESULTS}/model/fold_{{fold}}/history.csv",
@@ -18,6 +18,7 @@ rule train:
         preprocessing=PREPROCESSING,
         labels=LABELS,
         seed=config["seed"],
+        deterministic=config["deterministic"],
         checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
     threads: train_threads
     resources:

@@ -162,3 +162,184 @@ def test_strategy_choice_on_a_single_cpu():
     assert make_strategy("mirrored") is None  # one CPU device: falls back with a warning
     with pytest.raises(ValueError):
         make_strategy("tpu")
+
+
+class _Optimizer:
+    """The part of a Keras optimizer ReduceLROnPlateau touches; the rate is float32, as in a Keras variable."""
+
+    def __init__(self, learning_rate: float):
+        self.learning_rate = learning_rate
+
+    @property
+    def learning_rate(self) -> float:
+        return self._lr
+
+    @learning_rate.setter
+    def learning_rate(self, value: float) -> None:
+        self._lr = float(np.float32(value))
+
+
+class _Model:
+    def __init__(self, learning_rate: float):
+        self.optimizer = _Optimizer(learning_rate)
+
+
+# val_loss per epoch: improvements, plateaus long enough to cut the rate, improvements smaller than min_delta
+VAL_LOSSES = [1.0, 0.9, 0.91, 0.92, 0.93, 0.8, 0.799, 0.798, 0.797, 0.5, 0.6, 0.6, 0.6, 0.6, 0.49, 0.7, 0.7, 0.7]
+PLATEAU = {**TRAIN, "learning_rate": 1e-3, "lr_factor": 0.5, "lr_patience": 2, "lr_min_delta": 0.005, "min_lr": 2e-4}
+
+
+def _schedule(callback, model, first_epoch: int):
+    """Feed the remaining VAL_LOSSES to a callback as fit would; the history rows it gives (epoch, lr, val_loss)."""
+    callback.set_model(model)
+    callback.on_train_begin()
+    rows = []
+    for epoch in range(first_epoch, len(VAL_LOSSES)):
+        callback.on_epoch_end(epoch, {"val_loss": VAL_LOSSES[epoch]})
+        rows.append({"epoch": epoch + 1, "lr": model.optimizer.learning_rate, "val_loss": VAL_LOSSES[epoch]})
+    return rows
+
+
+@pytest.mark.parametrize("cooldown", [0, 2])
+def test_a_resumed_plateau_schedule_is_the_uninterrupted_one(cooldown):
+    import keras
+
+    from kidney_seg.training import make_lr_schedule, replay_plateau
+
+    def fresh(history):
+        callback = make_lr_schedule(PLATEAU, history)
+        callback.cooldown = cooldown
+        return callback
+
+    whole = pd.DataFrame(_schedule(fresh(pd.DataFrame(columns=["epoch", "lr", "val_loss"])), _Model(1e-3), 0))
+    assert whole["lr"].nunique() > 2 and whole["lr"].iloc[-1] == pytest.approx(2e-4)  # the rate was cut, down to min_lr
+    differs = False
+    for k in range(1, len(VAL_LOSSES)):
+        done = whole.iloc[:k]
+        rest = _schedule(fresh(done), _Model(done["lr"].iloc[-1]), k)
+        pd.testing.assert_frame_equal(pd.DataFrame(rest), whole.iloc[k:].reset_index(drop=True))
+        plain = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_delta=0.005, min_lr=2e-4,
+                                                  cooldown=cooldown)
+        differs |= [r["lr"] for r in _schedule(plain, _Model(done["lr"].iloc[-1]), k)] != whole["lr"].iloc[k:].tolist()
+    assert differs, "Keras' own callback, reset on resume, should give another schedule somewhere"
+    # the state itself, not only the rates: replaying a history equals having lived through it
+    lived, replayed = fresh(pd.DataFrame()), fresh(pd.DataFrame())
+    _schedule(lived, _Model(1e-3), 0)
+    replayed.set_model(_Model(whole["lr"].iloc[-1]))
+    replayed.on_train_begin()
+    replay_plateau(replayed, whole, 1e-3)
+    assert (replayed.best, replayed.wait, replayed.cooldown_counter) == (lived.best, lived.wait, lived.cooldown_counter)
+    assert isinstance(replayed.model, _Model)  # the real model is given back after the replay
+
+
+def test_history_floats_round_trip_exactly(tmp_path):
+    from kidney_seg.training import write_history
+
+    values = np.random.default_rng(0).random(1000).astype(np.float32).astype(float).tolist() + [0.1, 1 / 3, 2e-7]
+    write_history(pd.DataFrame({"epoch": range(len(values)), "val_loss": values}), tmp_path / "h.csv")
+    assert read_history(tmp_path / "h.csv")["val_loss"].tolist() == values
+
+
+def test_best_so_far_follows_the_checkpoint_rule():
+    from kidney_seg.training import best_so_far
+
+    assert best_so_far(pd.DataFrame({"val_loss": []})) == (0, float("inf"))
+    assert best_so_far(pd.DataFrame({"val_loss": [0.5, 0.4, 0.4, 0.45, 0.3, 0.31]})) == (5, 0.3)
+    epoch, best = best_so_far(pd.DataFrame({"val_loss": [float("nan"), 0.2]}))  # Python's comparisons: NaN stays
+    assert epoch == 1 and np.isnan(best)
+
+
+def _weights(path):
+    from kidney_seg.model import load_model
+
+    return [w.tobytes() for w in load_model(path).get_weights()]
+
+
+def _without_seconds(df):
+    return df.drop(columns="seconds")
+
+
+def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tmp_path):
+    import shutil
+
+    from kidney_seg.training import best_so_far, checkpoint_epoch
+
+    reference = run(cache, tmp_path / "ref", epochs=3, num_workers=0)
+    assert checkpoint_epoch(tmp_path / "ref" / "checkpoint" / "last.keras") == 3
+    out, state = tmp_path / "model", tmp_path / "model" / "checkpoint"
+    run(cache, out, epochs=1, num_workers=0)
+    shutil.copyfile(state / "last.keras", tmp_path / "epoch1.keras")
+    run(cache, out, epochs=2, num_workers=0)
+    history = read_history(state / "history.csv")
+    # killed after epoch 3's history row was written, before last.keras was (and before any best.keras copy) ...
+    extra = {**history.iloc[-1].to_dict(), "epoch": 3, "val_loss": -1.0}
+    pd.concat([history, pd.DataFrame([extra])]).to_csv(state / "history.csv", index=False)
+    if best_so_far(history)[0] == 2:  # ... and, if epoch 2 was the best, killed before best.keras caught up with it
+        shutil.copyfile(tmp_path / "epoch1.keras", state / "best.keras")
+    resumed = run(cache, out, epochs=3, num_workers=0)
+    pd.testing.assert_frame_equal(_without_seconds(resumed), _without_seconds(reference))
+    for name in ("model.keras", "checkpoint/last.keras", "checkpoint/best.keras"):
+        assert _weights(out / name) == _weights(tmp_path / "ref" / name), name
+
+
+def test_a_checkpoint_without_its_epoch_record_still_resumes(cache, tmp_path):
+    import zipfile
+
+    from kidney_seg.training import CHECKPOINT_MEMBER, checkpoint_epoch
+
+    out = tmp_path / "model"
+    run(cache, out, epochs=1, num_workers=0)
+    last = out / "checkpoint" / "last.keras"
+    with zipfile.ZipFile(last) as src, zipfile.ZipFile(tmp_path / "old.keras", "w") as dst:  # as older versions saved it
+        for item in src.infolist():
+            if item.filename != CHECKPOINT_MEMBER:
+                dst.writestr(item, src.read(item))
+    (tmp_path / "old.keras").replace(last)
+    assert checkpoint_epoch(last) is None
+    history = run(cache, out, epochs=2, num_workers=0)
+    assert list(history["epoch"]) == [1, 2] and checkpoint_epoch(last) == 2
+
+
+DETERMINISM_SCRIPT = r"""
+import json, os, sys
+from kidney_seg.training import configure_threads
+configure_threads(2)
+from kidney_seg.determinism import enable
+backend = enable(3)
+import numpy as np, tensorflow as tf
+from tensorflow.python.framework import config as tf_config
+print("RESULT", json.dumps({"backend": backend, "op_determinism": tf_config.is_op_determinism_enabled(),
+      "intra": tf.config.threading.get_intra_op_parallelism_threads(),
+      "inter": tf.config.threading.get_inter_op_parallelism_threads(),
+      "xla_flags": os.environ["XLA_FLAGS"], "numpy": float(np.random.random())}))
+"""
+
+
+def test_enable_makes_tensorflow_deterministic_and_single_threaded():
+    import os
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": "--xla_dump_to=/dev/null"}
+    proc = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
+    assert result["backend"] == "tensorflow" and result["op_determinism"] is True
+    assert result["intra"] == 1 and result["inter"] == 2  # one compute thread; the scheduler's inter-op count stays
+    assert result["xla_flags"] == "--xla_dump_to=/dev/null --xla_gpu_deterministic_ops=true"
+    assert result["numpy"] == np.random.RandomState(3).random_sample()  # keras.utils.set_random_seed(3) ran
+
+
+def test_prepare_environment_adds_flags_once():
+    from kidney_seg.determinism import prepare_environment
+
+    env = {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false --foo=1", "CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    prepare_environment(env)
+    assert env == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=false --foo=1", "CUBLAS_WORKSPACE_CONFIG": ":16:8"}
+    env = {}
+    prepare_environment(env)
+    prepare_environment(env)
+    assert env == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=true", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
