@@ -273,6 +273,13 @@ def read_image(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.
     return out, geometry
 
 
+def check_extent(shape: tuple[int, ...], case_id: str | None, path: object) -> None:
+    """Refuse an empty or single-slice volume (nothing to resample or segment), naming the case and file."""
+    if min(shape) < 2:
+        raise CaseDataError(case_id, path,
+                            f"volume of shape {tuple(shape)} is empty or a single slice; need >= 2 voxels per axis")
+
+
 def _label_values(raw: np.ndarray) -> set[int]:
     """Distinct values of an integer array, streamed in chunks (no full-size temporaries)."""
     found: set[int] = set()
@@ -641,9 +648,7 @@ def preprocess_case(
     """
     settings = check_settings(settings)
     image, geometry = read_image(image_path, case_id)
-    if min(image.shape) < 2:
-        raise CaseDataError(case_id, image_path,
-                            f"volume of shape {tuple(image.shape)} is empty or a single slice; need >= 2 voxels per axis")
+    check_extent(image.shape, case_id, image_path)
     num_classes = len(valid_labels)
     data, box = preprocess_image(image, geometry.spacing, settings)
     del image  # the raw scan goes before the label is read: peak memory is one volume, not two

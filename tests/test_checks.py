@@ -43,6 +43,7 @@ def _truncate(path):
     ("label_values", "unexpected label values [7]"),
     ("grid_mismatch", "grid"),
     ("not_nifti", "NIfTI"),
+    ("one_slice", "single slice"),
 ])
 def test_each_bad_file_is_recorded_with_case_file_and_reason(tmp_path, fault, expected):
     image = np.random.default_rng(1).normal(40, 10, (4, 12, 12)).astype(np.float32)
@@ -50,6 +51,8 @@ def test_each_bad_file_is_recorded_with_case_file_and_reason(tmp_path, fault, ex
     affine = None
     if fault == "nan_image":
         image[1, 2, 3] = np.nan
+    if fault == "one_slice":
+        image, label = image[:1], label[:1]
     if fault == "label_values":
         label[0, 0, 0] = 7
     if fault == "grid_mismatch":

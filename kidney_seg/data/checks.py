@@ -34,10 +34,12 @@ FAILURE_COLUMNS: tuple[str, ...] = ("case_id", "stage", "reason", "log")
 def check_case(case_id: str, image_path: str | os.PathLike, label_path: str | os.PathLike | None,
                labels: tuple[int, ...]) -> dict:
     """Read a case as the pipeline will and return its check record (ok, or the failure and its reason)."""
-    from kidney_seg.preprocessing import read_image, read_label
+    from kidney_seg.preprocessing import check_extent, read_image, read_label
 
     try:
-        _, geometry = read_image(image_path, case_id)
+        image, geometry = read_image(image_path, case_id)
+        check_extent(image.shape, case_id, image_path)
+        del image
         if label_path is not None:
             read_label(label_path, case_id, tuple(labels), geometry)
     except CaseDataError as exc:
