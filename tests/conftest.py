@@ -31,6 +31,20 @@ def write_nifti(path: Path, array: np.ndarray, affine: np.ndarray, qcode: int = 
     return path
 
 
+def dotted_name(node) -> str:
+    """``a.b.c`` of an ast Name/Attribute chain, '' for anything else (for the static source audits)."""
+    import ast
+
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    if isinstance(node, ast.Name):
+        parts.append(node.id)
+        return ".".join(reversed(parts))
+    return ""
+
+
 @pytest.fixture
 def kits_labels_dir() -> Path:
     """The real KiTS19 label files in ../shared/data, or skip."""

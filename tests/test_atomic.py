@@ -35,7 +35,7 @@ import pandas as pd
 import pytest
 
 from kidney_seg.io import OutputWriteError
-from tests.conftest import REPO, kits_affine, write_nifti
+from tests.conftest import REPO, dotted_name, kits_affine, write_nifti
 
 MARK = b"PARTIAL-WRITE-"  # what a failing serialiser leaves in the file it was writing
 
@@ -560,18 +560,6 @@ _WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC"}
 _BUFFERS = {"BytesIO", "StringIO"}
 
 
-def _dotted(node: ast.AST) -> str:
-    """``a.b.c`` for a Name/Attribute chain, else ''."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return ".".join(reversed(parts))
-    return ""
-
-
 def _arg(call: ast.Call, pos: int, *names: str) -> ast.AST | None:
     """Positional argument ``pos`` or the first of keyword ``names``."""
     if len(call.args) > pos and not any(isinstance(a, ast.Starred) for a in call.args[: pos + 1]):
@@ -598,9 +586,9 @@ def classify_write(call: ast.Call) -> tuple[str, ast.AST | None] | None:
     None when the call writes but its destination cannot be told.
     """
     func = call.func
-    name = _dotted(func)
+    name = dotted_name(func)
     attr = func.attr if isinstance(func, ast.Attribute) else None
-    owner = _dotted(func.value) if isinstance(func, ast.Attribute) else ""
+    owner = dotted_name(func.value) if isinstance(func, ast.Attribute) else ""
     if name == "open" or (attr == "open" and owner in _MODULE_OPENERS):
         mode = _is_write_mode(_arg(call, 1, "mode"))
         return ("open", _arg(call, 0, "file", "filename")) if mode is not False else None
@@ -676,7 +664,7 @@ class _Auditor(ast.NodeVisitor):
     def _function(self, node):
         self.functions.append(node.name)
         buffers = {t.id for n in ast.walk(node) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-                   and _dotted(n.value.func).split(".")[-1] in _BUFFERS for t in n.targets if isinstance(t, ast.Name)}
+                   and dotted_name(n.value.func).split(".")[-1] in _BUFFERS for t in n.targets if isinstance(t, ast.Name)}
         self.buffers.append(buffers)
         self.safe.append(set(self.safe[-1]))
         self.generic_visit(node)
@@ -696,7 +684,7 @@ class _Auditor(ast.NodeVisitor):
             var = item.optional_vars
             if not (isinstance(call, ast.Call) and isinstance(var, ast.Name)):
                 continue
-            if _dotted(call.func).split(".")[-1] == "atomic_path":
+            if dotted_name(call.func).split(".")[-1] == "atomic_path":
                 added.add(var.id)
             else:
                 write = classify_write(call)

@@ -22,7 +22,7 @@ import pytest
 from kidney_seg.data import kits
 from kidney_seg.data.sources import Case, fetch_image, fetch_label, list_cases, select
 from kidney_seg.errors import CaseDataError
-from tests.conftest import REPO, kits_affine, write_nifti
+from tests.conftest import REPO, dotted_name, kits_affine, write_nifti
 
 LIBRARY = REPO / "kidney_seg"
 PHANTOM = {"n_cases": 3, "field_of_view_mm": [120, 125], "z_extent_mm": [80, 85], "slice_spacing_mm": [4.0, 5.0]}
@@ -172,19 +172,7 @@ def _library_calls():
                     imported[alias.asname or alias.name] = f"{node.module}.{alias.name}"
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
-                yield path, node, _dotted(node.func), imported
-
-
-def _dotted(node) -> str:
-    """``a.b.c`` of a Name/Attribute chain, '' for anything else."""
-    parts = []
-    while isinstance(node, ast.Attribute):
-        parts.append(node.attr)
-        node = node.value
-    if isinstance(node, ast.Name):
-        parts.append(node.id)
-        return ".".join(reversed(parts))
-    return ""
+                yield path, node, dotted_name(node.func), imported
 
 
 def _keyword(call: ast.Call, name: str):
