@@ -11,6 +11,8 @@ import json
 import multiprocessing as mp
 import sys
 from collections import deque
+from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -141,6 +143,11 @@ def _worker_batch(k: int):
     return make_batch(k, w["cases"], w["tables"], w["transform"], spec.batch_size, spec.n_fg, spec.seed, spec.n_tumor)
 
 
+def _worker_ready() -> bool:
+    """A no-op task that makes the executor start a worker."""
+    return True
+
+
 @contextmanager
 def _main_script_hidden() -> Iterator[None]:
     """Keep spawned workers from re-running the parent's __main__ script (Snakemake scripts have no main guard)."""
@@ -171,7 +178,13 @@ class BatchLoader:
     def __enter__(self) -> "BatchLoader":
         if self.num_workers > 0:
             with _main_script_hidden():
-                self.pool = mp.get_context("spawn").Pool(self.num_workers, _worker_init, (self.spec,))
+                # an executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool instead of
+                # hanging, and shutting down cannot deadlock on the pool's task-queue lock
+                self.pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"),
+                                                initializer=_worker_init, initargs=(self.spec,))
+                # workers start on demand: start them all now, while the main script is hidden
+                for ready in [self.pool.submit(_worker_ready) for _ in range(self.num_workers)]:
+                    ready.result()
         return self
 
     def __exit__(self, *exc) -> None:
@@ -181,8 +194,7 @@ class BatchLoader:
         """Stop the workers and wait for them to exit."""
         self.closed = True
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.shutdown(wait=True, cancel_futures=True)  # queued batches dropped, running ones (ms) finish
             self.pool = None
 
     def batches(self):
@@ -196,7 +208,7 @@ class BatchLoader:
         pending, k = deque(), self.start
         while not self.closed:
             while len(pending) < 2 * self.num_workers and self.pool is not None:
-                pending.append(self.pool.apply_async(_worker_batch, (k,)))
+                pending.append(self.pool.submit(_worker_batch, k))
                 k += 1
             batch = self._wait(pending.popleft()) if pending else None
             if batch is None:
@@ -207,8 +219,8 @@ class BatchLoader:
         """The result of one task, or None once the loader is closed."""
         while not self.closed:
             try:
-                return result.get(timeout=self.poll_s)
-            except mp.TimeoutError:
+                return result.result(timeout=self.poll_s)
+            except FuturesTimeout:
                 continue
         return None
 
