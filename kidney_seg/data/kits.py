@@ -178,16 +178,21 @@ def _require_case(case_id: str, src: KitsSource, labelled: bool) -> None:
     raise CaseDataError(case_id, src.name, f"not a case of {src.name}")
 
 
+def _target(case_id: str, dataset_cfg: dict, name: str, out: str | os.PathLike, labelled: bool):
+    """(source, checked destination) of one file to fetch: a valid case id the source offers, a path inside the root."""
+    src = source_of(dataset_cfg)
+    check_case_id(case_id)
+    _require_case(case_id, src, labelled=labelled)
+    return src, _checked_out(case_id, dataset_cfg, name, out)
+
+
 def fetch_kits_image(case_id: str, dataset_cfg: dict, out: str | os.PathLike, allow_http: bool = False) -> None:
     """Download one imaging file to ``<root>/<case>/imaging.nii.gz`` (``out`` must be that path).
 
     The grid is checked against the label when that exists. ``allow_http`` admits plain
     http to a loopback host (``dataset.allow_http``).
     """
-    src = source_of(dataset_cfg)
-    check_case_id(case_id)
-    _require_case(case_id, src, labelled=False)
-    out = _checked_out(case_id, dataset_cfg, IMAGE_NAME, out)
+    _, out = _target(case_id, dataset_cfg, IMAGE_NAME, out, labelled=False)
     label = out.with_name(LABEL_NAME)
 
     def check(path: Path) -> None:
@@ -202,10 +207,7 @@ def fetch_kits_label(case_id: str, dataset_cfg: dict, out: str | os.PathLike, al
 
     Its values are checked, and its grid against the image when that exists.
     """
-    src = source_of(dataset_cfg)
-    check_case_id(case_id)
-    _require_case(case_id, src, labelled=True)
-    out = _checked_out(case_id, dataset_cfg, LABEL_NAME, out)
+    src, out = _target(case_id, dataset_cfg, LABEL_NAME, out, labelled=True)
     image = out.with_name(IMAGE_NAME)
 
     def check(path: Path) -> None:
