@@ -162,7 +162,7 @@ def child_build(spec: dict) -> dict:
     import keras
 
     from benchmarks.train_throughput import conv_flops_per_image
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
     from kidney_seg.model import build_from_config
 
     keras.utils.set_random_seed(spec["seed"])
@@ -261,7 +261,7 @@ def first_slices(label: Path, n: int, tmp: Path) -> Path:
     import nibabel as nib
     import numpy as np
 
-    from kidney_seg.io import save_nifti
+    from kidney_seg.volume import save_nifti
 
     img = nib.load(str(label))
     if nib.aff2axcodes(img.affine)[0] != "I":
@@ -280,7 +280,7 @@ def prepare_case(case: Path, slices: int | None, tmp: Path) -> tuple[Path, str, 
     the full case's internal shape and spacing."""
     import nibabel as nib
 
-    from kidney_seg.io import geometry_of
+    from kidney_seg.volume import geometry_of
 
     if slices is None:
         image, label, note = make_case(case, tmp, "int16")
@@ -294,7 +294,7 @@ def prepare_case(case: Path, slices: int | None, tmp: Path) -> tuple[Path, str, 
 
 def child(mode: str, spec: dict, tmp: Path, name: str | None = None) -> dict:
     """Run one measurement in a fresh interpreter; it writes its result next to its spec."""
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
 
     spec_path, result_path, log_path = (tmp / f"{name or mode}.{kind}" for kind in ("spec.json", "result.json", "log"))
     write_json_atomic(spec_path, {**spec, "result": str(result_path)})
@@ -386,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.repeats < 1 or (args.batch_size is not None and args.batch_size < 1):
         parser.error("--repeats and --batch-size must be at least 1")
 
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
 
     if args.child:
         mode, spec_path = args.child

@@ -13,7 +13,7 @@ Each measurement runs in a fresh subprocess and reports its own peak RSS (VmHWM)
              3.0 x 0.7816 x 0.7816 mm, clip [-75.76, 349.49], per-slice z-score, crop to
              body), end to end: load image and label, crop, resample both, write the cache;
   ours_core  the same image: load (lean reader), then time preprocess_image alone;
-  reference  load with kidney_seg.io.load_image (float32), clip, scikit-image resize
+  reference  load with kidney_seg.volume.load_image (float32), clip, scikit-image resize
              order 3 of every slice in-plane (anti_aliasing=False, preserve_range=True),
              then nearest neighbour along the slice axis.
 Targets: ours / reference wall time <= 0.5; our peak RSS <= 2.5 x the float32 size of the
@@ -89,7 +89,7 @@ def child_reference(image: str) -> dict:
     import numpy as np
     from skimage.transform import resize
 
-    from kidney_seg.io import load_image
+    from kidney_seg.volume import load_image
     from kidney_seg.preprocessing import nearest_indices, resampled_shape
 
     baseline = peak_rss_bytes()
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result))
         return 0
 
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
 
     with tempfile.TemporaryDirectory(prefix="kidney-seg-bench-") as tmpdir:
         tmp = Path(tmpdir)

@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kidney_seg.config import load_config  # noqa: E402
-from kidney_seg.io import write_json_atomic  # noqa: E402
+from kidney_seg.atomic import write_json_atomic  # noqa: E402
 
 
 def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:

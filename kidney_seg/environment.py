@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 
-from kidney_seg.io import write_json_atomic
+from kidney_seg.atomic import write_json_atomic
 
 #: Distributions whose versions are recorded (those installed).
 PACKAGES: tuple[str, ...] = (

@@ -55,7 +55,9 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-from kidney_seg.io import atomic_path, geometry_of, load_label, load_nifti, write_json_atomic
+from kidney_seg.atomic import atomic_path, write_json_atomic
+
+from kidney_seg.volume import geometry_of, load_label, load_nifti
 
 VALID_LABELS: tuple[int, ...] = (0, 1, 2)
 KIDNEY, TUMOR, CYST = 1, 2, 3

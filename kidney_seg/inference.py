@@ -36,7 +36,7 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.io import from_internal, save_like
+from kidney_seg.volume import from_internal, save_like
 from kidney_seg.preprocessing import check_settings, preprocess_image, read_image
 
 log = logging.getLogger(__name__)

@@ -43,7 +43,8 @@ from scipy import ndimage
 
 from kidney_seg.errors import CaseDataError
 from kidney_seg.evaluation import KIDNEY, TUMOR, VALID_LABELS, dice, voxel_volume_ml
-from kidney_seg.io import geometry_of, load_label, load_nifti, save_like, write_json_atomic
+from kidney_seg.atomic import write_json_atomic
+from kidney_seg.volume import geometry_of, load_label, load_nifti, save_like
 
 STEPS: tuple[str, ...] = ("foreground", "tumor")
 #: The region each step targets and the other region it must not harm.

@@ -48,8 +48,8 @@ from nibabel import orientations as ornt
 from scipy import ndimage
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import (Geometry, check_same_grid, geometry_of, load_label, load_nifti, save_npy_atomic,
-                           write_json_atomic)
+from kidney_seg.atomic import save_npy_atomic, write_json_atomic
+from kidney_seg.volume import Geometry, check_same_grid, geometry_of, load_label, load_nifti
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +247,7 @@ def _check_finite(raw: np.ndarray, case_id, path) -> None:
 def read_image(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.ndarray, Geometry]:
     """A CT volume in HU, internal orientation, without copying the whole scan; and its geometry.
 
-    Same checks as :func:`kidney_seg.io.load_image` (readable 3D NIfTI, finite values),
+    Same checks as :func:`kidney_seg.volume.load_image` (readable 3D NIfTI, finite values),
     but the result is a reoriented view of the file's own data: integer files with no
     scaling stay integer (int16 CT is half the size of float32), float32 files stay as
     read. Only files whose slope/intercept must be applied (or float64 files) are
@@ -298,10 +298,10 @@ def read_label(path: str | os.PathLike, case_id: str | None, valid_labels: tuple
                image_geometry: Geometry | None = None) -> np.ndarray:
     """A label volume as uint8 in the internal orientation (a view where the file is uint8).
 
-    Same checks as :func:`kidney_seg.io.load_label` (integer values among
+    Same checks as :func:`kidney_seg.volume.load_label` (integer values among
     ``valid_labels``, same grid as the image) without its float64 copy: integer files are
     checked in chunks in their own dtype. Float or scaled label files fall back to
-    :func:`kidney_seg.io.load_label`. Callers must not write into the result.
+    :func:`kidney_seg.volume.load_label`. Callers must not write into the result.
     """
     img = load_nifti(path, case_id)
     geometry = geometry_of(img)

@@ -22,7 +22,7 @@ import numpy as np
 from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
-from kidney_seg.io import load_npy
+from kidney_seg.atomic import load_npy
 
 TUMOR_LABEL = 2
 

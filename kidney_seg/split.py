@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pandas as pd
 
-from kidney_seg.io import atomic_path
+from kidney_seg.atomic import atomic_path
 
 SUBSETS = ("train", "val", "test")
 

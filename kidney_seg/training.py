@@ -35,7 +35,7 @@ import numpy as np
 import pandas as pd
 
 from kidney_seg.config import class_names
-from kidney_seg.io import atomic_path, write_json_atomic
+from kidney_seg.atomic import atomic_path, write_json_atomic
 
 if TYPE_CHECKING:
     from kidney_seg.sampling import StreamSpec

@@ -40,7 +40,7 @@ wildcard_constraints:
 
 def library(*modules):
     """Library source files a rule depends on, so that editing them triggers a rerun."""
-    return [os.path.join(workflow.basedir, "kidney_seg", m) for m in ("__init__.py", "io.py", "errors.py") + modules]
+    return [os.path.join(workflow.basedir, "kidney_seg", m) for m in ("__init__.py", "atomic.py", "volume.py", "errors.py") + modules]
 
 
 def raw_image(wildcards):

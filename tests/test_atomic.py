@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.io import OutputWriteError
+from kidney_seg.atomic import OutputWriteError
 from tests.conftest import REPO, dotted_name, kits_affine, write_nifti
 
 MARK = b"PARTIAL-WRITE-"  # what a failing serialiser leaves in the file it was writing
@@ -154,7 +154,7 @@ class Writer:
 
 
 def _setup_atomic_path(tmp):
-    from kidney_seg.io import atomic_path
+    from kidney_seg.atomic import atomic_path
 
     def run():
         with atomic_path(tmp / "out" / "blob.bin") as t:
@@ -163,27 +163,27 @@ def _setup_atomic_path(tmp):
 
 
 def _setup_write_text(tmp):
-    from kidney_seg.io import write_text_atomic
+    from kidney_seg.atomic import write_text_atomic
     return lambda: write_text_atomic(tmp / "out" / "notes.txt", "complete text\n" * 50)
 
 
 def _setup_write_json(tmp):
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
     return lambda: write_json_atomic(tmp / "out" / "obj.json", {"a": list(range(100))})
 
 
 def _setup_save_npy(tmp):
-    from kidney_seg.io import save_npy_atomic
+    from kidney_seg.atomic import save_npy_atomic
     return lambda: save_npy_atomic(tmp / "out" / "arr.npy", np.arange(1000, dtype=np.float32))
 
 
 def _setup_save_nifti(tmp):
-    from kidney_seg.io import save_nifti
+    from kidney_seg.volume import save_nifti
     return lambda: save_nifti(tmp / "out" / "vol.nii.gz", _label(), kits_affine())
 
 
 def _setup_save_like(tmp):
-    from kidney_seg.io import save_like
+    from kidney_seg.volume import save_like
     ref = write_nifti(tmp / "in" / "ref.nii.gz", np.zeros((6, 24, 24), np.int16), kits_affine())
     return lambda: save_like(tmp / "out" / "pred.nii.gz", _label(), ref)
 
@@ -301,7 +301,7 @@ def _setup_run_check(tmp):
 
 def _setup_collect_checks(tmp):
     from kidney_seg.data.checks import collect_checks
-    from kidney_seg.io import write_json_atomic
+    from kidney_seg.atomic import write_json_atomic
     records = [{"case_id": "case_00000", "ok": True, "stage": "check", "file": "", "reason": "", "log": ""},
                {"case_id": "case_00001", "ok": False, "stage": "check", "file": "x.nii.gz", "reason": "truncated", "log": ""}]
     paths = []
@@ -745,7 +745,7 @@ def test_static_audit_every_library_write_goes_through_atomic_path():
         else:
             bad.append(f)
     assert not bad, ("file writes outside `with atomic_path(...) as tmp` (write to tmp, or use "
-                     "kidney_seg.io.write_text_atomic / write_json_atomic / save_npy_atomic / save_nifti / save_like; "
+                     "kidney_seg.atomic.write_text_atomic / write_json_atomic / save_npy_atomic, kidney_seg.volume.save_nifti / save_like; "
                      "a justified exception goes into ALLOWED in tests/test_atomic.py with its reason):\n"
                      + "\n".join(map(str, bad)))
     stale = set(ALLOWED) - used

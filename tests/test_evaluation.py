@@ -12,7 +12,7 @@ from scipy.spatial import distance
 
 from kidney_seg import evaluation as ev
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import save_nifti
+from kidney_seg.volume import save_nifti
 
 KITS_AFFINE = np.array([[0, 0, -0.8, 0], [0, -0.8, 0, 0], [-3, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
 

@@ -29,7 +29,9 @@ import pandas as pd
 import pytest
 import yaml
 
-from kidney_seg.io import OutputWriteError, save_like, save_npy_atomic, save_nifti, write_json_atomic
+from kidney_seg.atomic import OutputWriteError, save_npy_atomic, write_json_atomic
+
+from kidney_seg.volume import save_like, save_nifti
 from kidney_seg.split import write_split
 from tests.conftest import REPO, kits_affine, write_nifti
 from tests.test_atomic import MARK, FailingSerialiser

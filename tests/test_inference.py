@@ -221,7 +221,7 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
 
 def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, kits_labels_dir):
     """A real KiTS case re-saved in RAS with slices last is segmented identically, voxel for voxel."""
-    from kidney_seg.io import geometry_of
+    from kidney_seg.volume import geometry_of
 
     src = nib.load(str(kits_labels_dir / "case_00037" / "segmentation.nii.gz"))  # 97 x 512 x 512, 5 mm slices
     label = np.asanyarray(src.dataobj).astype(np.uint8)

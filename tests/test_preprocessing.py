@@ -7,7 +7,7 @@ from scipy import ndimage
 
 import kidney_seg.preprocessing as pre
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import load_image, load_label
+from kidney_seg.volume import load_image, load_label
 from kidney_seg.preprocessing import (body_box, clip_hu, compute_fingerprint, needs_fingerprint, nearest_indices,
                                       normalize, preprocess_case, preprocess_image, read_image, read_label,
                                       resample_image, resample_label, resampled_shape, resolve_preprocessing,

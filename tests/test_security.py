@@ -136,7 +136,7 @@ def _pickled_npy(path: Path, marker: Path) -> Path:
 
 @pytest.mark.parametrize("mmap", [True, False])
 def test_load_npy_refuses_a_pickled_array(tmp_path, mmap):
-    from kidney_seg.io import load_npy
+    from kidney_seg.atomic import load_npy
 
     marker = tmp_path / "pwned"
     path = _pickled_npy(tmp_path / "image.npy", marker)
@@ -190,7 +190,7 @@ def test_every_np_load_in_the_library_passes_allow_pickle_false():
             found.append(f"{path.name}:{call.lineno}")
             if _keyword(call, "allow_pickle") is not False:
                 bad.append(f"{path.relative_to(REPO)}:{call.lineno}")
-    assert found, "expected at least kidney_seg/io.py's load_npy"
+    assert found, "expected at least kidney_seg/atomic.py's load_npy"
     assert not bad, f"np.load without allow_pickle=False: {bad}"
 
 

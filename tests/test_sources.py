@@ -6,7 +6,7 @@ from kidney_seg.config import LABELS
 from kidney_seg.data import kits
 from kidney_seg.data.sources import Case, fetch_image, fetch_label, labels_of, list_cases, raw_root, select
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import geometry_of, load_nifti
+from kidney_seg.volume import geometry_of, load_nifti
 
 SMALL_PHANTOM = {"n_cases": 3, "field_of_view_mm": [120, 125], "z_extent_mm": [80, 85], "slice_spacing_mm": [4.0, 5.0]}
 

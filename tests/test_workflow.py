@@ -255,7 +255,7 @@ def kits_server(tmp_path):
     import threading
 
     from kidney_seg.data.phantom import PhantomParams, generate_case
-    from kidney_seg.io import save_nifti
+    from kidney_seg.volume import save_nifti
 
     root = tmp_path / "www"
     params = PhantomParams(field_of_view_mm=(120.0, 130.0), z_extent_mm=(80.0, 90.0))

@@ -1,7 +1,7 @@
 """Snakemake script: preprocess one case into the slice cache."""
 from pathlib import Path
 
-from kidney_seg.io import read_json
+from kidney_seg.atomic import read_json
 from kidney_seg.logs import log_to
 from kidney_seg.preprocessing import preprocess_case, resolve_preprocessing
 

@@ -6,7 +6,7 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
 
     prepare_environment()
 
-from kidney_seg.io import read_json
+from kidney_seg.atomic import read_json
 from kidney_seg.logs import log_to
 from kidney_seg.preprocessing import resolve_preprocessing
 from kidney_seg.training import train

@@ -21,7 +21,7 @@ from pathlib import Path
 import pandas as pd
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import atomic_path, read_json, write_json_atomic
+from kidney_seg.atomic import atomic_path, read_json, write_json_atomic
 
 log = logging.getLogger(__name__)
 

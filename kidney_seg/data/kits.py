@@ -37,7 +37,8 @@ from typing import Callable
 from tqdm import tqdm
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import Geometry, OutputWriteError, check_same_grid, geometry_of, load_label, load_nifti
+from kidney_seg.atomic import OutputWriteError
+from kidney_seg.volume import Geometry, check_same_grid, geometry_of, load_label, load_nifti
 
 log = logging.getLogger(__name__)
 

@@ -60,7 +60,7 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.io import save_nifti
+from kidney_seg.volume import save_nifti
 
 try:  # a dependency of batchgenerators; keeps BLAS single-threaded while generating
     from threadpoolctl import threadpool_limits

@@ -18,7 +18,7 @@ import numpy as np
 
 from kidney_seg.data import kits, local
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import save_nifti
+from kidney_seg.volume import save_nifti
 
 IMAGE_NAME, LABEL_NAME = kits.IMAGE_NAME, kits.LABEL_NAME
 BASE_LABELS: dict[str, tuple[int, ...]] = {"phantom": (0, 1, 2), "local": (0, 1, 2)}

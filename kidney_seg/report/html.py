@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from kidney_seg.io import write_text_atomic
+from kidney_seg.atomic import write_text_atomic
 from kidney_seg.report.common import DASH, esc, fmt, img, note, png_data_uri, read_csv_or_none
 from kidney_seg.report.common import is_missing as _is_missing
 from kidney_seg.report.figures import distributions_section

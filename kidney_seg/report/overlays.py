@@ -255,7 +255,7 @@ def extract_overlay(report_html: str | os.PathLike, role: str = "median") -> byt
 
 def write_overlay_png(report_html: str | os.PathLike, out_png: str | os.PathLike, role: str = "median") -> int:
     """Write the ``role`` overlay of a finished report to a PNG file atomically; return its size in bytes."""
-    from kidney_seg.io import atomic_path
+    from kidney_seg.atomic import atomic_path
 
     png = extract_overlay(report_html, role)
     with atomic_path(out_png) as tmp:

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from kidney_seg.errors import CaseDataError
-from kidney_seg.io import (OutputWriteError, atomic_path, from_internal, geometry_of, load_image, load_label,
-                           load_nifti, save_like, to_internal)
+from kidney_seg.atomic import OutputWriteError, atomic_path
+from kidney_seg.volume import from_internal, geometry_of, load_image, load_label, load_nifti, save_like, to_internal
 from tests.conftest import kits_affine, write_nifti
 
 
