@@ -1,4 +1,5 @@
 # The two commands of the README: `make run` (demo) and `make test`.
+# Also: `make test-quick` (every test that runs no Snakemake workflow) and `make lint`.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,14 +9,14 @@ CORES  ?= 2
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
-.PHONY: install run test lint dry-run clean readme-figure
+.PHONY: install run test test-quick lint dry-run clean readme-figure docs
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test]"
+	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -25,17 +26,35 @@ run: install
 	@echo ""
 	@echo "Report: $(abspath results/demo/report.html)"
 
-test: install
-	$(BIN)/python -m pytest
+# Tests run on $(TEST_WORKERS) pytest-xdist workers, a file at a time: the tests that share one
+# whole-workflow run live in one file (tests/conftest.py), so that run is made once.
+TEST_WORKERS ?= 2
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
+test: install
+	$(PYTEST)
+
+test-quick: install
+	$(PYTEST) -m "not workflow"
+
+# All four checks run; the target fails if any of them does.
 lint: install
-	$(BIN)/snakemake --lint
+	@status=0; \
+	$(BIN)/snakemake --lint || status=1; \
+	$(BIN)/snakefmt --check Snakefile rules || status=1; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	exit $$status
 
 dry-run: install
 	$(BIN)/snakemake -n --configfile $(DEMO)
 
 clean:
 	rm -rf results .snakemake
+
+# docs/configuration.md, generated from kidney_seg/schemas/config.schema.yaml (rerun after editing the schema).
+docs: install
+	$(BIN)/python -m kidney_seg.schema_docs --write docs/configuration.md
 
 # The picture at the top of the README: the median overlay of the demo's report.
 readme-figure: install

@@ -1,5 +1,5 @@
 # kidney-seg: a 2D U-Net for KiTS kidney and tumour segmentation, end to end.
-# Run: snakemake --cores 8 --resources gpu=1   (see README.md)
+# Run: snakemake --cores 8 --resources gpu=1   (see README.md and docs/)
 from snakemake.utils import min_version, validate
 
 min_version("9.0")
@@ -17,6 +17,7 @@ report: "report/workflow.rst"
 include: "rules/common.smk"
 include: "rules/download.smk"
 include: "rules/check.smk"
+include: "rules/plan.smk"
 include: "rules/preprocess.smk"
 include: "rules/split.smk"
 include: "rules/train.smk"

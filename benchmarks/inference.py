@@ -18,7 +18,7 @@ Backend: whatever KERAS_BACKEND says (only keras and kidney_seg are imported).
 Each measurement runs in a fresh subprocess and reports its own peak RSS (VmHWM):
   model      load the model and run one batch of ``batch_size`` tiles: the model's own
              memory (interpreter, framework, weights, one batch of activations);
-  tta_on /   read the scan (kidney_seg.preprocessing.read_image), compile the forward
+  tta_on /   read the scan (kidney_seg.volume.read_image), compile the forward
   tta_off    function for every batch shape the run will use, then time
              kidney_seg.inference.predict_volume on the raw internal-orientation image
              (preprocess, sliding window with or without mirror TTA, Gaussian aggregation,
@@ -195,7 +195,8 @@ def child_infer(spec: dict) -> dict:
     import numpy as np
 
     import kidney_seg.inference as inference
-    from kidney_seg.preprocessing import preprocess_image, read_image
+    from kidney_seg.preprocessing import preprocess_image
+    from kidney_seg.volume import read_image
 
     baseline = peak_rss_bytes()
     predict_fn, settings = single_predictor(spec["model_dir"])
@@ -308,16 +309,13 @@ def child(mode: str, spec: dict, tmp: Path, name: str | None = None) -> dict:
 
 def model_spec(args) -> dict:
     """The model, preprocessing and inference settings of ``--model`` with the command-line overrides."""
-    from kidney_seg.config import labels_for, load_config
-    from kidney_seg.preprocessing import resolve_preprocessing
-    from kidney_seg.training import inference_settings
+    from kidney_seg.config import load_config
+    from kidney_seg.plan import make_plan
 
     cfg = load_config(*MODELS[args.model])
-    pre_cfg = dict(cfg["preprocessing"])
     if args.target_spacing:
-        pre_cfg["target_spacing"] = args.target_spacing
-    labels = labels_for(cfg["dataset"]["source"])
-    settings = inference_settings(resolve_preprocessing(pre_cfg, None), cfg["training"], len(labels), labels)
+        cfg["preprocessing"]["target_spacing"] = args.target_spacing
+    settings = make_plan(cfg, None)  # what the model's inference.json holds
     batch_size = args.batch_size or cfg["inference"]["batch_size"]
     return {"model": args.model, "model_cfg": cfg["model"], "seed": cfg["seed"], "settings": settings,
             "inference_cfg": {**cfg["inference"], "batch_size": batch_size}, "batch_size": batch_size,
@@ -425,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
         "model": {"name": args.model, "base_filters": spec["model_cfg"]["base_filters"], "levels": spec["model_cfg"]["levels"],
                   "patch": list(patch), "params": built["params"], "gflop_per_tile": gflop, "weights": "seeded, untrained"},
         "backend": built["backend"], "device": built["device"], "cpu": built["cpu"], "cpu_threads": built["cpu_threads"],
-        "batch_size": spec["batch_size"], "repeats": args.repeats, "target_spacing": settings["target_spacing"],
+        "batch_size": spec["batch_size"], "repeats": args.repeats, "target_spacing": settings["preprocessing"]["target_spacing"],
         "inference_cfg": spec["inference_cfg"],
         "input": {"note": note, "shape": shape, "full_case_shape": full_shape, "spacing": full_spacing,
                   "slices": args.slices, "float32_bytes": float32_bytes, "float32_mib": float32_bytes * MIB},
@@ -435,7 +433,7 @@ def main(argv: list[str] | None = None) -> int:
         "python": sys.version.split()[0],
     }
     if args.slices is not None:
-        result["full_case_estimate"] = {n: full_case_estimate(r, full_shape, full_spacing, settings["target_spacing"])
+        result["full_case_estimate"] = {n: full_case_estimate(r, full_shape, full_spacing, settings["preprocessing"]["target_spacing"])
                                         for n, r in runs.items()}
     write_json_atomic(args.out, result)
     print_table(result)

@@ -13,7 +13,7 @@ Each measurement runs in a fresh subprocess and reports its own peak RSS (VmHWM)
              3.0 x 0.7816 x 0.7816 mm, clip [-75.76, 349.49], per-slice z-score, crop to
              body), end to end: load image and label, crop, resample both, write the cache;
   ours_core  the same image: load (lean reader), then time preprocess_image alone;
-  reference  load with kidney_seg.volume.load_image (float32), clip, scikit-image resize
+  reference  load with nibabel's get_fdata (float32), reoriented, clip, scikit-image resize
              order 3 of every slice in-plane (anti_aliasing=False, preserve_range=True),
              then nearest neighbour along the slice axis.
 Targets: ours / reference wall time <= 0.5; our peak RSS <= 2.5 x the float32 size of the
@@ -72,7 +72,8 @@ def child_ours(image: str, label: str, out_dir: str) -> dict:
 
 
 def child_ours_core(image: str) -> dict:
-    from kidney_seg.preprocessing import preprocess_image, read_image, resolve_preprocessing
+    from kidney_seg.preprocessing import preprocess_image, resolve_preprocessing
+    from kidney_seg.volume import read_image
 
     baseline = peak_rss_bytes()
     settings = resolve_preprocessing(PAPER_CFG, None)
@@ -89,12 +90,15 @@ def child_reference(image: str) -> dict:
     import numpy as np
     from skimage.transform import resize
 
-    from kidney_seg.volume import load_image
+    import nibabel as nib
+
     from kidney_seg.preprocessing import nearest_indices, resampled_shape
+    from kidney_seg.volume import read_geometry, to_internal
 
     baseline = peak_rss_bytes()
     t0 = time.perf_counter()
-    data, geometry = load_image(image, "case_00000")
+    geometry = read_geometry(image, "case_00000")
+    data = np.ascontiguousarray(to_internal(nib.load(image).get_fdata(dtype=np.float32), geometry))
     t1 = time.perf_counter()
     np.clip(data, *PAPER_CFG["clip"], out=data)
     shape = resampled_shape(data.shape, geometry.spacing, PAPER_CFG["target_spacing"])

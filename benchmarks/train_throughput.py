@@ -35,15 +35,18 @@ from kidney_seg.atomic import write_json_atomic  # noqa: E402
 def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:
     """Generate phantom cases and preprocess them with the config's settings."""
     from kidney_seg.data.phantom import PhantomParams, generate_case, write_case
-    from kidney_seg.preprocessing import preprocess_case, resolve_preprocessing
+    from kidney_seg.plan import make_plan
+    from kidney_seg.preprocessing import preprocess_case
 
-    settings = resolve_preprocessing({**cfg["preprocessing"], "clip": [-75.76, 349.49]}, None)
+    plan = make_plan({**cfg, "dataset": {"source": "phantom"}, "preprocessing": {**cfg["preprocessing"], "clip": [-75.76, 349.49]}},
+                     None)
     dirs = []
     for i in range(n_cases):
         raw = root / "raw" / f"case_{i:05d}"
         write_case(raw, generate_case(i, cfg["seed"], PhantomParams.from_config(cfg["dataset"].get("phantom"))))
         out = root / "pre" / raw.name
-        preprocess_case(raw.name, raw / "imaging.nii.gz", raw / "segmentation.nii.gz", out, settings, (0, 1, 2))
+        preprocess_case(raw.name, raw / "imaging.nii.gz", raw / "segmentation.nii.gz", out, plan["preprocessing"],
+                        tuple(plan["labels"]))
         dirs.append(str(out))
     return dirs
 

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 from kidney_seg import __version__
+from kidney_seg.config import with_defaults
 from kidney_seg.errors import CaseDataError
-
-DEFAULT_INFERENCE = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 16}
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME
 
 
 def nifti_inputs(paths: list[str]) -> list[Path]:
@@ -19,7 +19,7 @@ def nifti_inputs(paths: list[str]) -> list[Path]:
     for raw in paths:
         p = Path(raw)
         if p.is_dir():
-            found += sorted(p.glob("*.nii.gz")) + sorted(p.glob("*.nii")) + sorted(p.glob("case_*/imaging.nii.gz"))
+            found += sorted(p.glob("*.nii.gz")) + sorted(p.glob("*.nii")) + sorted(p.glob(f"case_*/{IMAGE_NAME}"))
         elif p.is_file():
             found.append(p)
         else:
@@ -31,7 +31,7 @@ def nifti_inputs(paths: list[str]) -> list[Path]:
 
 def case_name(path: Path) -> str:
     """A name for the output: the case folder for KiTS layout, else the file stem."""
-    if path.name == "imaging.nii.gz":
+    if path.name == IMAGE_NAME:
         return path.parent.name
     return path.name.removesuffix(".gz").removesuffix(".nii")
 
@@ -44,24 +44,33 @@ def postprocessing_decision(model_dir: Path, enabled: bool) -> dict | None:
     return read_decision(path) if enabled and path.is_file() else None
 
 
+def inference_config(args: argparse.Namespace) -> dict:
+    """The ``inference`` config section of the options given; the rest from the schema's defaults."""
+    given = {"step": args.step, "batch_size": args.batch_size}
+    return with_defaults("inference", {**{k: v for k, v in given.items() if v is not None},
+                                       **({"mirror_tta": False} if args.no_tta else {})})
+
+
 def cmd_predict(args: argparse.Namespace) -> int:
     """Segment each input scan with a trained model folder (one model or a fold ensemble)."""
     from tqdm import tqdm
 
     from kidney_seg.inference import load_predictor, model_folders, predict_case
+    from kidney_seg.postprocessing import decided_steps
 
     model_dir = Path(args.model_dir)
     folders = model_folders(model_dir)
     decision = postprocessing_decision(model_dir, not args.no_postprocessing)
     inputs = nifti_inputs(args.inputs)
     predictor = load_predictor(folders)
-    cfg = {**DEFAULT_INFERENCE, "mirror_tta": not args.no_tta, "step": args.step, "batch_size": args.batch_size}
+    cfg = inference_config(args)
     out_dir = Path(args.output)
     steps = ", ".join(decision["apply"]) if decision and decision["apply"] else "none"
+    postprocess = decided_steps(decision)
     print(f"{len(folders)} model(s) from {model_dir}; post-processing: {steps}", file=sys.stderr)
     for path in tqdm(inputs, desc="segmenting", unit="scan"):
         name = case_name(path)
-        predict_case(name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor, postprocessing=decision)
+        predict_case(name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor, postprocess=postprocess)
     print(f"wrote {len(inputs)} segmentation(s) to {out_dir}")
     return 0
 
@@ -77,7 +86,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     jsons = []
     for pred in sorted(pred_dir.glob("*.nii.gz")):
         name = case_name(pred)
-        truth = next((p for p in (truth_dir / name / "segmentation.nii.gz", truth_dir / pred.name) if p.is_file()), None)
+        truth = next((p for p in (truth_dir / name / LABEL_NAME, truth_dir / pred.name) if p.is_file()), None)
         if truth is None:
             raise FileNotFoundError(f"no ground truth for {name} in {truth_dir}")
         out = out_dir / "cases" / f"{name}.json"
@@ -105,8 +114,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-tta", action="store_true", help="switch off mirror test-time augmentation (4x faster)")
     p.add_argument("--no-postprocessing", action="store_true",
                    help="write the raw argmax, ignoring the model folder's postprocessing.json")
-    p.add_argument("--step", type=float, default=0.5, help="tile step as a fraction of the patch (default 0.5)")
-    p.add_argument("--batch-size", type=int, default=16, help="tiles per forward pass (default 16)")
+    defaults = with_defaults("inference", {})
+    p.add_argument("--step", type=float, help=f"tile step as a fraction of the patch (default {defaults['step']})")
+    p.add_argument("--batch-size", type=int, help=f"tiles per forward pass (default {defaults['batch_size']})")
     p.set_defaults(func=cmd_predict)
     e = sub.add_parser("evaluate", help="score predictions against ground truth",
                        description="Compute per-case Dice, precision, recall and volumes, and their summary.")

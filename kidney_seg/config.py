@@ -12,10 +12,6 @@ import yaml
 
 SCHEMA_PATH = Path(str(resources.files("kidney_seg") / "schemas" / "config.schema.yaml"))
 
-#: Label values per dataset source: 0 background, 1 kidney, 2 tumour (3 cyst for KiTS21/23).
-LABELS = {"kits19": (0, 1, 2), "phantom": (0, 1, 2), "local": (0, 1, 2), "kits21": (0, 1, 2, 3), "kits23": (0, 1, 2, 3)}
-CLASS_NAMES = ("background", "kidney", "tumor", "cyst")
-
 
 def load_schema() -> dict:
     """The config schema (JSON Schema 2020-12) as a dict."""
@@ -47,15 +43,33 @@ def _with_defaults(validator_class):
     return jsonschema.validators.extend(validator_class, {"properties": set_defaults})
 
 
-def validate_config(config: dict) -> dict:
-    """Validate a config, returning a copy with defaults filled in; raise ValueError on errors."""
-    schema = load_schema()
-    out = copy.deepcopy(config)
+def _validate(schema: dict, instance: dict, where: str) -> dict:
+    """A copy of ``instance`` with the schema's defaults filled in; ValueError listing every error."""
+    out = copy.deepcopy(instance)
     validator = _with_defaults(jsonschema.Draft202012Validator)(schema)
     errors = sorted(validator.iter_errors(out), key=lambda e: list(e.path))
     if errors:
-        lines = [f"{'.'.join(str(p) for p in e.path) or '<root>'}: {e.message}" for e in errors]
+        lines = [f"{'.'.join(str(p) for p in (where, *e.path) if p != '') or '<root>'}: {e.message}" for e in errors]
         raise ValueError("invalid config:\n  " + "\n  ".join(lines))
+    return out
+
+
+def with_defaults(section: str, values: dict) -> dict:
+    """One validated config section (e.g. ``"training"``) with the schema's defaults filled in.
+
+    For callers that hold part of a config (tests, the command line): the defaults come
+    from the schema, never from the caller.
+    """
+    schema = load_schema()
+    if section not in schema["properties"]:
+        raise ValueError(f"unknown config section {section!r} (expected one of {sorted(schema['properties'])})")
+    sub = {**schema["properties"][section], "$defs": schema.get("$defs", {})}
+    return _validate(sub, values, section)
+
+
+def validate_config(config: dict) -> dict:
+    """Validate a config, returning a copy with defaults filled in; raise ValueError on errors."""
+    out = _validate(load_schema(), config, "")
     check_consistency(out)
     return out
 
@@ -74,7 +88,7 @@ def check_consistency(config: dict) -> None:
     if config["training"]["tumor_per_batch"] > config["training"]["foreground_per_batch"]:
         raise ValueError("training.tumor_per_batch exceeds training.foreground_per_batch")
     dataset = config["dataset"]
-    if dataset["source"] == "local" and not (dataset.get("root") or dataset.get("manifest")):
+    if dataset["source"] == "local" and not (dataset["root"] or dataset["manifest"]):
         raise ValueError("dataset.root or dataset.manifest is required when dataset.source is 'local'")
 
 
@@ -85,12 +99,3 @@ def load_config(*paths: str | Path) -> dict:
         merged = deep_merge(merged, yaml.safe_load(Path(path).read_text()) or {})
     return validate_config(merged)
 
-
-def labels_for(source: str) -> tuple[int, ...]:
-    """Valid label values of a dataset source."""
-    return LABELS[source]
-
-
-def class_names(num_classes: int) -> tuple[str, ...]:
-    """Names of the model's output classes."""
-    return CLASS_NAMES[:num_classes]

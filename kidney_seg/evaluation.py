@@ -50,17 +50,14 @@ import math
 import os
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 from scipy import ndimage
 
 from kidney_seg.atomic import atomic_path, write_json_atomic
+from kidney_seg.vocabulary import CYST, KIDNEY, KITS19_LABELS, TUMOR
+from kidney_seg.volume import read_label
 
-from kidney_seg.volume import geometry_of, load_label, load_nifti
-
-VALID_LABELS: tuple[int, ...] = (0, 1, 2)
-KIDNEY, TUMOR, CYST = 1, 2, 3
 #: Extra per-case columns for 4-class (KiTS21/23) data.
 CYST_COLUMNS: tuple[str, ...] = ("masses_dice", "masses_hd95", "masses_surface_dice", "pred_cyst_ml", "true_cyst_ml")
 #: KiTS23 surface-Dice tolerances in mm: kidney+masses (our tk), masses, tumour.
@@ -234,7 +231,7 @@ def _distance_metrics(region: str, p: np.ndarray, t: np.ndarray, spacing: tuple[
 
 
 def case_metrics(
-    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], labels: tuple[int, ...] = VALID_LABELS
+    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, float, float], labels: tuple[int, ...] = KITS19_LABELS
 ) -> dict[str, float]:
     """All per-case metrics for two label volumes of one shape (KiTS21/23 regions when ``labels`` has a cyst)."""
     pred, truth = np.asarray(pred), np.asarray(truth)
@@ -283,27 +280,18 @@ def cyst_metrics(
     }
 
 
-def _header_geometry(path: str | os.PathLike, case_id: str):
-    """Geometry of an already validated NIfTI file (header only)."""
-    try:
-        return geometry_of(nib.load(str(path)))
-    except Exception:  # fall back to the checked loader for a clear error
-        return geometry_of(load_nifti(path, case_id))
-
-
 def evaluate_case(
     case_id: str,
     prediction_path: str | os.PathLike,
     label_path: str | os.PathLike,
     out_json: str | os.PathLike,
-    labels: tuple[int, ...] = VALID_LABELS,
+    labels: tuple[int, ...] = KITS19_LABELS,
 ) -> dict:
     """Score a prediction file against its label file, write JSON, return it; CaseDataError on bad input."""
     labels = tuple(labels)
-    truth = load_label(label_path, case_id, labels)
-    label_geometry = _header_geometry(label_path, case_id)
-    pred = load_label(prediction_path, case_id, labels, label_geometry)
-    result = {"case_id": str(case_id), **case_metrics(pred, truth, label_geometry.spacing, labels)}
+    truth, geometry = read_label(label_path, case_id, labels)
+    pred, _ = read_label(prediction_path, case_id, labels, grid=geometry)
+    result = {"case_id": str(case_id), **case_metrics(pred, truth, geometry.spacing, labels)}
     write_json_atomic(out_json, json_safe(result))
     return result
 

@@ -1,4 +1,4 @@
-"""Sliding-window inference as nnU-Net does it, mapped back to each scan's own grid.
+"""Sliding-window inference with Gaussian-weighted tiles and mirror TTA (after nnU-Net), mapped back to each scan's own grid.
 
 Per slice: tiles of the training patch size, a step of ``step * patch`` with the tiles
 spread so that the last one ends flush with the edge; each tile's logits are weighted by
@@ -7,7 +7,7 @@ the summed weights. Slices smaller than a tile are padded and the padding remove
 Mirror test-time augmentation averages the logits of the 4 mirrorings over both in-plane
 axes, each flipped back. The scan is first cropped to the body and preprocessed exactly as
 in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from the model's
-inference.json). The class scores (softmax probabilities, or for a sigmoid model the
+inference.json, a copy of the plan it was trained with: :mod:`kidney_seg.plan`). The class scores (softmax probabilities, or for a sigmoid model the
 foreground sigmoids with background 1 - their maximum, see :func:`sigmoid_scores`) are
 resampled (linearly) to the cropped
 region's original shape a slab of slices at a time, one class after the other, keeping a
@@ -19,14 +19,13 @@ class scores are float32 at the preprocessed resolution only, and no full-size f
 4D array at the original resolution is ever made.
 
 A fold ensemble (``results/model/fold_*``) predicts each slab with every fold and
-averages their class scores (softmax probabilities), as nnU-Net does; the decided
+averages their class scores (softmax probabilities; nnU-Net v2 averages logits instead); the decided
 post-processing (``results/model/postprocessing.json``) is applied by the workflow's
-``postprocess`` rule, or by :func:`predict_case` when given a decision.
+``postprocess`` rule, or by the command line (:func:`predict_case` takes the steps as a function).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,8 +35,9 @@ from typing import Callable, Sequence
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.volume import from_internal, save_like
-from kidney_seg.preprocessing import check_settings, preprocess_image, read_image
+from kidney_seg.plan import read_plan
+from kidney_seg.preprocessing import preprocess_image
+from kidney_seg.volume import from_internal, read_image, save_like
 
 log = logging.getLogger(__name__)
 
@@ -170,7 +170,7 @@ def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn | Sequence[P
     it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`.
     Logits are averaged over tiles and mirrors before either conversion. A sequence of
     forward functions is a fold ensemble: their class scores (not logits) are averaged,
-    slab by slab, as nnU-Net averages the folds' softmax outputs.
+    slab by slab (nnU-Net v2 averages the folds' logits instead).
     """
     fns = as_predict_fns(predict_fn)
     channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
@@ -251,27 +251,24 @@ def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int], out:
     return labels
 
 
-def predict_volume(image: np.ndarray, spacing, settings: dict, predict_fn: PredictFn | Sequence[PredictFn],
+def predict_volume(image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn | Sequence[PredictFn],
                    inference_cfg: dict) -> np.ndarray:
     """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
 
-    ``settings`` is the model's inference.json: the resolved preprocessing settings
-    (:func:`kidney_seg.preprocessing.resolve_preprocessing`) plus ``num_classes``,
-    ``labels``, ``patch_size`` and ``output_activation`` (absent in older files: softmax). The volume is cropped to the body (if
+    ``plan`` is the model's plan (its inference.json, checked by
+    :func:`kidney_seg.plan.read_plan`): its ``preprocessing``, ``num_classes``,
+    ``patch_size`` and ``output_activation``; ``inference_cfg`` is the validated
+    ``inference`` config section. The volume is cropped to the body (if
     ``crop_to_body``), preprocessed and predicted; the probabilities are resampled to
     the cropped region's original shape and pasted into a volume of ``image.shape``
     that is 0 (background) outside the crop box. ``predict_fn`` may be a sequence (a fold
     ensemble, class scores averaged).
     """
-    settings = check_settings(settings)
-    activation = settings.get("output_activation", "softmax")
-    if activation not in ("softmax", "sigmoid"):
-        raise ValueError(f"settings: unknown output_activation {activation!r}")
-    volume, box = preprocess_image(image, spacing, settings)
+    volume, box = preprocess_image(image, spacing, plan["preprocessing"])
     probs = predict_probabilities(
-        volume, predict_fn, int(settings["num_classes"]), tuple(settings["patch_size"]), step=inference_cfg["step"],
+        volume, predict_fn, plan["num_classes"], tuple(plan["patch_size"]), step=inference_cfg["step"],
         gaussian=inference_cfg["gaussian"], mirror_tta=inference_cfg["mirror_tta"], batch_size=inference_cfg["batch_size"],
-        output_activation=activation,
+        output_activation=plan["output_activation"],
     )
     del volume
     labels = np.zeros(image.shape, dtype=np.uint8)
@@ -296,22 +293,29 @@ def model_folders(model_dir: str | os.PathLike) -> list[Path]:
     return folders
 
 
-def ensemble_settings(model_dirs: Sequence[str | os.PathLike]) -> dict:
-    """The inference settings shared by all members of an ensemble; differing settings are an error."""
-    settings = [json.loads((Path(d) / "inference.json").read_text()) for d in model_dirs]
-    for d, other in zip(model_dirs[1:], settings[1:]):
-        if other != settings[0]:
-            diff = sorted(k for k in set(other) | set(settings[0]) if other.get(k) != settings[0].get(k))
-            raise ValueError(f"{d}/inference.json differs from {model_dirs[0]}/inference.json in {diff}: "
-                             "the models cannot be ensembled")
-    return settings[0]
+def _differing_keys(a: dict, b: dict) -> list[str]:
+    """The keys whose values differ between two plans."""
+    return sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
 
 
-def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[list[PredictFn], dict]:
-    """Forward functions of a trained model (one per fold of an ensemble) and their shared inference settings.
+def ensemble_plan(model_dirs: Sequence[str | os.PathLike], expected: dict | None = None) -> dict:
+    """The plan shared by all members of an ensemble (and equal to ``expected``, when given); a difference is an error."""
+    plans = [read_plan(Path(d) / "inference.json") for d in model_dirs]
+    reference, name = (expected, "the plan") if expected is not None else (plans[0], f"{model_dirs[0]}/inference.json")
+    for d, other in zip(model_dirs, plans):
+        if other != reference:
+            raise ValueError(f"{d}/inference.json differs from {name} in {_differing_keys(other, reference)}: "
+                             "the models cannot predict with it")
+    return plans[0]
+
+
+def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike],
+                   plan: dict | None = None) -> tuple[list[PredictFn], dict]:
+    """Forward functions of a trained model (one per fold of an ensemble) and their shared plan.
 
     ``model_dir`` is one model folder (holding model.keras and inference.json), a folder of
-    ``fold_*`` model folders, or a list of model folders.
+    ``fold_*`` model folders, or a list of model folders. With ``plan`` (the workflow's
+    plans.json), every model must have been trained with exactly that plan.
     """
     import keras
 
@@ -321,30 +325,31 @@ def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike]) -
         dirs = model_folders(model_dir)
     else:
         dirs = [Path(d) for d in model_dir]
-    settings = ensemble_settings(dirs)
+    shared = ensemble_plan(dirs, plan)
     fns = []
     for d in dirs:
         model = load_model(d / "model.keras", compile=False)
         fns.append(lambda x, m=model: keras.ops.convert_to_numpy(m.predict_on_batch(x)))
     log.info("loaded %d model(s): %s", len(dirs), ", ".join(str(d) for d in dirs))
-    return fns, settings
+    return fns, shared
 
 
 def predict_case(case_id: str, image_path: str | os.PathLike, model_dir, out_path: str | os.PathLike,
                  inference_cfg: dict, predictor: tuple[Sequence[PredictFn], dict] | None = None,
-                 postprocessing: dict | None = None) -> np.ndarray:
+                 postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
+                 plan: dict | None = None) -> np.ndarray:
     """Segment one scan and write uint8 labels on its exact input grid.
 
-    ``postprocessing`` is a decision (:func:`kidney_seg.postprocessing.read_decision`)
-    whose steps are applied before writing; None writes the raw argmax.
+    ``postprocess(labels, spacing)``, given internal-layout labels and their spacing, is
+    applied before writing (e.g. :func:`kidney_seg.postprocessing.decided_steps`); None
+    writes the raw argmax. ``plan``: the plan the models must have been trained with
+    (see :func:`load_predictor`).
     """
-    predict_fn, settings = predictor or load_predictor(model_dir)
+    predict_fn, model_plan = predictor or load_predictor(model_dir, plan)
     image, geometry = read_image(image_path, case_id)
-    labels = predict_volume(image, geometry.spacing, settings, predict_fn, inference_cfg)
-    if postprocessing and postprocessing.get("apply"):
-        from kidney_seg.postprocessing import apply_steps
-
-        labels = apply_steps(labels, geometry.spacing, postprocessing["apply"], postprocessing["settings"])
+    labels = predict_volume(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
+    if postprocess is not None:
+        labels = postprocess(labels, geometry.spacing)
     out = from_internal(labels, geometry)
     save_like(out_path, out, reference=image_path)
     log.info("%s: predicted %s voxels, labels %s", case_id, out.shape, np.unique(out).tolist())

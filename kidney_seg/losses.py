@@ -5,7 +5,7 @@ class (the paper), and ``sigmoid``, the paper's "sigmoid counterpart" with one l
 foreground class, each a binary "voxel belongs to class c" decision
 (:class:`SigmoidDiceBCELoss`).
 
-Dice is computed over the whole batch ("batch Dice", as nnU-Net does in 2D), per class,
+Dice is computed over the whole batch ("batch Dice"), per class,
 then averaged over classes (background included or not by config); smooth = 1e-5.
 Loss = (1 - mean soft Dice) + mean sparse categorical cross-entropy. Everything is
 computed in float32, whatever the compute dtype of the model.

@@ -105,7 +105,7 @@ def output_channels(num_classes: int, output_activation: str = "softmax") -> int
     raise ValueError(f"unknown output_activation {output_activation!r}")
 
 
-def build_from_config(model_cfg: dict, num_classes: int, output_activation: str = "softmax") -> keras.Model:
+def build_from_config(model_cfg: dict, num_classes: int, output_activation: str) -> keras.Model:
     """Build the U-Net from the config's ``model`` section for the given output activation."""
     return build_unet(
         num_outputs=output_channels(num_classes, output_activation),

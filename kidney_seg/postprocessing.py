@@ -1,4 +1,4 @@
-"""Connected-component post-processing, chosen on the validation split as nnU-Net does.
+"""Connected-component post-processing, chosen on the validation split (after nnU-Net's scheme).
 
 Labels: 0 background, 1 kidney, 2 tumour (and 3 cyst for KiTS21/23). Two candidate
 steps, always applied in this order when chosen (``STEPS``):
@@ -14,12 +14,12 @@ steps, always applied in this order when chosen (``STEPS``):
   ``min_tumor_ml`` are relabelled: to kidney (1) when one of their voxels has a kidney
   face neighbour, else to background (0).
 
-Sizes are in millilitres: voxel count * prod(spacing in mm) / 1000. Both steps are
-independent of the array's orientation (face adjacency and voxel volume do not change
-when axes are permuted or flipped), so a prediction can be processed in its file layout
-with the header's voxel sizes.
+Sizes are in millilitres: voxel count * prod(spacing in mm) / 1000. Like every stage,
+post-processing works in the internal orientation with the internal spacing
+(:func:`kidney_seg.volume.read_label`); a prediction file is put back on its own grid
+when written.
 
-The decision (:func:`decide`) is greedy and sequential like nnU-Net's: starting from no
+The decision (:func:`decide`) is greedy and sequential: starting from no
 steps, each step of ``STEPS`` in turn is added on top of the steps already chosen and
 kept only if the mean validation Dice of the region it targets (``"foreground"``: TK,
 label > 0; ``"tumor"``: TU, label == 2) strictly improves and the mean Dice of the other
@@ -35,16 +35,15 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Sequence
 
-import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.errors import CaseDataError
-from kidney_seg.evaluation import KIDNEY, TUMOR, VALID_LABELS, dice, voxel_volume_ml
+from kidney_seg.evaluation import dice, voxel_volume_ml
 from kidney_seg.atomic import write_json_atomic
-from kidney_seg.volume import geometry_of, load_label, load_nifti, save_like
+from kidney_seg.vocabulary import KIDNEY, KITS19_LABELS, TUMOR
+from kidney_seg.volume import from_internal, read_label, save_like
 
 STEPS: tuple[str, ...] = ("foreground", "tumor")
 #: The region each step targets and the other region it must not harm.
@@ -178,6 +177,13 @@ def apply_steps(labels: np.ndarray, spacing, steps: Iterable[str], settings: dic
     return out
 
 
+def decided_steps(decision: dict | None) -> Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None:
+    """The decided steps as a function of (labels, spacing), or None when the decision applies none."""
+    if not decision or not decision["apply"]:
+        return None
+    return lambda labels, spacing: apply_steps(labels, spacing, decision["apply"], decision["settings"])
+
+
 def _apply_one(labels: np.ndarray, spacing, step: str, settings: dict) -> np.ndarray:
     """One step with its settings."""
     if step == "foreground":
@@ -278,9 +284,8 @@ def decide(cases: Iterable[Case], settings: dict) -> dict:
 
 def _load_case(case_id: str, prediction_path, label_path, labels: tuple[int, ...]) -> Case:
     """Truth and prediction (checked against the truth's grid) in the internal orientation, with spacing."""
-    truth = load_label(label_path, case_id, labels)
-    geometry = geometry_of(nib.load(str(label_path)))  # header only: the file was checked above
-    pred = load_label(prediction_path, case_id, labels, geometry)
+    truth, geometry = read_label(label_path, case_id, labels)
+    pred, _ = read_label(prediction_path, case_id, labels, grid=geometry)
     return str(case_id), pred, truth, geometry.spacing
 
 
@@ -290,7 +295,7 @@ def decide_from_files(
     label_paths: Sequence,
     settings: dict,
     out_json: str | os.PathLike,
-    labels: tuple[int, ...] = VALID_LABELS,
+    labels: tuple[int, ...] = KITS19_LABELS,
 ) -> dict:
     """Decide on validation files (loaded one case at a time), write the decision JSON atomically, return it."""
     case_ids, prediction_paths, label_paths = list(case_ids), list(prediction_paths), list(label_paths)
@@ -348,36 +353,17 @@ def read_decision(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------ applying to a file
 
 
-def _read_prediction(path: str | os.PathLike, case_id: str | None, labels: tuple[int, ...]) -> tuple[np.ndarray, tuple]:
-    """A label NIfTI's voxels as uint8 in the file's own layout, and the header's voxel sizes."""
-    img = load_nifti(path, case_id)
-    try:
-        data = np.asanyarray(img.dataobj)
-    except Exception as exc:
-        raise CaseDataError(case_id, path, f"cannot read voxel data ({exc})") from exc
-    if data.dtype.kind == "f" and not (np.all(np.isfinite(data)) and np.all(data == np.round(data))):
-        raise CaseDataError(case_id, path, "label volume holds non-integer values")
-    if data.size and (data.min() < 0 or data.max() > 255):
-        raise CaseDataError(case_id, path, f"unexpected label values in [{data.min()}, {data.max()}]")
-    out = data.astype(np.uint8, copy=False)
-    candidates = sorted(set(range(int(out.min()), int(out.max()) + 1)) - set(labels)) if out.size else []
-    bad = [v for v in candidates if np.any(out == v)]  # one bool volume at a time, no int64 copy
-    if bad:
-        raise CaseDataError(case_id, path, f"unexpected label values {bad}; allowed {list(labels)}")
-    return out, tuple(float(z) for z in img.header.get_zooms()[:3])
-
-
 def postprocess_file(
     case_id: str,
     prediction_path: str | os.PathLike,
     out_path: str | os.PathLike,
     decision: dict,
-    labels: tuple[int, ...] = VALID_LABELS,
+    labels: tuple[int, ...] = KITS19_LABELS,
 ) -> np.ndarray:
     """Apply a decision to a prediction file; write a uint8 NIfTI atomically on the input's grid; return it."""
     decision = validate_decision(decision)
-    raw, zooms = _read_prediction(prediction_path, case_id, tuple(labels))
-    out = apply_steps(raw, zooms, decision["apply"], decision["settings"])
-    del raw
+    prediction, geometry = read_label(prediction_path, case_id, tuple(labels))
+    out = from_internal(apply_steps(prediction, geometry.spacing, decision["apply"], decision["settings"]), geometry)
+    del prediction
     save_like(out_path, out, reference=prediction_path)
     return out

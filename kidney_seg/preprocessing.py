@@ -2,8 +2,9 @@
 
 Settings: :func:`resolve_preprocessing` turns the ``preprocessing`` config section (and,
 for ``clip: auto`` or ``normalization: dataset``, the training-set fingerprint of
-:func:`compute_fingerprint`) into one concrete dict, which training saves with the model
-(inference.json) so that prediction repeats exactly the same steps.
+:func:`compute_fingerprint`) into one concrete dict: the ``preprocessing`` of the plan
+(:mod:`kidney_seg.plan`, plans.json), which preprocessing, training and prediction all
+read, so that prediction repeats exactly the same steps.
 
 Steps, shared by training and inference (:func:`preprocess_image`):
 1. crop to the body's bounding box (:func:`body_box`, voxels above -500 HU), when
@@ -23,20 +24,19 @@ normalisations (pointwise or per slice) and with per-slice in-plane resampling; 
 first means a 611-slice 0.5 mm volume going to 3 mm is reduced to ~100 slices before
 any float work. All float work is on float32 arrays, in place or one slice at a time.
 
-Lean loading (:func:`read_image`, :func:`read_label`): the volume stays in the file's
-own dtype and memory layout, as a reoriented *view* (no float32 or C-order copy of the
-whole scan); cropping and slice selection copy only what is kept. Readers of these views
-work in chunks along the axis with the largest stride, so they stay cache-friendly
-whatever the file layout.
+Files are read by :func:`kidney_seg.volume.read_image` and :func:`~kidney_seg.volume.read_label`:
+the volume stays in the file's own dtype and memory layout, as a reoriented *view* (no
+float32 or C-order copy of the whole scan); cropping and slice selection copy only what
+is kept, working in chunks along the axis with the largest stride
+(:func:`kidney_seg.volume.chunks`), so they stay cache-friendly whatever the file layout.
 
 The cache per case is ``image.npy`` (float32, slices x rows x cols, memory-mappable),
-``label.npy`` (uint8) and ``meta.json`` (geometry, crop box, settings and per-class
-slice lists).
+``label.npy`` (uint8) and ``meta.json`` (geometry, crop box, the plan's digest and
+per-class slice lists).
 """
 
 from __future__ import annotations
 
-import gzip
 import logging
 import math
 import os
@@ -44,12 +44,11 @@ import zlib
 from pathlib import Path
 
 import numpy as np
-from nibabel import orientations as ornt
 from scipy import ndimage
 
-from kidney_seg.errors import CaseDataError
 from kidney_seg.atomic import save_npy_atomic, write_json_atomic
-from kidney_seg.volume import Geometry, check_same_grid, geometry_of, load_label, load_nifti
+from kidney_seg.volume import CHUNK_BYTES, chunk_axis, chunks, read_image, read_label, take
+from kidney_seg.vocabulary import ALL_LABELS
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +56,8 @@ EPS = 1e-6
 BODY_HU = -500.0  # air is about -1000 HU, fat about -100: anything above -500 is body (or table)
 BODY_MARGIN = 4  # voxels added around the body box on each in-plane side
 NORMALIZATIONS = ("zscore_slice", "dataset")
-FINGERPRINT_LABELS = (0, 1, 2, 3)  # KiTS19 uses 0-2, KiTS21/23 add 3 (cyst): all > 0 are foreground
-_CHUNK_BYTES = 32 << 20  # work arrays of about this size when streaming over a volume
+#: The keys of resolved preprocessing settings (:func:`resolve_preprocessing`).
+SETTINGS_KEYS = ("target_spacing", "clip", "normalization", "mean", "std", "crop_to_body")
 
 Box = tuple[slice, slice, slice]
 
@@ -68,7 +67,7 @@ Box = tuple[slice, slice, slice]
 
 def needs_fingerprint(preprocessing_cfg: dict) -> bool:
     """Whether the config needs the training-set fingerprint (``clip: auto`` or ``normalization: dataset``)."""
-    return preprocessing_cfg.get("clip") == "auto" or preprocessing_cfg.get("normalization", "zscore_slice") == "dataset"
+    return preprocessing_cfg["clip"] == "auto" or preprocessing_cfg["normalization"] == "dataset"
 
 
 def _fingerprint_value(fingerprint: dict | None, key: str, why: str) -> float:
@@ -104,21 +103,22 @@ def _check_spacing(target_spacing) -> list[float] | None:
 
 
 def resolve_preprocessing(preprocessing_cfg: dict, fingerprint: dict | None) -> dict:
-    """Concrete preprocessing settings from the config section and (where needed) the fingerprint.
+    """Concrete preprocessing settings from the validated config section and (where needed) the fingerprint.
 
     Returns ``{"target_spacing": [z, y, x] or None, "clip": [lo, hi], "normalization":
-    "zscore_slice" | "dataset", "mean": float | None, "std": float | None, "crop_to_body": bool}``.
+    "zscore_slice" | "dataset", "mean": float | None, "std": float | None, "crop_to_body": bool}``
+    (a plan's ``preprocessing``, :mod:`kidney_seg.plan`).
     ``clip: auto`` takes the fingerprint's ``percentile_00_5``/``percentile_99_5``;
     ``normalization: dataset`` takes its ``mean``/``std`` (mean and std of the clipped
-    foreground samples). Missing optional keys take the schema defaults
-    (``zscore_slice``, ``crop_to_body: true``). Raises ValueError if the fingerprint is
+    foreground samples). The section must hold every key (defaults come from the schema:
+    :func:`kidney_seg.config.with_defaults`). Raises ValueError if the fingerprint is
     needed but None, or on an invalid value.
     """
     cfg = dict(preprocessing_cfg)
-    normalization = cfg.get("normalization", "zscore_slice")
+    normalization = cfg["normalization"]
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"preprocessing: unknown normalization {normalization!r} (expected one of {NORMALIZATIONS})")
-    clip = cfg.get("clip")
+    clip = cfg["clip"]
     if clip == "auto":
         clip = [_fingerprint_value(fingerprint, "percentile_00_5", "clip 'auto'"),
                 _fingerprint_value(fingerprint, "percentile_99_5", "clip 'auto'")]
@@ -128,11 +128,11 @@ def resolve_preprocessing(preprocessing_cfg: dict, fingerprint: dict | None) -> 
         std = _fingerprint_value(fingerprint, "std", "normalization 'dataset'")
         if std < 0:
             raise ValueError(f"preprocessing: fingerprint std {std} is negative")
-    crop = cfg.get("crop_to_body", True)
+    crop = cfg["crop_to_body"]
     if not isinstance(crop, (bool, np.bool_)):
         raise ValueError(f"preprocessing: crop_to_body must be true or false, got {crop!r}")
     return {
-        "target_spacing": _check_spacing(cfg.get("target_spacing")),
+        "target_spacing": _check_spacing(cfg["target_spacing"]),
         "clip": _check_window(clip),
         "normalization": normalization,
         "mean": mean,
@@ -142,184 +142,24 @@ def resolve_preprocessing(preprocessing_cfg: dict, fingerprint: dict | None) -> 
 
 
 def check_settings(settings: dict) -> dict:
-    """Validate resolved settings (e.g. a model's inference.json); fill keys older files lack.
+    """Validate resolved preprocessing settings (a plan's ``preprocessing``, read back from a file); return them normalised.
 
-    Models saved before cropping and dataset normalisation existed have no
-    ``crop_to_body``/``mean``/``std``: they were trained uncropped, so the defaults here
-    are ``crop_to_body: False`` and no mean/std.
+    Called by :func:`kidney_seg.plan.check_plan`, the one place a plan is checked.
     """
-    normalization = settings.get("normalization", "zscore_slice")
+    missing = [k for k in SETTINGS_KEYS if k not in settings]
+    unknown = sorted(set(settings) - set(SETTINGS_KEYS))
+    if missing or unknown:
+        raise ValueError(f"preprocessing settings: missing keys {missing}, unknown keys {unknown}")
+    normalization = settings["normalization"]
     if normalization not in NORMALIZATIONS:
-        raise ValueError(f"settings: unknown normalization {normalization!r}")
-    if settings.get("clip") == "auto":
-        raise ValueError("settings: clip 'auto' is unresolved; pass the settings through resolve_preprocessing first")
-    out = dict(settings)
-    out.update(target_spacing=_check_spacing(settings.get("target_spacing")), clip=_check_window(settings.get("clip")),
-               normalization=normalization, mean=settings.get("mean"), std=settings.get("std"),
-               crop_to_body=bool(settings.get("crop_to_body", False)))
-    if normalization == "dataset" and (out["mean"] is None or out["std"] is None):
-        raise ValueError("settings: normalization 'dataset' needs 'mean' and 'std' (from the training fingerprint)")
-    return out
-
-
-# --------------------------------------------------------------------------- lean loading
-
-
-def _chunk_axis(array: np.ndarray) -> int:
-    """The axis with the largest stride: chunks along it are contiguous blocks of memory."""
-    return int(np.argmax([abs(s) if n > 1 else 0 for s, n in zip(array.strides, array.shape)]))
-
-
-def _chunks(array: np.ndarray, axis: int | None = None, nbytes: int | None = None):
-    """Yield (axis, slice) pairs splitting ``array`` into blocks of about ``nbytes`` (default
-    ``_CHUNK_BYTES``) along ``axis`` (default: the largest-stride axis)."""
-    axis = _chunk_axis(array) if axis is None else axis
-    nbytes = _CHUNK_BYTES if nbytes is None else nbytes
-    n = array.shape[axis]
-    per = max(1, array.nbytes // max(n, 1))
-    step = max(1, nbytes // per)
-    for start in range(0, n, step):
-        yield axis, slice(start, min(start + step, n))
-
-
-def _take(array: np.ndarray, axis: int, sl) -> np.ndarray:
-    index = [slice(None)] * array.ndim
-    index[axis] = sl
-    return array[tuple(index)]
-
-
-def _oriented_view(raw: np.ndarray, geometry: Geometry) -> np.ndarray:
-    """The internal-orientation (I, P, L) view of file-layout data (flips and a transpose: no copy)."""
-    return ornt.apply_orientation(raw, np.asarray(geometry.transform))
-
-
-def _read_gzip_lean(path, proxy) -> np.ndarray | None:
-    """Voxel data of a .nii.gz straight into one preallocated array (None: not applicable).
-
-    nibabel reads a gzip stream with ``readinto`` on the whole buffer, which CPython's
-    GzipFile implements as read-then-copy: a transient second copy of the volume. Reading
-    in 16 MB pieces into the final array avoids it.
-    """
-    if not str(path).endswith(".gz") or not all(hasattr(proxy, a) for a in ("offset", "dtype", "shape", "order")):
-        return None
-    order = "F" if str(proxy.order).upper() == "F" else "C"
-    arr = np.empty(tuple(int(s) for s in proxy.shape), dtype=np.dtype(proxy.dtype), order=order)
-    view = memoryview(arr.reshape(-1, order=order)).cast("B")
-    with gzip.open(path, "rb") as fh:
-        fh.seek(int(proxy.offset))
-        pos, total = 0, view.nbytes
-        while pos < total:
-            n = fh.readinto(view[pos : min(pos + (16 << 20), total)])
-            if not n:
-                raise OSError(f"expected {total} bytes of voxel data, got {pos}")
-            pos += n
-    return arr
-
-
-def _raw_data(img, case_id, path) -> tuple[np.ndarray, float, float]:
-    """Voxel data in the file's own dtype and layout, with the NIfTI slope and intercept."""
-    proxy = img.dataobj
-    try:
-        if hasattr(proxy, "get_unscaled"):
-            raw = _read_gzip_lean(path, proxy)
-            if raw is None:
-                raw = np.asanyarray(proxy.get_unscaled())
-            slope, inter = float(proxy.slope), float(proxy.inter)
-        else:  # already an array (e.g. a 4D file with one volume, sliced by load_nifti)
-            raw, slope, inter = np.asanyarray(proxy), 1.0, 0.0
-    except Exception as exc:
-        raise CaseDataError(case_id, path, f"cannot read voxel data ({exc})") from exc
-    if raw.dtype.kind not in "uif":
-        raise CaseDataError(case_id, path, f"unsupported voxel type {raw.dtype}")
-    if not (math.isfinite(slope) and math.isfinite(inter)):
-        raise CaseDataError(case_id, path, f"invalid scaling slope={slope} inter={inter}")
-    return raw, slope, inter
-
-
-def _check_finite(raw: np.ndarray, case_id, path) -> None:
-    if raw.dtype.kind != "f":
-        return
-    for axis, sl in _chunks(raw):
-        if not np.isfinite(_take(raw, axis, sl)).all():
-            raise CaseDataError(case_id, path, "voxel data contains NaN or inf")
-
-
-def read_image(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.ndarray, Geometry]:
-    """A CT volume in HU, internal orientation, without copying the whole scan; and its geometry.
-
-    Same checks as :func:`kidney_seg.volume.load_image` (readable 3D NIfTI, finite values),
-    but the result is a reoriented view of the file's own data: integer files with no
-    scaling stay integer (int16 CT is half the size of float32), float32 files stay as
-    read. Only files whose slope/intercept must be applied (or float64 files) are
-    converted, in chunks, to one float32 array. Callers must not write into the result.
-    """
-    img = load_nifti(path, case_id)
-    geometry = geometry_of(img)
-    raw, slope, inter = _raw_data(img, case_id, path)
-    del img
-    _check_finite(raw, case_id, path)
-    if (slope, inter) == (1.0, 0.0) and raw.dtype != np.float64:
-        return _oriented_view(raw, geometry), geometry
-    internal = _oriented_view(raw, geometry)
-    out = np.empty(internal.shape, dtype=np.float32)
-    for axis, sl in _chunks(out, axis=0):
-        block = out[sl]
-        block[...] = internal[sl]
-        if slope != 1.0:
-            block *= np.float32(slope)
-        if inter != 0.0:
-            block += np.float32(inter)
-    _check_finite(out, case_id, path)
-    return out, geometry
-
-
-def check_extent(shape: tuple[int, ...], case_id: str | None, path: object) -> None:
-    """Refuse an empty or single-slice volume (nothing to resample or segment), naming the case and file."""
-    if min(shape) < 2:
-        raise CaseDataError(case_id, path,
-                            f"volume of shape {tuple(shape)} is empty or a single slice; need >= 2 voxels per axis")
-
-
-def _label_values(raw: np.ndarray) -> set[int]:
-    """Distinct values of an integer array, streamed in chunks (no full-size temporaries)."""
-    found: set[int] = set()
-    nonneg = raw.dtype.kind == "u" or raw.size == 0 or raw.min() >= 0
-    big = raw.dtype.itemsize > 2
-    for axis, sl in _chunks(raw, nbytes=_CHUNK_BYTES // 4):
-        block = _take(raw, axis, sl).ravel(order="K")
-        if nonneg and not big:
-            found.update(np.flatnonzero(np.bincount(block)).tolist())
-        else:
-            found.update(np.unique(block).tolist())
-    return {int(v) for v in found}
-
-
-def read_label(path: str | os.PathLike, case_id: str | None, valid_labels: tuple[int, ...],
-               image_geometry: Geometry | None = None) -> np.ndarray:
-    """A label volume as uint8 in the internal orientation (a view where the file is uint8).
-
-    Same checks as :func:`kidney_seg.volume.load_label` (integer values among
-    ``valid_labels``, same grid as the image) without its float64 copy: integer files are
-    checked in chunks in their own dtype. Float or scaled label files fall back to
-    :func:`kidney_seg.volume.load_label`. Callers must not write into the result.
-    """
-    img = load_nifti(path, case_id)
-    geometry = geometry_of(img)
-    if image_geometry is not None:
-        check_same_grid(image_geometry, geometry, case_id, path)
-    proxy = img.dataobj
-    scaled = (float(getattr(proxy, "slope", 1.0)), float(getattr(proxy, "inter", 0.0))) != (1.0, 0.0)
-    if img.get_data_dtype().kind not in "ui" or scaled or max(valid_labels) > 255:
-        del img, proxy
-        return load_label(path, case_id, tuple(valid_labels), image_geometry)
-    raw, _, _ = _raw_data(img, case_id, path)
-    del img, proxy
-    bad = sorted(_label_values(raw) - {int(v) for v in valid_labels})
-    if bad:
-        raise CaseDataError(case_id, path, f"unexpected label values {bad}; allowed {list(valid_labels)}")
-    if raw.dtype != np.uint8:
-        raw = raw.astype(np.uint8, order="K")
-    return _oriented_view(raw, geometry)
+        raise ValueError(f"preprocessing settings: unknown normalization {normalization!r}")
+    if settings["clip"] == "auto":
+        raise ValueError("preprocessing settings: clip 'auto' is unresolved; pass the settings through resolve_preprocessing first")
+    if not isinstance(settings["crop_to_body"], bool):
+        raise ValueError(f"preprocessing settings: crop_to_body must be true or false, got {settings['crop_to_body']!r}")
+    if normalization == "dataset" and (settings["mean"] is None or settings["std"] is None):
+        raise ValueError("preprocessing settings: normalization 'dataset' needs 'mean' and 'std' (from the training fingerprint)")
+    return {**settings, "target_spacing": _check_spacing(settings["target_spacing"]), "clip": _check_window(settings["clip"])}
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -352,7 +192,7 @@ def compute_fingerprint(cases: list[tuple[str, str, str]], out_json: str | os.Pa
     samples, total, ids, empty = [], 0, [], []
     for case_id, image_path, label_path in sorted((str(c), i, lab) for c, i, lab in cases):
         image, geometry = read_image(image_path, case_id)
-        label = read_label(label_path, case_id, FINGERPRINT_LABELS, geometry)
+        label, _ = read_label(label_path, case_id, ALL_LABELS, geometry)
         values = _foreground_values(image, label)
         del image, label
         ids.append(case_id)
@@ -428,7 +268,7 @@ def normalize(image: np.ndarray, settings: dict, inplace: bool = False) -> np.nd
     with the training fingerprint's mean/std. With ``inplace`` a float32 ``image`` is
     overwritten (no copy).
     """
-    method = settings.get("normalization", "zscore_slice")
+    method = settings["normalization"]
     if method not in NORMALIZATIONS:
         raise ValueError(f"unknown normalization {method!r}")
     out = image if inplace else np.array(image, dtype=np.float32)
@@ -437,7 +277,7 @@ def normalize(image: np.ndarray, settings: dict, inplace: bool = False) -> np.nd
     clip_hu(out, settings["clip"], out=out)
     if method == "zscore_slice":
         return zscore_slices(out, inplace=True)
-    mean, std = settings.get("mean"), settings.get("std")
+    mean, std = settings["mean"], settings["std"]
     if mean is None or std is None:
         raise ValueError("normalization 'dataset' needs settings 'mean' and 'std' (see resolve_preprocessing)")
     out -= np.float32(mean)
@@ -451,12 +291,12 @@ def normalize(image: np.ndarray, settings: dict, inplace: bool = False) -> np.nd
 def _foreground_projection(image: np.ndarray, threshold: float) -> np.ndarray:
     """(rows, cols) count of slices in which each in-plane position is above ``threshold``."""
     count = np.zeros(image.shape[1:], dtype=np.int32)
-    for axis, sl in _chunks(image, nbytes=_CHUNK_BYTES // 2):
-        block = _take(image, axis, sl) > threshold
+    for axis, sl in chunks(image, nbytes=CHUNK_BYTES // 2):
+        block = take(image, axis, sl) > threshold
         if axis == 0:
             count += block.sum(axis=0, dtype=np.int32)
         else:
-            _take(count, axis - 1, sl)[...] = block.sum(axis=0, dtype=np.int32)
+            take(count, axis - 1, sl)[...] = block.sum(axis=0, dtype=np.int32)
     return count
 
 
@@ -544,13 +384,13 @@ def _gather_slices(volume: np.ndarray, indices: np.ndarray, dtype=np.float32) ->
     out = np.empty((len(indices),) + tuple(volume.shape[1:]), dtype=dtype)
     if len(indices) == 0 or out.size == 0:
         return out
-    axis = _chunk_axis(volume)
+    axis = chunk_axis(volume)
     if axis == 0:
         for k, i in enumerate(indices):
             out[k] = volume[i]
     else:
-        for _, sl in _chunks(volume, axis=axis):
-            _take(out, axis, sl)[...] = _take(volume, axis, sl)[indices]
+        for _, sl in chunks(volume, axis=axis):
+            take(out, axis, sl)[...] = take(volume, axis, sl)[indices]
     return out
 
 
@@ -601,12 +441,11 @@ def preprocess_image(image: np.ndarray, spacing, settings: dict) -> tuple[np.nda
     """Crop, clip, normalise and resample an internal-orientation HU volume.
 
     ``image`` may be any real dtype and any memory layout (e.g. the view of
-    :func:`read_image`); it is not modified. ``settings`` is the dict of
+    :func:`kidney_seg.volume.read_image`); it is not modified. ``settings`` is the dict of
     :func:`resolve_preprocessing` (or a model's inference.json). Returns the float32
     volume at the target spacing (C order) and the crop box (on ``image``'s grid;
     the full volume when ``crop_to_body`` is false).
     """
-    settings = check_settings(settings)
     box = body_box(image) if settings["crop_to_body"] else tuple(slice(0, int(n)) for n in image.shape)
     cropped = image[box]
     shape = resampled_shape(cropped.shape, spacing, settings["target_spacing"])
@@ -635,6 +474,7 @@ def preprocess_case(
     out_dir: str | os.PathLike,
     settings: dict,
     valid_labels: tuple[int, ...],
+    plan_digest: str | None = None,
 ) -> dict:
     """Load one labelled case, preprocess it and write the slice cache; returns meta.
 
@@ -642,17 +482,16 @@ def preprocess_case(
     in ``out_dir``. meta holds the case id, the original geometry (shape, affine,
     orientation transform, spacing), ``original_shape`` (internal orientation),
     ``crop_box`` ([[start, stop]] x 3 on the internal grid before resampling), the
-    settings used, the output shape and spacing, and the per-class slice index
+    digest of the plan the settings come from (:func:`kidney_seg.plan.plan_digest`; None
+    outside the workflow), the output shape and spacing, and the per-class slice index
     ``slices`` (keys ``foreground`` and ``class_<c>``). An empty or one-slice volume
     raises :class:`CaseDataError` naming the case and file.
     """
-    settings = check_settings(settings)
     image, geometry = read_image(image_path, case_id)
-    check_extent(image.shape, case_id, image_path)
     num_classes = len(valid_labels)
     data, box = preprocess_image(image, geometry.spacing, settings)
     del image  # the raw scan goes before the label is read: peak memory is one volume, not two
-    label = read_label(label_path, case_id, tuple(valid_labels), geometry)
+    label, _ = read_label(label_path, case_id, tuple(valid_labels), geometry)
     seg = resample_label(label[box], data.shape, num_classes)
     del label
     cropped = [s.stop - s.start for s in box]
@@ -665,8 +504,7 @@ def preprocess_case(
         "spacing": list(geometry.spacing),
         "original_shape": list(geometry.internal_shape),
         "crop_box": box_to_list(box),
-        "settings": {k: settings[k] for k in ("target_spacing", "clip", "normalization", "mean", "std", "crop_to_body")},
-        "target_spacing": settings["target_spacing"],
+        "plan_digest": plan_digest,
         "output_spacing": [float(n * sp / m) for n, sp, m in zip(cropped, geometry.spacing, data.shape)],
         "shape": list(data.shape),
         "num_classes": num_classes,

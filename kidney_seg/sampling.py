@@ -23,8 +23,7 @@ from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from kidney_seg.atomic import load_npy
-
-TUMOR_LABEL = 2
+from kidney_seg.vocabulary import TUMOR
 
 
 @dataclass
@@ -47,7 +46,7 @@ def load_case(case_dir: str | Path) -> CaseSlices:
         raise ValueError(f"{case_dir}: image {image.shape} and label {label.shape} differ")
     slices = meta["slices"]
     return CaseSlices(meta["case_id"], image, label, np.asarray(slices["foreground"], dtype=np.int64),
-                      np.asarray(slices.get(f"class_{TUMOR_LABEL}", []), dtype=np.int64))
+                      np.asarray(slices.get(f"class_{TUMOR}", []), dtype=np.int64))
 
 
 def _pairs(cases: list[CaseSlices], attr: str) -> np.ndarray:

@@ -4,10 +4,14 @@ import sys
 
 from snakemake.exceptions import WorkflowError
 
+from kidney_seg.code_inputs import workflow_script_code
 from kidney_seg.config import check_consistency
-from kidney_seg.data.checks import failure_message, usable_cases
-from kidney_seg.data.sources import labels_of, list_cases, raw_root, select
+from kidney_seg.data.checks import failure_message
+from kidney_seg.data.sources import list_cases, raw_root, select
+from kidney_seg.plan import PLAN_NAME, plan_inputs
+from kidney_seg.preprocessing import needs_fingerprint
 from kidney_seg.split import cases_in, fold_cases, make_split
+from kidney_seg.vocabulary import labels_of
 
 check_consistency(config)
 
@@ -18,6 +22,8 @@ LABELLED, UNLABELLED = select(list_cases(config["dataset"]), config["dataset"])
 CASE = {c.case_id: c for c in LABELLED + UNLABELLED}
 CASES = [c.case_id for c in LABELLED]
 PREDICT_ONLY = [c.case_id for c in UNLABELLED]
+# The split is made here, once, because the DAG needs it (which cases each fold trains on,
+# which model predicts a case); the split rule only writes this table to split.csv.
 SPLIT = make_split(CASES, config["split"]["fractions"], config["split"]["seed"], config["split"]["folds"])
 TRAIN, VAL, TEST = (cases_in(SPLIT, s) for s in ("train", "val", "test"))
 FOLDS = [str(k) for k in range(config["split"]["folds"])]
@@ -27,10 +33,11 @@ FOLD_CASES = {"0": (TRAIN, VAL)} if len(FOLDS) == 1 else {k: fold_cases(SPLIT, i
 HELD_OUT_BY = {case: k for k, (_, val) in FOLD_CASES.items() for case in val}
 # Cases whose predictions decide the post-processing (none when it is switched off).
 VALIDATION = sorted(HELD_OUT_BY) if config["postprocessing"]["enabled"] else []
-PREPROCESSING = config["preprocessing"]
-NEEDS_FINGERPRINT = PREPROCESSING["clip"] == "auto" or PREPROCESSING["normalization"] == "dataset"
+# The plan: the settings preprocess, train and predict share (written by the plan rule).
+PLAN = f"{RESULTS}/{PLAN_NAME}"
+PLAN_INPUTS = plan_inputs(config)
 # What fetching a case depends on (not the case selection, so choosing more cases reruns nothing).
-FETCH = {k: config["dataset"].get(k) for k in ("source", "root", "phantom", "manifest", "kits_imaging_url", "kits_labels_url")}
+DOWNLOAD_SETTINGS = {k: config["dataset"].get(k) for k in ("source", "root", "phantom", "manifest", "kits_imaging_url", "kits_labels_url")}
 
 
 wildcard_constraints:
@@ -38,9 +45,9 @@ wildcard_constraints:
     fold=r"\d+",
 
 
-def library(*modules):
-    """Library source files a rule depends on, so that editing them triggers a rerun."""
-    return [os.path.join(workflow.basedir, "kidney_seg", m) for m in ("__init__.py", "atomic.py", "volume.py", "errors.py") + modules]
+def code_of(script):
+    """The library files workflow_scripts/<script>.py runs (its kidney_seg imports, transitively): a rule's code inputs."""
+    return workflow_script_code(workflow.basedir, script)
 
 
 def raw_image(wildcards):
@@ -60,7 +67,7 @@ def preprocessed(cases):
 
 def fingerprint(wildcards=None):
     """The training-set intensity statistics, where the config needs them."""
-    return [f"{RESULTS}/fingerprint.json"] if NEEDS_FINGERPRINT else []
+    return [f"{RESULTS}/fingerprint.json"] if needs_fingerprint(config["preprocessing"]) else []
 
 
 def label_if_any(wildcards):
@@ -68,55 +75,49 @@ def label_if_any(wildcards):
     return [CASE[wildcards.case].label] if CASE[wildcards.case].label else []
 
 
-def usable(cases):
-    """The given cases that passed their input checks (known once the collect_checks checkpoint ran)."""
-    passed = usable_cases(checkpoints.collect_checks.get().output.table)
-    return [c for c in cases if c in passed]
+def checks_of(cases):
+    """Input-check records of some cases: every per-case rule and the aggregates filter on them."""
+    return [f"{RESULTS}/checks/{c}.json" for c in cases]
 
 
-def usable_training_images(wildcards):
-    """Raw CT of the usable training cases."""
-    return [CASE[c].image for c in usable(TRAIN)]
+def training_checks(wildcards):
+    """Check records of the training cases (the fingerprint keeps those that passed)."""
+    return checks_of(TRAIN)
 
 
-def usable_training_labels(wildcards):
-    """Raw segmentations of the usable training cases."""
-    return [CASE[c].label for c in usable(TRAIN)]
+def training_images(wildcards):
+    """Raw CT of the training cases."""
+    return [CASE[c].image for c in TRAIN]
 
 
-def usable_training_cases(wildcards):
-    """Ids of the usable training cases."""
-    return usable(TRAIN)
+def training_labels(wildcards):
+    """Raw segmentations of the training cases."""
+    return [CASE[c].label for c in TRAIN]
 
 
 def fold_training(wildcards):
-    """Slice caches a fold's model trains on."""
-    return preprocessed(usable(FOLD_CASES[wildcards.fold][0]))
+    """Slice-cache records a fold's model trains on (excluded cases' records say so)."""
+    return preprocessed(FOLD_CASES[wildcards.fold][0])
 
 
 def fold_validation(wildcards):
-    """Slice caches a fold's model is validated on."""
-    return preprocessed(usable(FOLD_CASES[wildcards.fold][1]))
+    """Slice-cache records a fold's model is validated on."""
+    return preprocessed(FOLD_CASES[wildcards.fold][1])
 
 
-def usable_test_cases(wildcards):
-    """Ids of the usable test cases."""
-    return usable(TEST)
-
-
-def usable_test_scans(wildcards):
-    """Raw CT, ground truth and prediction of each usable test case, in that order per case."""
-    return [path for c in usable(TEST) for path in (CASE[c].image, CASE[c].label, f"{RESULTS}/predictions/{c}.nii.gz")]
+def test_scans(wildcards):
+    """Raw CT, ground truth and prediction record of each test case, in that order per case."""
+    return [path for c in TEST for path in (CASE[c].image, CASE[c].label, f"{RESULTS}/predictions/{c}.json")]
 
 
 def test_metrics(wildcards):
-    """Per-case metric files of the usable test cases."""
-    return [f"{RESULTS}/metrics/cases/{c}.json" for c in usable(TEST)]
+    """Per-case metric records of the test cases."""
+    return [f"{RESULTS}/metrics/cases/{c}.json" for c in TEST]
 
 
 def predict_only_outputs(wildcards):
-    """Predictions of the usable imaging-only cases."""
-    return [f"{RESULTS}/predictions/{c}.nii.gz" for c in usable(PREDICT_ONLY)]
+    """Prediction records of the imaging-only cases (the NIfTI lies beside each usable case's record)."""
+    return [f"{RESULTS}/predictions/{c}.json" for c in PREDICT_ONLY]
 
 
 def model_dir(fold):
@@ -130,19 +131,14 @@ def predicting_models(wildcards):
     return [f"{model_dir(k)}/model.keras" for k in ([fold] if fold is not None else FOLDS)]
 
 
-def validation_cases(wildcards=None):
-    """The usable validation cases, on whose predictions post-processing is decided."""
-    return usable(VALIDATION)
-
-
 def validation_predictions(wildcards=None):
-    """Raw predictions of the usable validation cases."""
-    return [f"{RESULTS}/raw_predictions/{c}.nii.gz" for c in validation_cases()]
+    """Raw prediction records of the validation cases."""
+    return [f"{RESULTS}/raw_predictions/{c}.json" for c in VALIDATION]
 
 
 def validation_labels(wildcards=None):
-    """Ground truth of the usable validation cases."""
-    return [CASE[c].label for c in validation_cases()]
+    """Ground truth of the validation cases."""
+    return [CASE[c].label for c in VALIDATION]
 
 
 def train_threads(wildcards):

@@ -1,21 +1,22 @@
 # One job per file, so cases download (or are generated) in parallel. A local dataset is
 # read where it lies: no rule may ever produce (or delete) a user's own files.
-# Only the phantom's files depend on library code; downloaded files never go stale.
+# Only the phantom's files depend on library code (the generator the script runs);
+# downloaded files never go stale.
 # Downloads use https; dataset.allow_http (plain http to a loopback test server) is read
 # by the scripts from the config, not passed as a param: a params change reruns a job, and
 # toggling the override must not download the files again.
-SOURCE_CODE = library("data/phantom.py") if FETCH["source"] == "phantom" else []
+GENERATOR_CODE = code_of("download") if DOWNLOAD_SETTINGS["source"] == "phantom" else []
 
 
-if FETCH["source"] != "local":
+if DOWNLOAD_SETTINGS["source"] != "local":
 
     rule download_image:
         output:
             f"{RAW}/{{case}}/imaging.nii.gz",
         input:
-            code=SOURCE_CODE,
+            code=GENERATOR_CODE,
         params:
-            dataset=FETCH,
+            dataset=DOWNLOAD_SETTINGS,
             seed=config["seed"],
         log:
             f"{RESULTS}/logs/download_image/{{case}}.log",
@@ -26,16 +27,16 @@ if FETCH["source"] != "local":
         resources:
             downloads=1,
         script:
-            "../workflow_scripts/download_image.py"
+            "../workflow_scripts/download.py"
 
     rule download_label:
         output:
             f"{RAW}/{{case}}/segmentation.nii.gz",
         input:
             image=raw_image,
-            code=SOURCE_CODE,
+            code=GENERATOR_CODE,
         params:
-            dataset=FETCH,
+            dataset=DOWNLOAD_SETTINGS,
             seed=config["seed"],
         log:
             f"{RESULTS}/logs/download_label/{{case}}.log",
@@ -46,4 +47,4 @@ if FETCH["source"] != "local":
         resources:
             downloads=1,
         script:
-            "../workflow_scripts/download_label.py"
+            "../workflow_scripts/download.py"

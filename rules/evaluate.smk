@@ -1,11 +1,13 @@
 rule evaluate_case:
     input:
-        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
+        prediction=f"{RESULTS}/predictions/{{case}}.json",
         label=raw_label,
-        code=library("evaluation.py"),
+        check=f"{RESULTS}/checks/{{case}}.json",
+        code=code_of("evaluate_case"),
     output:
         f"{RESULTS}/metrics/cases/{{case}}.json",
     params:
+        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
         labels=LABELS,
     log:
         f"{RESULTS}/logs/evaluate_case/{{case}}.log",
@@ -20,7 +22,7 @@ rule evaluate_case:
 rule evaluate:
     input:
         cases=test_metrics,
-        code=library("evaluation.py"),
+        code=code_of("evaluate"),
     output:
         per_case=report(f"{RESULTS}/metrics/per_case.csv", caption="../report/per_case.rst", category="Metrics",
                         labels={"table": "per case"}),

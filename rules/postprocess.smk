@@ -2,11 +2,10 @@ rule decide_postprocessing:
     input:
         predictions=validation_predictions,
         labels=validation_labels,
-        code=library("postprocessing.py", "evaluation.py"),
+        code=code_of("decide_postprocessing"),
     output:
         f"{RESULTS}/model/postprocessing.json",
     params:
-        cases=validation_cases,
         settings=config["postprocessing"],
         labels=LABELS,
     log:
@@ -19,14 +18,18 @@ rule decide_postprocessing:
         "../workflow_scripts/decide_postprocessing.py"
 
 
+# Records in and out, the NIfTI predictions beside them (rules/check.smk says why).
 rule postprocess:
     input:
-        prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        prediction=f"{RESULTS}/raw_predictions/{{case}}.json",
+        check=f"{RESULTS}/checks/{{case}}.json",
         decision=f"{RESULTS}/model/postprocessing.json",
-        code=library("postprocessing.py", "evaluation.py"),
+        code=code_of("postprocess"),
     output:
-        f"{RESULTS}/predictions/{{case}}.nii.gz",
+        f"{RESULTS}/predictions/{{case}}.json",
     params:
+        raw_prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
         labels=LABELS,
     log:
         f"{RESULTS}/logs/postprocess/{{case}}.log",

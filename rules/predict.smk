@@ -1,11 +1,16 @@
+# The output is the prediction's record; the NIfTI beside it exists only for a usable case
+# (rules/check.smk says why it is not a declared output).
 rule predict:
     input:
         image=raw_image,
+        check=f"{RESULTS}/checks/{{case}}.json",
         models=predicting_models,
-        code=library("inference.py", "preprocessing.py", "losses.py", "determinism.py"),
+        plan=PLAN,
+        code=code_of("predict"),
     output:
-        f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        f"{RESULTS}/raw_predictions/{{case}}.json",
     params:
+        prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
         inference=config["inference"],
         seed=config["seed"],
         deterministic=config["deterministic"],

@@ -1,12 +1,13 @@
 rule fingerprint:
     input:
-        images=usable_training_images,
-        labels=usable_training_labels,
-        code=library("preprocessing.py"),
+        checks=training_checks,
+        images=training_images,
+        labels=training_labels,
+        code=code_of("fingerprint"),
     output:
         f"{RESULTS}/fingerprint.json",
     params:
-        cases=usable_training_cases,
+        cases=TRAIN,
         seed=config["seed"],
     log:
         f"{RESULTS}/logs/fingerprint.log",
@@ -18,19 +19,20 @@ rule fingerprint:
         "../workflow_scripts/fingerprint.py"
 
 
+# meta.json is the slice cache's record; the arrays beside it exist only for a usable case
+# (rules/check.smk says why they are not declared outputs).
 rule preprocess:
     input:
         image=raw_image,
         label=raw_label,
-        fingerprint=fingerprint,
-        code=library("preprocessing.py"),
+        check=f"{RESULTS}/checks/{{case}}.json",
+        plan=PLAN,
+        code=code_of("preprocess"),
     output:
-        image=f"{RESULTS}/preprocessed/{{case}}/image.npy",
-        label=f"{RESULTS}/preprocessed/{{case}}/label.npy",
         meta=f"{RESULTS}/preprocessed/{{case}}/meta.json",
     params:
-        preprocessing=PREPROCESSING,
-        labels=LABELS,
+        image=f"{RESULTS}/preprocessed/{{case}}/image.npy",
+        label=f"{RESULTS}/preprocessed/{{case}}/label.npy",
     log:
         f"{RESULTS}/logs/preprocess/{{case}}.log",
     benchmark:

@@ -5,26 +5,17 @@ rule report:
         history=expand(f"{RESULTS}/model/fold_{{fold}}/history.csv", fold=FOLDS),
         postprocessing=f"{RESULTS}/model/postprocessing.json",
         split=f"{RESULTS}/split.csv",
-        # the test cases' scans, ground truth and predictions, for the best/median/worst overlays
-        scans=usable_test_scans,
+        # the test cases' scans, ground truth and prediction records, for the best/median/worst overlays
+        scans=test_scans,
         failures=f"{RESULTS}/failures.csv",
         # each fold's training hardware and software (written by the train rule)
         environments=expand(f"{RESULTS}/model/fold_{{fold}}/environment.json", fold=FOLDS),
-        code=library(
-            "report/__init__.py",
-            "report/common.py",
-            "report/html.py",
-            "report/figures.py",
-            "report/overlays.py",
-            "report/provenance.py",
-            "environment.py",
-            "preprocessing.py",
-        ),
+        code=code_of("report"),
     output:
         report(f"{RESULTS}/report.html", caption="../report/report.rst", category="Report"),
     params:
         config=config,
-        cases=usable_test_cases,
+        cases=TEST,
         labels=LABELS,
         benchmark_dir=f"{RESULTS}/benchmarks",
         # the workflow's folder, for its git commit (a function: a plain path trips the linter's prefix check)

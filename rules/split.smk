@@ -1,13 +1,11 @@
+# Writes the split made once at parse time (common.smk's SPLIT, which the DAG needs).
 rule split:
     input:
-        code=library("split.py"),
+        code=code_of("split"),
     output:
         f"{RESULTS}/split.csv",
     params:
-        cases=CASES,
-        fractions=config["split"]["fractions"],
-        seed=config["split"]["seed"],
-        folds=config["split"]["folds"],
+        split=SPLIT.to_dict("list"),
     log:
         f"{RESULTS}/logs/split.log",
     benchmark:

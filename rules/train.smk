@@ -1,10 +1,9 @@
 rule train:
     input:
-        split=f"{RESULTS}/split.csv",
         train=fold_training,
         val=fold_validation,
-        fingerprint=fingerprint,
-        code=library("model.py", "losses.py", "sampling.py", "training.py", "determinism.py", "config.py", "environment.py"),
+        plan=PLAN,
+        code=code_of("train"),
     output:
         model=f"{RESULTS}/model/fold_{{fold}}/model.keras",
         history=f"{RESULTS}/model/fold_{{fold}}/history.csv",
@@ -15,8 +14,6 @@ rule train:
     params:
         model=config["model"],
         training=config["training"],
-        preprocessing=PREPROCESSING,
-        labels=LABELS,
         seed=config["seed"],
         deterministic=config["deterministic"],
         checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",

@@ -52,3 +52,52 @@ def kits_labels_dir() -> Path:
     if not d.is_dir():
         pytest.skip(f"real KiTS labels not found at {d} (../shared/data is absent)")
     return d
+
+
+# ----------------------------------------------------------------------------- shared whole-workflow runs
+# Each is made once per session, and so once per pytest-xdist worker: the tests that use one
+# live in one file (tests/test_workflow.py, tests/test_resume.py) and `make test` distributes
+# by file (--dist loadfile). (--dist loadgroup with xdist_group marks would be the finer tool,
+# but pytest-xdist 3.8 cannot tag node ids under pytest 9.2, so its groups are ignored.)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """The whole workflow run once on tests/configs/tiny.yaml, from a copy of the workflow (read-only for tests)."""
+    from tests.workflow_runs import make_tiny_run
+
+    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def deterministic_runs(tmp_path_factory):
+    """(reference results folder, InterruptedRun): the two deterministic runs, made side by side."""
+    from tests.workflow_runs import make_deterministic_runs
+
+    return make_deterministic_runs(tmp_path_factory.mktemp("deterministic"))
+
+
+@pytest.fixture(scope="session")
+def deterministic_reference(deterministic_runs) -> Path:
+    """The results folder of one uninterrupted deterministic run of the tiny pipeline (2 cores)."""
+    import pandas as pd
+
+    results = deterministic_runs[0]
+    assert pd.read_csv(results / "model" / "fold_0" / "history.csv")["lr"].nunique() > 1, "the rate was never cut"
+    return results
+
+
+@pytest.fixture(scope="session")
+def interrupted_run(deterministic_runs):
+    """The deterministic run on 1 core, killed in training, resumed (meeting a second invocation on the lock),
+    killed in prediction and finished: what was seen along the way (tests/workflow_runs.InterruptedRun)."""
+    return deterministic_runs[1]
+
+
+@pytest.fixture
+def server():
+    """A scriptable HTTP server on 127.0.0.1 (tests/http_server.py); yields (base URL, handler class)."""
+    from tests.http_server import serve
+
+    with serve() as running:
+        yield running

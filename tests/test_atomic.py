@@ -20,11 +20,9 @@ from __future__ import annotations
 import ast
 import errno
 import functools
-import http.server
 import pathlib
 import shutil
 import textwrap
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -266,7 +264,7 @@ def _setup_publish(tmp, monkeypatch):
 
 
 def _setup_checkpointer(tmp):
-    from kidney_seg.training import make_checkpointer
+    from kidney_seg.checkpoint import make_checkpointer
     state = tmp / "out" / "state"
     state.mkdir(parents=True)
 
@@ -279,12 +277,12 @@ def _setup_checkpointer(tmp):
 
 
 def _setup_save_checkpoint(tmp):
-    from kidney_seg.training import save_checkpoint
+    from kidney_seg.checkpoint import save_checkpoint
     return lambda: save_checkpoint(FakeModel(), tmp / "out" / "state" / "last.keras", 3)
 
 
 def _setup_reset_stale_state(tmp):
-    from kidney_seg.training import reset_stale_state
+    from kidney_seg.checkpoint import reset_stale_state
     return lambda: reset_stale_state(tmp / "out" / "state", {"seed": 1})
 
 
@@ -296,7 +294,7 @@ def _setup_write_environment(tmp):
 def _setup_run_check(tmp):
     from kidney_seg.data.checks import run_check
     img, lab = _case_files(tmp / "in")
-    return lambda: run_check("case_00000", img, lab, (0, 1, 2), tmp / "out" / "case_00000.json")
+    return lambda: run_check("case_00000", img, lab, (0, 1, 2), tmp / "out" / "case_00000.json", None, "skip")
 
 
 def _setup_collect_checks(tmp):
@@ -345,8 +343,8 @@ WRITERS = [
     Writer("training.checkpointer", _setup_checkpointer,
            (("out/state/history.csv", "DataFrame.to_csv", 1), ("out/state/last.keras", "model.save", 1),
             ("out/state/best.keras", "shutil.copyfile", 1))),
-    Writer("training.save_checkpoint", _setup_save_checkpoint, (("out/state/last.keras", "ZipFile.writestr", 1),)),
-    Writer("training.reset_stale_state", _setup_reset_stale_state, (("out/state/fingerprint.json", "Path.write_text", 1),)),
+    Writer("checkpoint.save_checkpoint", _setup_save_checkpoint, (("out/state/last.keras", "ZipFile.writestr", 1),)),
+    Writer("checkpoint.reset_stale_state", _setup_reset_stale_state, (("out/state/resume_key.json", "Path.write_text", 1),)),
     Writer("environment.write_environment", _setup_write_environment, (("out/environment.json", "Path.write_text", 1),)),
     Writer("checks.run_check", _setup_run_check, (("out/case_00000.json", "Path.write_text", 1),)),
     Writer("checks.collect_checks", _setup_collect_checks,
@@ -409,38 +407,10 @@ def test_a_failure_mid_write_leaves_no_partial_or_temporary_file(tmp_path, monke
 
 
 @pytest.fixture
-def http_files(tmp_path):
-    """A local HTTP server for ``files`` (url path -> bytes); yields (base URL, files)."""
-    files: dict[str, bytes] = {}
-
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def log_message(self, *args):
-            pass
-
-        def do_GET(self):
-            if self.path not in files:
-                self.send_error(404)
-                return
-            body, start = files[self.path], 0
-            rng = self.headers.get("Range")
-            if rng:
-                start = int(rng.removeprefix("bytes=").rstrip("-"))
-                self.send_response(206)
-                self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-            else:
-                self.send_response(200)
-            self.send_header("Content-Length", str(len(body) - start))
-            self.end_headers()
-            self.wfile.write(body[start:])
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", files
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+def http_files(server):
+    """The shared loopback server (tests/http_server.py); yields (base URL, files: url path -> bytes)."""
+    base, handler = server
+    return base, handler.files
 
 
 def _nifti_gz_bytes() -> bytes:
@@ -754,8 +724,8 @@ def test_static_audit_every_library_write_goes_through_atomic_path():
 
 def test_static_audit_sees_the_known_writers():
     """The audit is not vacuous: it finds the atomic writes of the library and accepts them."""
-    src = (REPO / "kidney_seg" / "training.py").read_text()
-    calls = [classify_write(n) for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)]
+    srcs = [(REPO / "kidney_seg" / name).read_text() for name in ("training.py", "checkpoint.py", "curves.py")]
+    calls = [classify_write(n) for src in srcs for n in ast.walk(ast.parse(src)) if isinstance(n, ast.Call)]
     kinds = {c[0] for c in calls if c}
     assert {"to_csv", "savefig", "save", "shutil.copyfile"} <= kinds, kinds
 

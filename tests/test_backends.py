@@ -26,7 +26,7 @@ from kidney_seg.losses import DiceCELoss, SigmoidDiceBCELoss
 from kidney_seg.training import train
 from kidney_seg.inference import load_predictor, predict_case
 from tests.conftest import kits_affine, write_nifti
-from tests.test_training import MODEL, PRE, TRAIN, make_cache
+from tests.test_training import MODEL, TRAIN, make_cache, plan_for
 
 tmp = Path(sys.argv[1])
 rng = np.random.default_rng(0)
@@ -35,7 +35,7 @@ logits = (rng.normal(size=(2, 8, 8, 3)) * 3).astype(np.float32)
 out = {"softmax_loss": float(DiceCELoss(3)(labels, logits)),
        "sigmoid_loss": float(SigmoidDiceBCELoss(3)(labels, logits[..., :2]))}
 cache = make_cache(tmp / "cache")
-history = train(cache[:2], cache[2:], tmp / "model", MODEL, {**TRAIN, "epochs": 1}, PRE, (0, 1, 2), seed=1, threads=1)
+history = train(cache[:2], cache[2:], tmp / "model", MODEL, {**TRAIN, "epochs": 1}, plan_for(TRAIN), seed=1, threads=1)
 out["epochs"] = int(len(history))
 image = rng.normal(40, 20, (6, 24, 24)).astype(np.float32)
 path = write_nifti(tmp / "scan.nii.gz", image, kits_affine((3.0, 1.0, 1.0)))

@@ -4,7 +4,8 @@ import sys
 import numpy as np
 import pytest
 
-from kidney_seg.cli import build_parser, case_name, main, nifti_inputs
+from kidney_seg.cli import build_parser, case_name, inference_config, main, nifti_inputs
+from kidney_seg.config import with_defaults
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -52,3 +53,14 @@ def test_evaluate_command(tmp_path, capsys):
 def test_parser_requires_output():
     with pytest.raises(SystemExit):
         build_parser().parse_args(["predict", "m", "x.nii.gz"])
+
+
+def test_predict_options_fill_the_inference_section_from_the_schema():
+    parser = build_parser()
+    defaults = with_defaults("inference", {})
+    assert inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out"])) == defaults
+    given = inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--no-tta", "--step", "0.25",
+                                                "--batch-size", "4"]))
+    assert given == {**defaults, "mirror_tta": False, "step": 0.25, "batch_size": 4}
+    with pytest.raises(ValueError, match="inference.step"):
+        inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--step", "2"]))

@@ -48,3 +48,25 @@ def test_defaults_are_filled():
     cfg = base()
     del cfg["inference"]["step"]
     assert validate_config(cfg)["inference"]["step"] == 0.5
+
+
+def test_a_section_is_filled_from_the_schema_alone():
+    from kidney_seg.config import with_defaults
+
+    schema = load_schema()["properties"]["training"]["properties"]
+    filled = with_defaults("training", {"epochs": 3})
+    assert filled["epochs"] == 3
+    assert {k: v for k, v in filled.items() if k != "epochs"} == {k: s["default"] for k, s in schema.items() if k != "epochs"}
+    assert with_defaults("postprocessing", {}) == validate_config(base())["postprocessing"]  # config.yaml spells the defaults out
+    with pytest.raises(ValueError, match=r"training\.patch_size"):
+        with_defaults("training", {"patch_size": [64]})
+    with pytest.raises(ValueError, match="preprocessing: 'clip' is a required property"):
+        with_defaults("preprocessing", {"target_spacing": None})
+    with pytest.raises(ValueError, match="unknown config section"):
+        with_defaults("trainig", {})
+
+
+def test_the_vocabulary_is_not_repeated_in_the_config_module():
+    import kidney_seg.config as config
+
+    assert not {"LABELS", "CLASS_NAMES", "labels_for", "class_names"} & set(vars(config))

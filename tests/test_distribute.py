@@ -19,13 +19,13 @@ SCRIPT = textwrap.dedent("""
     tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
     logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
 
-    from tests.test_training import MODEL, PRE, TRAIN, make_cache
+    from tests.test_training import MODEL, TRAIN, make_cache, plan_for
     from kidney_seg.training import train
 
     tmp = Path(sys.argv[1])
     dirs = make_cache(tmp)
     cfg = {**TRAIN, "epochs": 1, "batch_size": 4, "distribute": "mirrored", "num_workers": 0}
-    history = train(dirs[:2], dirs[2:], tmp / "model", MODEL, cfg, PRE, (0, 1, 2), seed=1)
+    history = train(dirs[:2], dirs[2:], tmp / "model", MODEL, cfg, plan_for(cfg), seed=1)
     print("EPOCHS", list(history["epoch"]))
 """)
 

@@ -6,11 +6,8 @@ themselves are tested in tests/test_security.py.
 """
 
 import gzip
-import http.server
-import io
 import re
 import socket
-import threading
 
 import nibabel as nib
 import numpy as np
@@ -35,69 +32,6 @@ def nifti_gz(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
 def noisy_image(shape=(4, 32, 32), seed=0) -> np.ndarray:
     """Incompressible int16 data, so the gzip file is tens of kB."""
     return np.random.default_rng(seed).integers(-1000, 1000, shape, dtype=np.int16)
-
-
-class Handler(http.server.BaseHTTPRequestHandler):
-    """Serves ``files`` with Range support; ``scripts[path]`` lists behaviours for the next requests.
-
-    Behaviours: "ok", an HTTP status code, "cut", "ignore_range", "redirect:<location>"
-    (a 302) and "disposition" (the file with a Content-Disposition naming ``../`` paths).
-    """
-
-    files: dict[str, bytes]
-    scripts: dict[str, list[str]]
-    requests: list[tuple[str, str | None]]
-
-    def log_message(self, *args):  # keep test output quiet
-        pass
-
-    def do_GET(self):
-        self.requests.append((self.path, self.headers.get("Range")))
-        behaviour = self.scripts.get(self.path, []).pop(0) if self.scripts.get(self.path) else "ok"
-        if behaviour.isdigit():
-            self.send_error(int(behaviour))
-            return
-        if behaviour.startswith("redirect:"):
-            self.send_response(302)
-            self.send_header("Location", behaviour.removeprefix("redirect:"))
-            self.send_header("Content-Length", "0")
-            self.end_headers()
-            return
-        if self.path not in self.files:
-            self.send_error(404)
-            return
-        body, start = self.files[self.path], 0
-        match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-        if match and behaviour != "ignore_range":
-            start = int(match.group(1))
-            self.send_response(206)
-            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        else:
-            self.send_response(200)
-        self.send_header("Content-Length", str(len(body) - start))
-        if behaviour == "disposition":
-            self.send_header("Content-Disposition",
-                             "attachment; filename=\"../../escaped.nii.gz\"; filename*=UTF-8''..%2F..%2Fescaped.nii.gz")
-        self.end_headers()
-        payload = body[start:]
-        if behaviour == "cut":  # promise everything, send half, hang up
-            payload = payload[: len(payload) // 2]
-            self.close_connection = True
-        self.wfile.write(payload)
-
-
-@pytest.fixture
-def server():
-    """A fresh threaded server; yields (base URL, handler class with files/scripts/requests)."""
-    handler = type("H", (Handler,), {"files": {}, "scripts": {}, "requests": []})
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    httpd.daemon_threads = True
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}", handler
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
 
 
 def _leftovers(folder):

@@ -1,13 +1,12 @@
-"""Faults (issue "Faults"): a full disk, and two invocations of the workflow at once.
+"""Faults (issue "Faults"): a full disk.
 
 Disk full: an output that cannot be written fails with an error naming that output (errno
 kept, original chained) and leaves nothing truncated behind: once simulated (a serialiser
 that writes some bytes, then raises ENOSPC, EDQUOT, EROFS...), once for real on a 512 KiB
 tmpfs mounted for the test (root only; skipped with the reason otherwise).
 
-Two invocations: the tiny pipeline runs in the background from the repository root; once
-it holds Snakemake's lock and a job runs, an identical second invocation must stop at once
-with Snakemake's lock error while the first finishes with complete outputs.
+Two invocations of the workflow at once (the second must stop on Snakemake's lock) are
+checked on the session's interrupted run: tests/test_resume.py.
 """
 
 from __future__ import annotations
@@ -16,24 +15,18 @@ import errno
 import gc
 import os
 import shutil
-import signal
 import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
 from kidney_seg.atomic import OutputWriteError, save_npy_atomic, write_json_atomic
-
-from kidney_seg.volume import save_like, save_nifti
 from kidney_seg.split import write_split
-from tests.conftest import REPO, kits_affine, write_nifti
+from kidney_seg.volume import save_like, save_nifti
+from tests.conftest import kits_affine, write_nifti
 from tests.test_atomic import MARK, FailingSerialiser
 
 # ----------------------------------------------------------------------------- disk full, simulated
@@ -151,151 +144,3 @@ def test_small_fs_holds_what_fits(small_fs):
         save_npy_atomic(small_fs / "large.npy", _big_volume())
     assert sorted(p.name for p in small_fs.iterdir()) == ["small.nii.gz"]
     assert not any(MARK in p.read_bytes() for p in small_fs.iterdir())
-
-
-# ----------------------------------------------------------------------------- two invocations at once
-
-SNAKEMAKE = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or shutil.which("snakemake")
-LOCKS = REPO / ".snakemake" / "locks"
-LOCK_ERROR = "Directory cannot be locked"  # snakemake.exceptions.LockException
-
-
-def _env() -> dict:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
-            "TF_CPP_MIN_LOG_LEVEL": "2"}
-
-
-def _tiny_config(root: Path) -> Path:
-    cfg = yaml.safe_load((REPO / "tests" / "configs" / "tiny.yaml").read_text())
-    cfg["results_dir"] = str(root / "results")
-    cfg["dataset"]["root"] = str(root / "data")
-    path = root / "config.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def _holds_lock(results: Path) -> bool:
-    """Whether a lock file under .snakemake/locks lists one of our outputs."""
-    needle = str(results)
-    for lockfile in LOCKS.glob("*.lock") if LOCKS.is_dir() else []:
-        try:
-            if needle in lockfile.read_text():
-                return True
-        except OSError:  # removed meanwhile
-            continue
-    return False
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    """Stop an invocation we started (its own process group: snakemake and its jobs)."""
-    if proc.poll() is not None:
-        return
-    for sig, wait in ((signal.SIGINT, 30), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(proc.pid, sig)
-        except ProcessLookupError:
-            return
-        try:
-            proc.wait(wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
-
-
-class _LockWatch(threading.Thread):
-    """Notices our lock disappearing while the first invocation still runs.
-
-    Snakemake removes the whole .snakemake/locks folder when any invocation in the same
-    working directory finishes (persistence/file.py, _delete_locks), so an unrelated run
-    that ends at the wrong moment (another test running the workflow from the repository
-    root) drops our lock. The test then cannot tell anything and starts over.
-    """
-
-    def __init__(self, results: Path, first: subprocess.Popen):
-        super().__init__(daemon=True)
-        self.results, self.first = results, first
-        self.lost = False
-        self.done = threading.Event()
-
-    def run(self):
-        while not self.done.is_set() and self.first.poll() is None:
-            if not _holds_lock(self.results) and self.first.poll() is None:
-                self.lost = True
-                return
-            time.sleep(0.05)
-
-
-def _attempt(root: Path) -> tuple[str, dict]:
-    """One try: ('ok' | 'interfered', details)."""
-    root.mkdir(parents=True)
-    cfg = _tiny_config(root)
-    results = root / "results"
-    cmd = [SNAKEMAKE, "--cores", "2", "--configfile", str(cfg)]
-    first_log = open(root / "first.log", "w")  # noqa: SIM115 - closed below
-    first = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=first_log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        # running: it holds the lock and its training job has started (the longest job, so that the
-        # second invocation is not also told about files a just-finished job has not yet released)
-        deadline = time.monotonic() + 600
-        train_log = results / "logs" / "train" / "fold_0.log"
-        while not (_holds_lock(results) and train_log.exists()):
-            assert first.poll() is None, f"first invocation ended early:\n{(root / 'first.log').read_text()[-4000:]}"
-            assert time.monotonic() < deadline, "first invocation did not reach training within 10 minutes"
-            time.sleep(0.2)
-        watch = _LockWatch(results, first)
-        watch.start()
-        t0 = time.monotonic()
-        with open(root / "second.log", "w") as second_log:
-            second = subprocess.Popen(cmd, cwd=REPO, env=_env(), stdout=second_log, stderr=subprocess.STDOUT,
-                                      start_new_session=True)
-            try:
-                while second.poll() is None:
-                    if watch.lost:  # our lock is gone: whatever the second does now proves nothing
-                        time.sleep(1.0)  # it may be printing the lock error right now
-                        if second.poll() is None:
-                            return "interfered", {}
-                    assert time.monotonic() - t0 < 600, "the second invocation neither failed nor finished"
-                    time.sleep(0.1)
-            finally:
-                _stop(second)
-        took = time.monotonic() - t0
-        first_running = first.poll() is None
-        watch.done.set()
-        watch.join(1)
-        out = (root / "second.log").read_text()
-        if LOCK_ERROR not in out and watch.lost:
-            return "interfered", {"second": out}
-        assert LOCK_ERROR in out, f"second invocation did not hit the lock (rc {second.returncode}):\n{out[-6000:]}"
-        assert second.returncode != 0
-        assert first_running, "the first invocation had already finished: the test proved nothing"
-        assert "Finished job" not in out and "localrule" not in out, "the second invocation ran jobs"
-        rc = first.wait(timeout=1200)
-        first_log.close()
-        log = (root / "first.log").read_text()
-        assert rc == 0, f"first invocation failed (rc {rc}):\n{log[-6000:]}"
-        return "ok", {"second_seconds": took, "second_output": out, "results": results}
-    finally:
-        _stop(first)
-        first_log.close()
-
-
-@pytest.mark.slow
-@pytest.mark.timeout(2400)
-@pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")
-def test_second_invocation_fails_fast_on_the_lock_and_the_first_completes(tmp_path):
-    for attempt in range(3):
-        status, info = _attempt(tmp_path / f"try{attempt}")
-        if status == "ok":
-            break
-    else:
-        pytest.skip("three times another Snakemake run in this working directory removed .snakemake/locks "
-                    "(Snakemake deletes the whole folder when a run ends) before the second invocation checked it")
-    assert info["second_seconds"] < 120, f"the second invocation took {info['second_seconds']:.0f} s to give up"
-    assert "--unlock" in info["second_output"]  # Snakemake's advice in the lock message
-    results = info["results"]
-    assert (results / "report.html").stat().st_size > 0
-    per_case = pd.read_csv(results / "metrics" / "per_case.csv")
-    assert len(per_case) >= 1 and per_case["tk_dice"].between(0, 1).all()
-    assert "</html>" in (results / "report.html").read_text()
-    leftovers = [p for p in results.rglob(".*") if p.is_file()]
-    assert not leftovers, f"temporary files left in the results: {leftovers}"

@@ -8,7 +8,9 @@ from scipy import ndimage
 
 from kidney_seg.inference import (gaussian_importance_map, linear_weights, predict_case, predict_slice_logits,
                                   predict_volume, probabilities_to_labels, resample_linear_slab, tile_starts)
-from kidney_seg.preprocessing import body_box, resolve_preprocessing
+from kidney_seg.config import with_defaults
+from kidney_seg.plan import make_plan, read_plan
+from kidney_seg.preprocessing import body_box
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -73,11 +75,15 @@ def test_probabilities_to_labels_resamples_to_shape():
     assert set(np.unique(labels)) == {0, 2}
 
 
+def fake_plan(preprocessing: dict, fingerprint: dict | None = None, **training) -> dict:
+    """A model's inference.json: the plan of a phantom config with these preprocessing and training settings."""
+    return make_plan({"dataset": {"source": "phantom"}, "preprocessing": with_defaults("preprocessing", preprocessing),
+                      "training": with_defaults("training", {"patch_size": [32, 32], **training})}, fingerprint)
+
+
 def fake_settings(**overrides):
-    """A model's inference.json: resolved preprocessing settings plus the model's own keys."""
-    pre = resolve_preprocessing({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300], "normalization": "zscore_slice",
-                                 "crop_to_body": True, **overrides}, None)
-    return {**pre, "num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32]}
+    """The plan of the tests' default preprocessing, with some preprocessing settings overridden."""
+    return fake_plan({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300], **overrides})
 
 
 def threshold_model(x):
@@ -177,19 +183,24 @@ def test_threshold_model_finds_the_block_with_and_without_crop():
 def test_dataset_normalisation_settings_are_used():
     image = body_phantom()
     fp = {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 100.0}
-    pre = resolve_preprocessing({"target_spacing": None, "clip": "auto", "normalization": "dataset"}, fp)
-    settings = {**pre, "num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32]}
-    labels = predict_volume(image, (2.5, 1.0, 1.0), settings, threshold_model, CFG)  # (250-40)/100 = 2.1 > 2
+    plan = fake_plan({"target_spacing": None, "clip": "auto", "normalization": "dataset"}, fp)
+    assert plan["preprocessing"]["mean"] == 40.0 and plan["preprocessing"]["clip"] == [-100.0, 300.0]
+    labels = predict_volume(image, (2.5, 1.0, 1.0), plan, threshold_model, CFG)  # (250-40)/100 = 2.1 > 2
     assert (labels[image > 200] == 1).mean() > 0.7 and (labels[image < 200] == 1).mean() < 0.05
-    with pytest.raises(ValueError, match="mean"):
-        predict_volume(image, (2.5, 1.0, 1.0), {**settings, "mean": None}, threshold_model, CFG)
 
 
-def test_legacy_inference_json_without_crop_keys_still_works():
+def test_an_inference_json_that_is_not_a_whole_plan_is_refused(tmp_path):
     legacy = {"num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32], "target_spacing": [3.0, 1.5, 1.5],
-              "clip": [-100, 300], "normalization": "zscore_slice"}
-    image = body_phantom()
-    assert np.all(predict_volume(image, (2.5, 1.0, 1.0), legacy, constant_model, CFG) == 1)  # no crop
+              "clip": [-100, 300], "normalization": "zscore_slice"}  # the flat settings of an unreleased version
+    (tmp_path / "inference.json").write_text(json.dumps(legacy))
+    with pytest.raises(ValueError, match=r"inference\.json: missing keys \['class_names', 'output_activation'"):
+        read_plan(tmp_path / "inference.json")
+    unresolved = fake_plan({"target_spacing": None, "clip": "auto", "normalization": "dataset"},
+                           {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 100.0})
+    unresolved["preprocessing"]["mean"] = None
+    (tmp_path / "inference.json").write_text(json.dumps(unresolved))
+    with pytest.raises(ValueError, match="needs 'mean' and 'std'"):
+        read_plan(tmp_path / "inference.json")
 
 
 @pytest.mark.parametrize("shape", [(9, 25, 31), (3, 8, 8), (4, 12, 10), (13, 12, 10)])
@@ -232,7 +243,7 @@ def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, ki
     ras = np.ascontiguousarray(np.flip(np.transpose(ct, (2, 1, 0)), axis=(0, 1, 2)))
     spacing = geometry_of(src).spacing
     ras_path = write_nifti(tmp_path / "ras.nii.gz", ras, np.diag([spacing[2], spacing[1], spacing[0], 1.0]))
-    settings = {**fake_settings(), "target_spacing": [5.0, 2.5, 2.5]}
+    settings = fake_settings(target_spacing=[5.0, 2.5, 2.5])
     cfg = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 16}
     (tmp_path / "model").mkdir()
     a = predict_case("k", kits_path, tmp_path / "model", tmp_path / "a.nii.gz", cfg, predictor=(threshold_model, settings))
@@ -340,7 +351,7 @@ def _model_folder(path, settings):
 
 
 def test_model_folders_single_folds_and_errors(tmp_path):
-    from kidney_seg.inference import ensemble_settings, model_folders
+    from kidney_seg.inference import ensemble_plan, model_folders
 
     single = _model_folder(tmp_path / "single", fake_settings())
     assert model_folders(single) == [single]
@@ -348,18 +359,23 @@ def test_model_folders_single_folds_and_errors(tmp_path):
     for k in (0, 1, 10, 2):
         _model_folder(root / f"fold_{k}", fake_settings())
     assert [p.name for p in model_folders(root)] == ["fold_0", "fold_1", "fold_2", "fold_10"]
-    assert ensemble_settings(model_folders(root)) == fake_settings()
+    assert ensemble_plan(model_folders(root)) == fake_settings()
+    assert ensemble_plan(model_folders(root), fake_settings()) == fake_settings()
+    with pytest.raises(ValueError, match=r"differs from the plan in \['patch_size'\]"):
+        ensemble_plan(model_folders(root), {**fake_settings(), "patch_size": [64, 64]})
     with pytest.raises(FileNotFoundError, match="not a trained model folder"):
         model_folders(tmp_path / "empty")
     (root / "fold_2" / "inference.json").write_text(json.dumps(fake_settings(crop_to_body=False)))
-    with pytest.raises(ValueError, match="crop_to_body"):
-        ensemble_settings(model_folders(root))
+    with pytest.raises(ValueError, match=r"fold_2/inference.json differs .* in \['preprocessing'\]"):
+        ensemble_plan(model_folders(root))
     (root / "fold_1" / "inference.json").unlink()
     with pytest.raises(FileNotFoundError, match="inference.json"):
         model_folders(root)
 
 
 def test_predict_case_applies_a_postprocessing_decision(tmp_path):
+    from kidney_seg.postprocessing import decided_steps
+
     image = body_phantom((7, 60, 70))
     image[3, 10:13, 30:33] = 250  # a small bright speck away from the block: a false positive
     affine = np.diag([-1.0, -1.0, 2.5, 1.0])[[2, 1, 0, 3]]  # KiTS layout: slices first
@@ -371,7 +387,8 @@ def test_predict_case_applies_a_postprocessing_decision(tmp_path):
     decision = {"apply": ["foreground"], "settings": {"enabled": True, "keep_largest": 1, "min_component_ml": 0.0,
                                                        "min_tumor_ml": 0.0}}
     kept = predict_case("scan", tmp_path / "scan.nii.gz", None, tmp_path / "pp.nii.gz", CFG, predictor=predictor,
-                        postprocessing=decision)
+                        postprocess=decided_steps(decision))
+    assert decided_steps({**decision, "apply": []}) is None
     assert not kept[3, 10:13, 30:33].any()
     np.testing.assert_array_equal(kept[2:5, 25:35, 30:40], raw[2:5, 25:35, 30:40])
     out = nib.load(str(tmp_path / "pp.nii.gz"))

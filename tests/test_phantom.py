@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import nibabel as nib
 import numpy as np
 import pytest
@@ -12,13 +14,13 @@ from kidney_seg.data.phantom import (
     PhantomParams,
     generate_case,
     generate_phantom_case,
-    kits_affine,
     write_case,
 )
+from kidney_seg.volume import internal_affine
 
 SEED = 0
 N_CASES = 12
-DEFAULTS = PhantomParams()
+DEFAULTS = PhantomParams.from_config({})
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +61,7 @@ def best_interval_dice(hu: np.ndarray, target: np.ndarray) -> float:
 
 def test_same_inputs_give_identical_cases(cases):
     assert_same(generate_case(3, SEED, DEFAULTS), cases[3])
-    assert_same(generate_case(3, SEED, PhantomParams()), generate_case(3, SEED, PhantomParams()))
+    assert_same(generate_case(3, SEED, DEFAULTS), generate_case(3, SEED, DEFAULTS))
 
 
 def test_different_index_or_seed_gives_different_case(cases):
@@ -88,13 +90,13 @@ def test_shapes_dtypes_and_label_values(cases):
         assert set(np.unique(case.label).tolist()) <= {0, 1, 2}
         assert case.image.min() >= -1024 and case.image.max() <= 3071
         assert case.image.min() < -900  # air around the body
-        assert np.array_equal(case.affine, kits_affine(case.spacing))
+        assert np.array_equal(case.affine, internal_affine(case.spacing))
         assert nib.aff2axcodes(case.affine) == ("I", "P", "L")
 
 
-def test_kits_affine_matches_kits19_case_00000():
+def test_phantom_affine_matches_kits19_case_00000():
     expected = np.array([[0, 0, -0.92, 0], [0, -0.92, 0, 0], [-0.5, 0, 0, 0], [0, 0, 0, 1]], dtype=float)
-    assert np.allclose(kits_affine((0.5, 0.92, 0.92)), expected)
+    assert np.allclose(internal_affine((0.5, 0.92, 0.92)), expected)
     assert nib.aff2axcodes(expected) == ("I", "P", "L")
 
 
@@ -115,15 +117,15 @@ def test_spacing_and_extent_follow_the_ranges(cases):
 
 
 def test_fixed_ranges_are_honoured():
-    p = PhantomParams(slice_spacing_mm=(2.0, 2.0), inplane_spacing_mm=(0.8, 0.8), z_extent_mm=(100, 100))
+    p = replace(DEFAULTS, slice_spacing_mm=(2.0, 2.0), inplane_spacing_mm=(0.8, 0.8), z_extent_mm=(100, 100))
     case = generate_case(0, SEED, p)
     assert case.spacing == (2.0, 0.8, 0.8)
     assert case.image.shape[0] == 50
 
 
 def test_anatomy_is_built_in_mm_independent_of_spacing():
-    fine = PhantomParams(slice_spacing_mm=(2.5, 2.5), inplane_spacing_mm=(0.7, 0.7))
-    coarse = PhantomParams(slice_spacing_mm=(5.0, 5.0), inplane_spacing_mm=(0.95, 0.95))
+    fine = replace(DEFAULTS, slice_spacing_mm=(2.5, 2.5), inplane_spacing_mm=(0.7, 0.7))
+    coarse = replace(DEFAULTS, slice_spacing_mm=(5.0, 5.0), inplane_spacing_mm=(0.95, 0.95))
     for index in (0, 4):
         a, b = generate_case(index, SEED, fine), generate_case(index, SEED, coarse)
         kid_a, kid_b = (a.label == 1).sum() * voxel_ml(a), (b.label == 1).sum() * voxel_ml(b)
@@ -135,13 +137,25 @@ def test_anatomy_is_built_in_mm_independent_of_spacing():
 # ----------------------------------------------------------------------------- parameters
 
 
+def test_params_have_no_defaults_of_their_own():
+    """The schema is the only source of the generator's defaults."""
+    from kidney_seg.config import load_schema
+
+    schema = load_schema()["properties"]["dataset"]["properties"]["phantom"]["properties"]
+    with pytest.raises(TypeError):
+        PhantomParams()  # every field is required
+    for name, value in DEFAULTS.__dict__.items():
+        default = schema[name]["default"]
+        assert value == (tuple(default) if isinstance(default, list) else default), name
+
+
 def test_params_from_config():
-    assert PhantomParams.from_config(None) == PhantomParams()
-    assert PhantomParams.from_config({}) == PhantomParams()
+    assert PhantomParams.from_config(None) == DEFAULTS
+    assert PhantomParams.from_config({}) == DEFAULTS
     p = PhantomParams.from_config({"n_cases": 40, "field_of_view_mm": [200, 250], "noise_hu": 5})
     assert p.field_of_view_mm == (200.0, 250.0)
     assert p.noise_hu == 5.0
-    assert p.z_extent_mm == PhantomParams().z_extent_mm
+    assert p.z_extent_mm == DEFAULTS.z_extent_mm
 
 
 @pytest.mark.parametrize(
@@ -167,8 +181,8 @@ def test_bad_config_is_rejected(cfg):
 
 
 def test_tumour_probabilities_are_honoured():
-    none = PhantomParams(p_no_tumor=1.0, p_tiny_tumor=0.0)
-    tiny = PhantomParams(p_no_tumor=0.0, p_tiny_tumor=1.0)
+    none = replace(DEFAULTS, p_no_tumor=1.0, p_tiny_tumor=0.0)
+    tiny = replace(DEFAULTS, p_no_tumor=0.0, p_tiny_tumor=1.0)
     for i in range(3):
         assert not (generate_case(i, SEED, none).label == 2).any()
         case = generate_case(i, SEED, tiny)
@@ -177,8 +191,8 @@ def test_tumour_probabilities_are_honoured():
 
 
 def test_noise_parameter():
-    quiet = generate_case(1, SEED, PhantomParams(noise_hu=0.0))
-    noisy = generate_case(1, SEED, PhantomParams(noise_hu=30.0))
+    quiet = generate_case(1, SEED, replace(DEFAULTS, noise_hu=0.0))
+    noisy = generate_case(1, SEED, replace(DEFAULTS, noise_hu=30.0))
     assert np.array_equal(quiet.label, noisy.label)
     tissue = (quiet.image > -300) & (quiet.image < 300)  # away from the clipping at -1024
     assert np.std(noisy.image[tissue].astype(float) - quiet.image[tissue]) == pytest.approx(30.0, rel=0.05)

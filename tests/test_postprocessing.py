@@ -350,7 +350,7 @@ def test_decide_from_files_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asanyarray(written.dataobj), result)
 
 
-def test_postprocess_file_keeps_the_grid_and_uses_header_spacing(tmp_path):
+def test_postprocess_file_keeps_the_grid_and_uses_the_file_spacing(tmp_path):
     # slice axis last, in-plane axes swapped and flipped: file layout != internal layout
     affine = np.array([[0, -0.8, 0, 30.0], [0.8, 0, 0, -12.0], [0, 0, 2.5, 5.0], [0, 0, 0, 1]])
     pred = np.zeros((30, 24, 10), np.uint8)
@@ -362,7 +362,7 @@ def test_postprocess_file_keeps_the_grid_and_uses_header_spacing(tmp_path):
     decision.update(enabled=True, apply=["tumor"])
     out_path = tmp_path / "out.nii.gz"
     result = pp.postprocess_file("case_00003", path, out_path, decision)
-    assert np.count_nonzero(result == ev.TUMOR) == 100  # kept: the size uses the header's spacing
+    assert np.count_nonzero(result == ev.TUMOR) == 100  # kept: the size uses the file's spacing
     assert not np.any(result[20:22, 20:22, :])
     written = nib.load(str(out_path))
     np.testing.assert_allclose(written.affine, affine)

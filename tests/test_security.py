@@ -104,15 +104,14 @@ def test_default_urls_of_every_source_are_https():
 
 
 def test_allow_http_is_read_from_the_config_not_a_param():
-    """Toggling dataset.allow_http must not rerun (re-download) anything: it is no rule param, and not in FETCH."""
+    """Toggling dataset.allow_http must not rerun (re-download) anything: it is no rule param, and not in DOWNLOAD_SETTINGS."""
     rule = (REPO / "rules" / "download.smk").read_text()
     params = re.findall(r"params:\n((?:\s+\w+=.*\n)+)", rule)
     assert params and all("allow_http" not in p for p in params)
-    fetch_keys = re.search(r"^FETCH = .*$", (REPO / "rules" / "common.smk").read_text(), flags=re.M).group(0)
+    fetch_keys = re.search(r"^DOWNLOAD_SETTINGS = .*$", (REPO / "rules" / "common.smk").read_text(), flags=re.M).group(0)
     assert "allow_http" not in fetch_keys
-    for kind in ("image", "label"):
-        script = (REPO / "workflow_scripts" / f"download_{kind}.py").read_text()
-        assert 'snakemake.config["dataset"].get("allow_http", False)' in script and "allow_http=allow_http" in script
+    script = (REPO / "workflow_scripts" / "download.py").read_text()
+    assert 'snakemake.config["dataset"]["allow_http"]' in script and "allow_http=allow_http" in script
 
 
 # ----------------------------------------------------------------------------- 2. no pickle
@@ -212,11 +211,15 @@ def lambda_model(tmp_path_factory) -> Path:
     """A tiny saved model with a Lambda layer (arbitrary Python code in the file)."""
     import keras
 
+    from kidney_seg.plan import write_plan
+    from tests.test_inference import fake_plan
+
     inputs = keras.Input((8, 8, 1))
     outputs = keras.layers.Lambda(lambda x: x * 2.0, name="code")(keras.layers.Conv2D(2, 1)(inputs))
     folder = tmp_path_factory.mktemp("lambda_model")
     keras.Model(inputs, outputs).save(folder / "model.keras")
-    (folder / "inference.json").write_text("{}")
+    write_plan(fake_plan({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300]}, patch_size=[8, 8]),
+               folder / "inference.json")  # a valid plan: only the model's Lambda layer is wrong
     return folder
 
 

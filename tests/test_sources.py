@@ -1,12 +1,11 @@
-import nibabel as nib
 import numpy as np
 import pytest
 
-from kidney_seg.config import LABELS
+from kidney_seg.vocabulary import SOURCE_LABELS as LABELS
 from kidney_seg.data import kits
 from kidney_seg.data.sources import Case, fetch_image, fetch_label, labels_of, list_cases, raw_root, select
 from kidney_seg.errors import CaseDataError
-from kidney_seg.volume import geometry_of, load_nifti
+from kidney_seg.volume import read_image, read_label
 
 SMALL_PHANTOM = {"n_cases": 3, "field_of_view_mm": [120, 125], "z_extent_mm": [80, 85], "slice_spacing_mm": [4.0, 5.0]}
 
@@ -117,14 +116,13 @@ def test_phantom_fetch_writes_only_the_requested_file_and_files_agree(tmp_path):
     assert sorted(p.name for p in (tmp_path / "case_00002").iterdir()) == ["segmentation.nii.gz"]
     fetch_image("case_00002", cfg, 7, case.image)
     assert sorted(p.name for p in (tmp_path / "case_00002").iterdir()) == ["imaging.nii.gz", "segmentation.nii.gz"]
-    image, label = load_nifti(case.image), load_nifti(case.label)
-    assert geometry_of(image) == geometry_of(label)
-    assert image.get_data_dtype() == np.int16 and label.get_data_dtype() == np.uint8
-    assert set(np.unique(np.asanyarray(label.dataobj)).tolist()) <= {0, 1, 2}
+    image, geometry = read_image(case.image, "case_00002")
+    label, _ = read_label(case.label, "case_00002", (0, 1, 2), grid=geometry)  # same grid, labels 0-2
+    assert image.dtype == np.int16 and label.dtype == np.uint8
     # the same (seed, index) gives the same case, also in a fresh generation
     other = tmp_path / "again.nii.gz"
     fetch_image("case_00002", cfg, 7, str(other))
-    np.testing.assert_array_equal(nib.load(str(other)).get_fdata(), image.get_fdata())
+    np.testing.assert_array_equal(read_image(other, "case_00002")[0], image)
     with pytest.raises(CaseDataError, match="case_00003"):
         fetch_image("case_00003", cfg, 7, str(tmp_path / "x.nii.gz"))
 

@@ -6,14 +6,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.training import code_digest, compile_model, make_strategy, precision_policy, read_history, train
+from kidney_seg.checkpoint import read_history
+from kidney_seg.config import with_defaults
+from kidney_seg.plan import make_plan
+from kidney_seg.training import compile_model, make_strategy, precision_policy, train
 
-MODEL = {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "block_order": "conv_act_norm", "leaky_alpha": 0.3,
-         "upsampling": "bilinear", "bn_momentum": 0.9}
-TRAIN = {"epochs": 2, "steps_per_epoch": 2, "batch_size": 3, "foreground_per_batch": 2, "tumor_per_batch": 1, "patch_size": [16, 16],
-         "learning_rate": 1e-3, "lr_factor": 0.8, "lr_patience": 30, "lr_min_delta": 0.005, "min_lr": 1e-6,
-         "scale_range": [0.6, 1.25], "p_scale": 0.1, "p_mirror": 1.0, "dice_include_background": True, "val_slices": 4}
-PRE = {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49], "normalization": "zscore_slice"}
+MODEL = with_defaults("model", {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "bn_momentum": 0.9})
+TRAIN = with_defaults("training", {"epochs": 2, "steps_per_epoch": 2, "batch_size": 3, "foreground_per_batch": 2,
+                                   "tumor_per_batch": 1, "patch_size": [16, 16], "learning_rate": 1e-3, "val_slices": 4})
+PRE = with_defaults("preprocessing", {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49]})
+
+
+def plan_for(train_cfg: dict) -> dict:
+    """The plan of the tests' phantom config with these training settings."""
+    return make_plan({"dataset": {"source": "phantom"}, "preprocessing": PRE, "training": train_cfg}, None)
 
 
 @pytest.fixture
@@ -40,7 +46,8 @@ def make_cache(tmp_path):
 
 
 def run(cache, out, **train_overrides):
-    return train(cache[:2], cache[2:], out, MODEL, {**TRAIN, **train_overrides}, PRE, (0, 1, 2), seed=1, threads=1)
+    train_cfg = {**TRAIN, **train_overrides}
+    return train(cache[:2], cache[2:], out, MODEL, train_cfg, plan_for(train_cfg), seed=1, threads=1)
 
 
 def test_train_writes_model_history_and_settings(cache, tmp_path):
@@ -51,8 +58,10 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
         assert (tmp_path / "model" / name).is_file(), name
     assert (tmp_path / "model" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "model").glob(".curves.png.*")), "temporary file left behind"
-    settings = json.loads((tmp_path / "model" / "inference.json").read_text())
-    assert settings["patch_size"] == [16, 16] and settings["num_classes"] == 3 and settings["output_activation"] == "softmax"
+    assert json.loads((tmp_path / "model" / "inference.json").read_text()) == plan_for(TRAIN)  # a copy of the plan
+    key = json.loads((tmp_path / "model" / "checkpoint" / "resume_key.json").read_text())
+    assert key["plan"] == plan_for(TRAIN) and key["seed"] == 1 and "epochs" not in key["training"]
+    assert not (tmp_path / "model" / "checkpoint" / "fingerprint.json").exists()
     environment = json.loads((tmp_path / "model" / "environment.json").read_text())
     assert environment["keras_backend"] == "tensorflow" and environment["accelerators"] == []  # trained on the CPU
     assert environment["cpu_model"] and "keras" in environment["packages"]
@@ -75,8 +84,9 @@ def test_changed_settings_start_afresh(cache, tmp_path):
     assert history["lr"].iloc[0] == pytest.approx(5e-4)
 
 
-def test_code_digest_is_stable():
-    assert code_digest() == code_digest() and len(code_digest()) == 64
+def test_a_plan_that_disagrees_with_the_training_config_is_refused(cache, tmp_path):
+    with pytest.raises(ValueError, match="training.patch_size"):
+        train(cache[:2], cache[2:], tmp_path / "model", MODEL, TRAIN, plan_for({**TRAIN, "patch_size": [32, 32]}), seed=1)
 
 
 def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
@@ -131,16 +141,21 @@ def test_bfloat16_policy_computes_convs_in_bfloat16_with_float32_logits():
     assert keras.backend.standardize_dtype(out.dtype) == "float32"
 
 
+def cpu_has_bfloat16() -> bool:
+    """Whether the CPU has bfloat16 instructions (x86 AVX512_BF16 or AMX_BF16; Arm BF16), which TensorFlow's oneDNN kernels use."""
+    try:
+        flags = {word for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")) for word in line.split()}
+    except OSError:
+        return False
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
+
+
+@pytest.mark.skipif(not cpu_has_bfloat16(), reason="the CPU has no bfloat16 instructions (avx512_bf16, amx_bf16 or bf16)")
 def test_one_epoch_under_mixed_bfloat16(cache, tmp_path):
     import keras
 
     before = keras.config.dtype_policy().name
-    try:
-        history = run(cache, tmp_path / "model", epochs=1, num_workers=0, mixed_precision="bfloat16")
-    except Exception as err:  # noqa: BLE001
-        if "bfloat16" in str(err) and ("kernel" in str(err).lower() or "not supported" in str(err).lower()):
-            pytest.skip(f"no bfloat16 CPU kernel in this TensorFlow build: {err}")
-        raise
+    history = run(cache, tmp_path / "model", epochs=1, num_workers=0, mixed_precision="bfloat16")
     assert keras.config.dtype_policy().name == before
     assert list(history["epoch"]) == [1]
     assert np.isfinite(history[["loss", "val_loss", "val_dice_kidney", "val_dice_tumor"]].to_numpy(float)).all()
@@ -164,91 +179,6 @@ def test_strategy_choice_on_a_single_cpu():
         make_strategy("tpu")
 
 
-class _Optimizer:
-    """The part of a Keras optimizer ReduceLROnPlateau touches; the rate is float32, as in a Keras variable."""
-
-    def __init__(self, learning_rate: float):
-        self.learning_rate = learning_rate
-
-    @property
-    def learning_rate(self) -> float:
-        return self._lr
-
-    @learning_rate.setter
-    def learning_rate(self, value: float) -> None:
-        self._lr = float(np.float32(value))
-
-
-class _Model:
-    def __init__(self, learning_rate: float):
-        self.optimizer = _Optimizer(learning_rate)
-
-
-# val_loss per epoch: improvements, plateaus long enough to cut the rate, improvements smaller than min_delta
-VAL_LOSSES = [1.0, 0.9, 0.91, 0.92, 0.93, 0.8, 0.799, 0.798, 0.797, 0.5, 0.6, 0.6, 0.6, 0.6, 0.49, 0.7, 0.7, 0.7]
-PLATEAU = {**TRAIN, "learning_rate": 1e-3, "lr_factor": 0.5, "lr_patience": 2, "lr_min_delta": 0.005, "min_lr": 2e-4}
-
-
-def _schedule(callback, model, first_epoch: int):
-    """Feed the remaining VAL_LOSSES to a callback as fit would; the history rows it gives (epoch, lr, val_loss)."""
-    callback.set_model(model)
-    callback.on_train_begin()
-    rows = []
-    for epoch in range(first_epoch, len(VAL_LOSSES)):
-        callback.on_epoch_end(epoch, {"val_loss": VAL_LOSSES[epoch]})
-        rows.append({"epoch": epoch + 1, "lr": model.optimizer.learning_rate, "val_loss": VAL_LOSSES[epoch]})
-    return rows
-
-
-@pytest.mark.parametrize("cooldown", [0, 2])
-def test_a_resumed_plateau_schedule_is_the_uninterrupted_one(cooldown):
-    import keras
-
-    from kidney_seg.training import make_lr_schedule, replay_plateau
-
-    def fresh(history):
-        callback = make_lr_schedule(PLATEAU, history)
-        callback.cooldown = cooldown
-        return callback
-
-    whole = pd.DataFrame(_schedule(fresh(pd.DataFrame(columns=["epoch", "lr", "val_loss"])), _Model(1e-3), 0))
-    assert whole["lr"].nunique() > 2 and whole["lr"].iloc[-1] == pytest.approx(2e-4)  # the rate was cut, down to min_lr
-    differs = False
-    for k in range(1, len(VAL_LOSSES)):
-        done = whole.iloc[:k]
-        rest = _schedule(fresh(done), _Model(done["lr"].iloc[-1]), k)
-        pd.testing.assert_frame_equal(pd.DataFrame(rest), whole.iloc[k:].reset_index(drop=True))
-        plain = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_delta=0.005, min_lr=2e-4,
-                                                  cooldown=cooldown)
-        differs |= [r["lr"] for r in _schedule(plain, _Model(done["lr"].iloc[-1]), k)] != whole["lr"].iloc[k:].tolist()
-    assert differs, "Keras' own callback, reset on resume, should give another schedule somewhere"
-    # the state itself, not only the rates: replaying a history equals having lived through it
-    lived, replayed = fresh(pd.DataFrame()), fresh(pd.DataFrame())
-    _schedule(lived, _Model(1e-3), 0)
-    replayed.set_model(_Model(whole["lr"].iloc[-1]))
-    replayed.on_train_begin()
-    replay_plateau(replayed, whole, 1e-3)
-    assert (replayed.best, replayed.wait, replayed.cooldown_counter) == (lived.best, lived.wait, lived.cooldown_counter)
-    assert isinstance(replayed.model, _Model)  # the real model is given back after the replay
-
-
-def test_history_floats_round_trip_exactly(tmp_path):
-    from kidney_seg.training import write_history
-
-    values = np.random.default_rng(0).random(1000).astype(np.float32).astype(float).tolist() + [0.1, 1 / 3, 2e-7]
-    write_history(pd.DataFrame({"epoch": range(len(values)), "val_loss": values}), tmp_path / "h.csv")
-    assert read_history(tmp_path / "h.csv")["val_loss"].tolist() == values
-
-
-def test_best_so_far_follows_the_checkpoint_rule():
-    from kidney_seg.training import best_so_far
-
-    assert best_so_far(pd.DataFrame({"val_loss": []})) == (0, float("inf"))
-    assert best_so_far(pd.DataFrame({"val_loss": [0.5, 0.4, 0.4, 0.45, 0.3, 0.31]})) == (5, 0.3)
-    epoch, best = best_so_far(pd.DataFrame({"val_loss": [float("nan"), 0.2]}))  # Python's comparisons: NaN stays
-    assert epoch == 1 and np.isnan(best)
-
-
 def _weights(path):
     from kidney_seg.model import load_model
 
@@ -262,7 +192,7 @@ def _without_seconds(df):
 def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tmp_path):
     import shutil
 
-    from kidney_seg.training import best_so_far, checkpoint_epoch
+    from kidney_seg.checkpoint import best_so_far, checkpoint_epoch
 
     reference = run(cache, tmp_path / "ref", epochs=3, num_workers=0)
     assert checkpoint_epoch(tmp_path / "ref" / "checkpoint" / "last.keras") == 3
@@ -280,24 +210,6 @@ def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tmp
     pd.testing.assert_frame_equal(_without_seconds(resumed), _without_seconds(reference))
     for name in ("model.keras", "checkpoint/last.keras", "checkpoint/best.keras"):
         assert _weights(out / name) == _weights(tmp_path / "ref" / name), name
-
-
-def test_a_checkpoint_without_its_epoch_record_still_resumes(cache, tmp_path):
-    import zipfile
-
-    from kidney_seg.training import CHECKPOINT_MEMBER, checkpoint_epoch
-
-    out = tmp_path / "model"
-    run(cache, out, epochs=1, num_workers=0)
-    last = out / "checkpoint" / "last.keras"
-    with zipfile.ZipFile(last) as src, zipfile.ZipFile(tmp_path / "old.keras", "w") as dst:  # as older versions saved it
-        for item in src.infolist():
-            if item.filename != CHECKPOINT_MEMBER:
-                dst.writestr(item, src.read(item))
-    (tmp_path / "old.keras").replace(last)
-    assert checkpoint_epoch(last) is None
-    history = run(cache, out, epochs=2, num_workers=0)
-    assert list(history["epoch"]) == [1, 2] and checkpoint_epoch(last) == 2
 
 
 DETERMINISM_SCRIPT = r"""

@@ -10,7 +10,9 @@ import pytest
 
 from kidney_seg.errors import CaseDataError
 from kidney_seg.atomic import OutputWriteError, atomic_path
-from kidney_seg.volume import from_internal, geometry_of, load_image, load_label, load_nifti, save_like, to_internal
+from kidney_seg import volume
+from kidney_seg.volume import (INTERNAL_AXCODES, from_internal, geometry_of, internal_affine, read_geometry,
+                               read_image, read_label, save_like)
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -35,7 +37,7 @@ def test_atomic_path_renames_on_success(tmp_path):
 def test_kits_layout_is_already_internal(tmp_path):
     data = np.random.default_rng(0).normal(size=(4, 5, 6)).astype(np.float32)
     path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine((3.0, 0.7, 0.8)))
-    image, geometry = load_image(path)
+    image, geometry = read_image(path)
     np.testing.assert_array_equal(image, data)
     assert geometry.spacing == pytest.approx((3.0, 0.7, 0.8))
     assert geometry.internal_shape == (4, 5, 6)
@@ -53,9 +55,9 @@ def test_ras_volume_maps_to_the_same_internal_array(tmp_path):
     ras, affine = ras_slices_last(data, (3.0, 0.7, 0.8))
     path = write_nifti(tmp_path / "ras.nii.gz", ras, affine)
     assert nib.aff2axcodes(affine) == ("R", "A", "S")
-    internal = load_label(path, "case_00001", (0, 1, 2))
+    internal, geometry = read_label(path, "case_00001", (0, 1, 2))
     np.testing.assert_array_equal(internal, data)
-    geometry = geometry_of(nib.load(str(path)))
+    assert geometry == geometry_of(nib.load(str(path)))
     assert geometry.spacing == pytest.approx((3.0, 0.7, 0.8))
     np.testing.assert_array_equal(from_internal(internal, geometry), ras)
 
@@ -77,7 +79,7 @@ def test_truncated_gzip_names_case_and_file(tmp_path):
     blob = path.read_bytes()
     path.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(CaseDataError, match=r"case_00007.*img\.nii\.gz.*truncated"):
-        load_nifti(path, "case_00007")
+        read_image(path, "case_00007")
 
 
 def test_not_nifti_is_rejected(tmp_path):
@@ -85,7 +87,7 @@ def test_not_nifti_is_rejected(tmp_path):
     with gzip.open(path, "wb") as fh:
         fh.write(b"not a nifti header at all" * 20)
     with pytest.raises(CaseDataError, match="case_00003"):
-        load_nifti(path, "case_00003")
+        read_image(path, "case_00003")
 
 
 def test_nan_image_is_rejected(tmp_path):
@@ -93,42 +95,41 @@ def test_nan_image_is_rejected(tmp_path):
     data[1, 1, 1] = np.nan
     path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine())
     with pytest.raises(CaseDataError, match="NaN"):
-        load_image(path, "case_00002")
+        read_image(path, "case_00002")
 
 
 def test_scl_slope_is_applied(tmp_path):
     img = nib.Nifti1Image(np.full((2, 3, 4), 10, np.int16), kits_affine())
     img.header.set_slope_inter(2.0, -5.0)
     nib.save(img, str(tmp_path / "img.nii.gz"))
-    image, _ = load_image(tmp_path / "img.nii.gz")
-    assert np.all(image == 15.0)
+    image, _ = read_image(tmp_path / "img.nii.gz")
+    assert image.dtype == np.float32 and np.all(image == 15.0)
 
 
 def test_wrong_label_values_and_grid(tmp_path):
     image_path = write_nifti(tmp_path / "img.nii.gz", np.zeros((2, 3, 4), np.float32), kits_affine())
-    _, geometry = load_image(image_path, "case_00009")
+    _, geometry = read_image(image_path, "case_00009")
     bad = write_nifti(tmp_path / "seg.nii.gz", np.full((2, 3, 4), 5, np.uint8), kits_affine())
     with pytest.raises(CaseDataError, match=r"case_00009.*seg\.nii\.gz.*unexpected label values \[5\]"):
-        load_label(bad, "case_00009", (0, 1, 2), geometry)
+        read_label(bad, "case_00009", (0, 1, 2), geometry)
     moved = write_nifti(tmp_path / "seg2.nii.gz", np.zeros((2, 3, 4), np.uint8), kits_affine((3.0, 0.9, 0.8)))
     with pytest.raises(CaseDataError, match="grid mismatch"):
-        load_label(moved, "case_00009", (0, 1, 2), geometry)
+        read_label(moved, "case_00009", (0, 1, 2), geometry)
     small = write_nifti(tmp_path / "seg3.nii.gz", np.zeros((2, 3, 5), np.uint8), kits_affine())
     with pytest.raises(CaseDataError, match="shape"):
-        load_label(small, "case_00009", (0, 1, 2), geometry)
+        read_label(small, "case_00009", (0, 1, 2), geometry)
 
 
 def test_real_kits_headers_round_trip(kits_labels_dir, tmp_path):
     path = kits_labels_dir / "case_00037" / "segmentation.nii.gz"  # uint16 on disk
     img = nib.load(str(path))
     assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
-    label = load_label(path, "case_00037", (0, 1, 2))
-    geometry = geometry_of(img)
+    label, geometry = read_label(path, "case_00037", (0, 1, 2))
     assert geometry.spacing == pytest.approx((5.0, 0.9375, 0.9375))
     assert label.dtype == np.uint8 and set(np.unique(label)) == {0, 1, 2}
     ras, affine = ras_slices_last(label, geometry.spacing)
     write_nifti(tmp_path / "ras.nii.gz", ras, affine)
-    np.testing.assert_array_equal(load_label(tmp_path / "ras.nii.gz", "case_00037", (0, 1, 2)), label)
+    np.testing.assert_array_equal(read_label(tmp_path / "ras.nii.gz", "case_00037", (0, 1, 2))[0], label)
     save_like(tmp_path / "back.nii.gz", from_internal(label, geometry), path)
     back = nib.load(str(tmp_path / "back.nii.gz"))
     np.testing.assert_allclose(back.affine, img.affine)
@@ -151,7 +152,7 @@ def test_2d_and_4d_images_are_rejected(tmp_path, shape):
     affine = np.eye(4)
     nib.save(nib.Nifti1Image(np.zeros(shape, np.float32), affine), str(tmp_path / "img.nii.gz"))
     with pytest.raises(CaseDataError, match=r"case_00005.*img\.nii\.gz.*3D"):
-        load_image(tmp_path / "img.nii.gz", "case_00005")
+        read_image(tmp_path / "img.nii.gz", "case_00005")
 
 
 def test_inf_image_is_rejected(tmp_path):
@@ -159,7 +160,151 @@ def test_inf_image_is_rejected(tmp_path):
     data[0, 0, 0] = np.inf
     path = write_nifti(tmp_path / "img.nii.gz", data, kits_affine())
     with pytest.raises(CaseDataError, match="case_00006.*inf"):
-        load_image(path, "case_00006")
+        read_image(path, "case_00006")
+
+
+def odd_layout(data):
+    """Slices-last RAS-like layout with a flip: exercises the reoriented views."""
+    arr = np.ascontiguousarray(np.transpose(data, (1, 0, 2))[:, :, ::-1])
+    affine = np.array([[0, 0, 0.8, -10], [0.9, 0, 0, 5], [0, 2.5, 0, 100], [0, 0, 0, 1]], float)
+    return arr, affine
+
+
+def nibabel_internal(path) -> np.ndarray:
+    """A file's scaled data reoriented to (I, P, L) by nibabel alone: the reference for the readers."""
+    img = nib.load(str(path))
+    transform = nib.orientations.ornt_transform(nib.io_orientation(img.affine), nib.orientations.axcodes2ornt("IPL"))
+    return nib.orientations.apply_orientation(np.asanyarray(img.dataobj), transform)
+
+
+@pytest.mark.parametrize("suffix", [".nii.gz", ".nii"])
+@pytest.mark.parametrize("dtype", [np.int16, np.float32])
+def test_readers_match_nibabel_in_any_layout(tmp_path, dtype, suffix):
+    rng = np.random.default_rng(0)
+    data = rng.integers(-1000, 1000, (5, 12, 9)).astype(dtype)
+    label = rng.integers(0, 3, (5, 12, 9)).astype(np.uint16)
+    arr, affine = odd_layout(data)
+    ip = write_nifti(tmp_path / f"img{suffix}", arr, affine)
+    lp = write_nifti(tmp_path / f"seg{suffix}", odd_layout(label)[0], affine)
+    image, geometry = read_image(ip, "case_00001")
+    assert image.dtype == dtype and geometry == read_geometry(ip) == geometry_of(nib.load(str(ip)))
+    np.testing.assert_array_equal(image, nibabel_internal(ip))
+    lab, label_geometry = read_label(lp, "case_00001", (0, 1, 2), geometry)
+    assert lab.dtype == np.uint8 and label_geometry == geometry
+    np.testing.assert_array_equal(lab, nibabel_internal(lp))
+
+
+def test_read_image_applies_scaling_in_float32(tmp_path):
+    data = np.arange(2 * 3 * 4, dtype=np.int16).reshape(2, 3, 4)
+    img = nib.Nifti1Image(data, kits_affine())
+    img.header.set_slope_inter(2.0, -1024.0)
+    nib.save(img, str(tmp_path / "x.nii.gz"))
+    image, _ = read_image(tmp_path / "x.nii.gz", "case_00002")
+    assert image.dtype == np.float32
+    np.testing.assert_array_equal(image, data * 2.0 - 1024.0)
+
+
+def test_read_label_rejects_bad_values_in_any_chunk(tmp_path, monkeypatch):
+    monkeypatch.setattr(volume, "CHUNK_BYTES", 64)  # many chunks
+    label = np.zeros((4, 6, 6), np.uint8)
+    label[3, 5, 5] = 7
+    lp = write_nifti(tmp_path / "seg.nii.gz", label, kits_affine())
+    with pytest.raises(CaseDataError, match=r"case_00003.*seg\.nii\.gz.*unexpected label values \[7\]"):
+        read_label(lp, "case_00003", (0, 1, 2))
+
+
+def test_read_label_float_and_scaled_files(tmp_path):
+    label = np.zeros((3, 6, 6), np.float32)
+    label[1, 2, 2] = 1
+    lp = write_nifti(tmp_path / "seg.nii.gz", label, kits_affine())
+    np.testing.assert_array_equal(read_label(lp, "case_00007", (0, 1, 2))[0], label.astype(np.uint8))
+    label[1, 2, 3] = 0.5
+    write_nifti(lp, label, kits_affine())
+    with pytest.raises(CaseDataError, match=r"case_00007.*seg\.nii\.gz.*non-integer"):
+        read_label(lp, "case_00007", (0, 1, 2))
+    img = nib.Nifti1Image(np.full((2, 3, 4), 3, np.int16), kits_affine())
+    img.header.set_slope_inter(1.0, -1.0)  # stored 3 means label 2
+    nib.save(img, str(tmp_path / "scaled.nii.gz"))
+    assert np.all(read_label(tmp_path / "scaled.nii.gz", "case_00007", (0, 1, 2))[0] == 2)
+    img.header.set_slope_inter(1.0, -10.0)
+    nib.save(img, str(tmp_path / "negative.nii.gz"))
+    with pytest.raises(CaseDataError, match=r"unexpected label values \[-7\]"):
+        read_label(tmp_path / "negative.nii.gz", "case_00007", (0, 1, 2))
+
+
+def _with_header(path, **fields):
+    """Rewrite an uncompressed NIfTI file with some raw header fields changed."""
+    img = nib.load(str(path))
+    header = img.header.copy()
+    for key, value in fields.items():
+        header[key] = value
+    blob = header.binaryblock + path.read_bytes()[len(header.binaryblock):]
+    path.write_bytes(blob)
+    return path
+
+
+@pytest.mark.parametrize("srow", ["zero", "nan", "rank2"])
+def test_degenerate_affine_names_the_file(tmp_path, srow):
+    """A zero, NaN or rank-deficient sform used to escape as nibabel's bare 'Unable to find out axis'."""
+    path = write_nifti(tmp_path / "img.nii", np.zeros((2, 3, 4), np.int16), kits_affine())
+    rows = {"zero": np.zeros((3, 4)), "nan": np.full((3, 4), np.nan),
+            "rank2": np.array([[0, 0, -0.8, 0], [0, 0, -0.8, 0], [-3.0, 0, 0, 0]])}[srow]
+    _with_header(path, qform_code=0, sform_code=1, srow_x=rows[0], srow_y=rows[1], srow_z=rows[2])
+    with pytest.raises(CaseDataError, match=r"case_00004.*img\.nii.*(degenerate|NaN|not a readable)"):
+        read_image(path, "case_00004")
+
+
+@pytest.mark.parametrize("pixdim", [np.nan, np.inf])
+def test_bad_voxel_size_names_the_file(tmp_path, pixdim):
+    path = write_nifti(tmp_path / "img.nii", np.zeros((2, 3, 4), np.int16), kits_affine(), qcode=1, scode=0)
+    _with_header(path, pixdim=[1.0, 3.0, 0.8, pixdim, 1, 1, 1, 1])  # the qform's voxel sizes
+    with pytest.raises(CaseDataError, match=r"case_00004.*img\.nii"):
+        read_image(path, "case_00004")
+
+
+def test_spacing_comes_from_the_affine(tmp_path):
+    path = write_nifti(tmp_path / "img.nii", np.zeros((2, 3, 4), np.int16), kits_affine((2.5, 0.9, 0.7)), scode=1)
+    _with_header(path, pixdim=[1.0, 7.0, 7.0, 7.0, 1, 1, 1, 1])  # disagrees with the sform in use
+    assert read_geometry(path).spacing == pytest.approx((2.5, 0.9, 0.7))
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_absurd_dimensions_are_refused_before_allocating(tmp_path, suffix):
+    raw = write_nifti(tmp_path / "img.nii", np.zeros((2, 3, 4), np.int16), kits_affine())
+    _with_header(raw, dim=[3, 32767, 32767, 32767, 1, 1, 1, 1])
+    path = tmp_path / f"big{suffix}"
+    path.write_bytes(gzip.compress(raw.read_bytes()) if suffix == ".nii.gz" else raw.read_bytes())
+    with pytest.raises(CaseDataError, match=r"big\.nii.*(above the limit|truncated file or wrong header)"):
+        read_image(path, "case_00004")
+    _with_header(raw, dim=[3, 2, 3, 400, 1, 1, 1, 1])  # fits the limit, not the file
+    with pytest.raises(CaseDataError, match=r"needs \d+ bytes.*truncated file or wrong header"):
+        read_image(raw, "case_00004")
+
+
+def test_4d_file_with_one_volume_reads_as_3d(tmp_path):
+    data = np.arange(24, dtype=np.int16).reshape(2, 3, 4)
+    nib.save(nib.Nifti1Image(data[..., None], kits_affine()), str(tmp_path / "img.nii.gz"))
+    image, geometry = read_image(tmp_path / "img.nii.gz", "case_00001")
+    assert geometry.shape == (2, 3, 4)
+    np.testing.assert_array_equal(image, data)
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 16), (4, 1, 16)])
+def test_single_slice_volume_is_refused(tmp_path, shape):
+    path = write_nifti(tmp_path / "img.nii.gz", np.zeros(shape, np.int16), kits_affine())
+    with pytest.raises(CaseDataError, match=r"case_00009.*img\.nii\.gz.*single slice"):
+        read_image(path, "case_00009")
+
+
+def test_missing_file_names_case_and_file(tmp_path):
+    with pytest.raises(CaseDataError, match=r"case_00001.*nope\.nii\.gz: file not found"):
+        read_label(tmp_path / "nope.nii.gz", "case_00001", (0, 1, 2))
+
+
+def test_internal_affine_has_the_internal_axis_codes():
+    affine = internal_affine((0.5, 0.92, 0.92))
+    assert nib.aff2axcodes(affine) == INTERNAL_AXCODES
+    np.testing.assert_array_equal(affine, kits_affine((0.5, 0.92, 0.92)))
 
 
 # ----------------------------------------------------------------------------- write errors name the output

@@ -1,7 +1,9 @@
-"""Snakemake script: metrics of one predicted case."""
+"""Snakemake script: metrics of one predicted case (an excluded case: its record)."""
+from kidney_seg.data.checks import run_unless_excluded
 from kidney_seg.evaluation import evaluate_case
 from kidney_seg.logs import log_to
 
 with log_to(snakemake.log[0]):
-    evaluate_case(snakemake.wildcards.case, snakemake.input.prediction, snakemake.input.label, snakemake.output[0],
-                  tuple(snakemake.params.labels))
+    out = snakemake.output[0]
+    run_unless_excluded(snakemake.input.check, out, {"metrics": out}, evaluate_case, snakemake.wildcards.case,
+                        snakemake.params.prediction, snakemake.input.label, out, tuple(snakemake.params.labels))

@@ -1,4 +1,4 @@
-"""Snakemake script: segment one case on its original grid (one model, or the folds' ensemble)."""
+"""Snakemake script: segment one case on its original grid (one model, or the folds' ensemble); an excluded case: its record."""
 from pathlib import Path
 
 if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX starts
@@ -6,13 +6,17 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
 
     prepare_environment()
 
+from kidney_seg.data.checks import run_unless_excluded
 from kidney_seg.inference import predict_case
 from kidney_seg.logs import log_to
+from kidney_seg.plan import read_plan
 
 with log_to(snakemake.log[0]):
     if snakemake.params.deterministic:
         from kidney_seg.determinism import enable
 
         enable(snakemake.params.seed)
-    predict_case(snakemake.wildcards.case, snakemake.input.image, [Path(m).parent for m in snakemake.input.models],
-                 snakemake.output[0], snakemake.params.inference)
+    run_unless_excluded(snakemake.input.check, snakemake.output[0], {"prediction": snakemake.params.prediction},
+                        predict_case, snakemake.wildcards.case, snakemake.input.image,
+                        [Path(m).parent for m in snakemake.input.models], snakemake.params.prediction,
+                        snakemake.params.inference, plan=read_plan(snakemake.input.plan))

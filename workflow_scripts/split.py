@@ -1,7 +1,8 @@
-"""Snakemake script: write split.csv."""
+"""Snakemake script: write split.csv (the split the workflow made when it was parsed)."""
+import pandas as pd
+
 from kidney_seg.logs import log_to
-from kidney_seg.split import make_split, write_split
+from kidney_seg.split import write_split
 
 with log_to(snakemake.log[0]):
-    p = snakemake.params
-    write_split(make_split(p.cases, p.fractions, p.seed, p.folds), snakemake.output[0])
+    write_split(pd.DataFrame(snakemake.params.split), snakemake.output[0])

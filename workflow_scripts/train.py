@@ -6,14 +6,14 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
 
     prepare_environment()
 
-from kidney_seg.atomic import read_json
+from kidney_seg.data.checks import usable_records
 from kidney_seg.logs import log_to
-from kidney_seg.preprocessing import resolve_preprocessing
+from kidney_seg.plan import read_plan
 from kidney_seg.training import train
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
-    settings = resolve_preprocessing(p.preprocessing, read_json(next(iter(snakemake.input.fingerprint), None)))
-    train([Path(m).parent for m in snakemake.input.train], [Path(m).parent for m in snakemake.input.val],
-          Path(snakemake.output.model).parent, p.model, p.training, settings, tuple(p.labels), p.seed,
+    train([Path(m).parent for m in usable_records(snakemake.input.train)],
+          [Path(m).parent for m in usable_records(snakemake.input.val)],
+          Path(snakemake.output.model).parent, p.model, p.training, read_plan(snakemake.input.plan), p.seed,
           checkpoint_dir=p.checkpoint_dir, threads=snakemake.threads, deterministic=p.deterministic)

@@ -1,8 +1,8 @@
 """The KiTS challenge sources (kits19, kits21, kits23) and a robust, resumable downloader.
 
 Facts about each source live in :data:`SOURCES`, one small table per source: which case
-numbers are labelled or imaging-only, the label values, the public hosts and the name of
-the label file in the source's repository. Whatever the remote names, a case is stored
+numbers are labelled or imaging-only, the public hosts and the name of the label file in
+the source's repository (label values and file names: :mod:`kidney_seg.vocabulary`). Whatever the remote names, a case is stored
 locally as ``<root>/<case>/imaging.nii.gz`` and ``<root>/<case>/segmentation.nii.gz``.
 
 Imaging of every source comes from the KiTS imaging dataset on Hugging Face
@@ -38,24 +38,16 @@ from tqdm import tqdm
 
 from kidney_seg.errors import CaseDataError
 from kidney_seg.atomic import OutputWriteError
-from kidney_seg.volume import Geometry, check_same_grid, geometry_of, load_label, load_nifti
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, SOURCE_LABELS, case_id_of, is_case_id
+from kidney_seg.volume import check_same_grid, read_geometry, read_image, read_label
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME, LABEL_NAME = "imaging.nii.gz", "segmentation.nii.gz"
 HF_IMAGING = "https://huggingface.co/datasets/neheller/KiTS-Challenge-Imaging/resolve/main/images"
 CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 RETRY_HTTP = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
-#: A case id: ``case_`` and five ASCII digits (the workflow's ``{case}`` wildcard constraint).
-CASE_ID = re.compile(r"case_[0-9]{5}")
-
-
-def is_case_id(value: object) -> bool:
-    """Whether ``value`` is a case id ``case_XXXXX`` (five ASCII digits, nothing else)."""
-    return isinstance(value, str) and CASE_ID.fullmatch(value) is not None
-
 
 def check_case_id(case_id: object, where: object = "case id") -> None:
     """Raise unless ``case_id`` is a valid case id, so that it can never act as a path."""
@@ -70,14 +62,18 @@ class KitsSource:
     name: str
     labelled: tuple[int, ...]
     unlabelled: tuple[int, ...]
-    labels: tuple[int, ...]
     imaging_url: str
     labels_url: str
     label_file: str
 
     def case_ids(self, numbers: tuple[int, ...]) -> list[str]:
         """Case ids ``case_XXXXX`` of some case numbers."""
-        return [f"case_{i:05d}" for i in numbers]
+        return [case_id_of(i) for i in numbers]
+
+    @property
+    def labels(self) -> tuple[int, ...]:
+        """The label values of this source's segmentations."""
+        return SOURCE_LABELS[self.name]
 
 
 SOURCES: dict[str, KitsSource] = {
@@ -85,7 +81,6 @@ SOURCES: dict[str, KitsSource] = {
         name="kits19",
         labelled=tuple(range(0, 210)),
         unlabelled=tuple(range(210, 300)),  # the 2019 test set: imaging only
-        labels=(0, 1, 2),
         imaging_url=HF_IMAGING,
         labels_url="https://raw.githubusercontent.com/neheller/kits19/master/data",
         label_file="segmentation.nii.gz",
@@ -94,7 +89,6 @@ SOURCES: dict[str, KitsSource] = {
         name="kits21",
         labelled=tuple(range(0, 300)),
         unlabelled=(),
-        labels=(0, 1, 2, 3),
         imaging_url=HF_IMAGING,
         labels_url="https://raw.githubusercontent.com/neheller/kits21/master/kits21/data",
         label_file="aggregated_MAJ_seg.nii.gz",
@@ -103,7 +97,6 @@ SOURCES: dict[str, KitsSource] = {
         name="kits23",
         labelled=tuple(range(0, 300)) + tuple(range(400, 589)),
         unlabelled=(),
-        labels=(0, 1, 2, 3),
         imaging_url=HF_IMAGING,  # cases 400-588: set dataset.kits_imaging_url (see module docstring)
         labels_url="https://raw.githubusercontent.com/neheller/kits23/main/dataset",
         label_file="segmentation.nii.gz",
@@ -197,8 +190,9 @@ def fetch_kits_image(case_id: str, dataset_cfg: dict, out: str | os.PathLike, al
     label = out.with_name(LABEL_NAME)
 
     def check(path: Path) -> None:
+        _, geometry = read_image(path, case_id)
         if label.is_file():
-            check_same_grid(geometry_of(load_nifti(path, case_id)), _geometry(label, case_id), case_id, label)
+            check_same_grid(geometry, read_geometry(label, case_id), case_id, label)
 
     download(image_url(case_id, dataset_cfg), out, case_id, check=check, allow_http=allow_http)
 
@@ -212,14 +206,9 @@ def fetch_kits_label(case_id: str, dataset_cfg: dict, out: str | os.PathLike, al
     image = out.with_name(IMAGE_NAME)
 
     def check(path: Path) -> None:
-        load_label(path, case_id, src.labels, _geometry(image, case_id) if image.is_file() else None)
+        read_label(path, case_id, src.labels, read_geometry(image, case_id) if image.is_file() else None)
 
     download(label_url(case_id, dataset_cfg), out, case_id, check=check, allow_http=allow_http)
-
-
-def _geometry(path: Path, case_id: str) -> Geometry:
-    """Geometry of an existing NIfTI file."""
-    return geometry_of(load_nifti(path, case_id))
 
 
 # ----------------------------------------------------------------------------- download
@@ -473,12 +462,13 @@ def _int_or_none(value: str | None) -> int | None:
 
 
 def _verify_and_place(url: str, dest: Path, case_id: str, check: Callable[[Path], None] | None) -> None:
-    """Check the complete gzip stream, the NIfTI header and ``check``; then rename into place."""
+    """Read the staged file with ``check`` (default: :func:`kidney_seg.volume.read_image`); then rename into place."""
     staged = _verify_path(dest)
     os.replace(partial_path(dest), staged)
     try:
-        load_nifti(staged, case_id)
-        if check is not None:
+        if check is None:
+            read_image(staged, case_id)
+        else:
             check(staged)
     except ValueError as exc:  # CaseDataError included
         staged.unlink(missing_ok=True)

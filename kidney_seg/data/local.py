@@ -19,12 +19,11 @@ import logging
 import os
 from pathlib import Path
 
-from kidney_seg.data.kits import is_case_id
 from kidney_seg.errors import CaseDataError
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, is_case_id
 
 log = logging.getLogger(__name__)
 
-IMAGE_NAME, LABEL_NAME = "imaging.nii.gz", "segmentation.nii.gz"
 MANIFEST_COLUMNS = ("case_id", "image", "label")
 
 #: One case as (case id, image path, label path or None).

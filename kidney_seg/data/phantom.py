@@ -3,7 +3,8 @@
 Each case is an axial CT block around the kidneys, built in physical millimetres (so the
 anatomy does not depend on the voxel spacing) and sampled on a grid laid out exactly as
 KiTS19: axis 0 = slices (towards inferior), axis 1 = rows (towards posterior), axis 2 =
-columns (towards the patient's left); the affine has axis codes (I, P, L) and carries the
+columns (towards the patient's left), the internal orientation; the affine
+(:func:`kidney_seg.volume.internal_affine`) has axis codes (I, P, L) and carries the
 spacing, with no translation (as in the KiTS files). A case depends only on
 ``(seed, index)``: its generator is ``np.random.default_rng([seed, index])``.
 
@@ -60,7 +61,9 @@ from typing import Sequence
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.volume import save_nifti
+from kidney_seg.config import with_defaults
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME
+from kidney_seg.volume import internal_affine, save_nifti
 
 try:  # a dependency of batchgenerators; keeps BLAS single-threaded while generating
     from threadpoolctl import threadpool_limits
@@ -86,13 +89,13 @@ _Z_MARGIN_MM = 5.0  # kidneys stay this far (plus 5 mm x scale) inside the slab
 class PhantomParams:
     """Ranges (sampled uniformly per case) and probabilities of the phantom generator."""
 
-    field_of_view_mm: Range = (220.0, 300.0)  # left-right; anterior-posterior is 92-100 % of it
-    z_extent_mm: Range = (110.0, 150.0)  # cranio-caudal; both kidneys fit inside with a margin
-    slice_spacing_mm: Range = (2.5, 5.0)
-    inplane_spacing_mm: Range = (0.6, 1.0)  # rows and columns share it
-    p_no_tumor: float = 0.15  # probability of a case without tumour
-    p_tiny_tumor: float = 0.2  # probability of a single tiny (4-8 mm radius) tumour
-    noise_hu: float = 12.0  # standard deviation of the white Gaussian noise
+    field_of_view_mm: Range  # left-right; anterior-posterior is 92-100 % of it
+    z_extent_mm: Range  # cranio-caudal; both kidneys fit inside with a margin
+    slice_spacing_mm: Range
+    inplane_spacing_mm: Range  # rows and columns share it
+    p_no_tumor: float  # probability of a case without tumour
+    p_tiny_tumor: float  # probability of a single tiny (4-8 mm radius) tumour
+    noise_hu: float  # standard deviation of the white Gaussian noise
 
     def __post_init__(self) -> None:
         """Normalise ranges to float tuples and validate every field."""
@@ -124,16 +127,16 @@ class PhantomParams:
 
     @classmethod
     def from_config(cls, d: dict | None) -> "PhantomParams":
-        """Build from a config mapping; ``n_cases`` is ignored, unknown keys are an error."""
-        if d is None:
-            return cls()
-        if not isinstance(d, dict):
-            raise ValueError(f"phantom config must be a mapping, got {type(d).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known - {"n_cases"})
-        if unknown:
-            raise ValueError(f"unknown phantom config key(s) {unknown}; allowed {sorted(known | {'n_cases'})}")
-        return cls(**{k: v for k, v in d.items() if k in known})
+        """Build from ``dataset.phantom`` (missing keys take the schema's defaults); ``n_cases`` is ignored."""
+        settings = phantom_settings(d)
+        return cls(**{f.name: settings[f.name] for f in fields(cls)})
+
+
+def phantom_settings(d: dict | None) -> dict:
+    """``dataset.phantom`` validated, with the schema's defaults filled in (unknown keys are an error)."""
+    if d is not None and not isinstance(d, dict):
+        raise ValueError(f"phantom config must be a mapping, got {type(d).__name__}")
+    return with_defaults("dataset", {"source": "phantom", "phantom": d or {}})["phantom"]
 
 
 @dataclass
@@ -144,14 +147,6 @@ class PhantomCase:
     label: np.ndarray
     spacing: tuple[float, float, float]
     affine: np.ndarray
-
-
-def kits_affine(spacing: Sequence[float]) -> np.ndarray:
-    """The KiTS19 affine for (slice, row, col) spacing: axis codes (I, P, L)."""
-    s0, s1, s2 = (float(s) for s in spacing)
-    return np.array(
-        [[0.0, 0.0, -s2, 0.0], [0.0, -s1, 0.0, 0.0], [-s0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 1.0]]
-    )
 
 
 # ----------------------------------------------------------------------------- geometry
@@ -776,14 +771,14 @@ def _generate(index: int, seed: int, params: PhantomParams) -> PhantomCase:
     _paint_spine(rng, grid, canvas, lay)
     _paint_tumours(rng, grid, canvas, kidneys, radii)
     image = _finish(rng, canvas.img, grid.spacing, params.noise_hu)
-    return PhantomCase(image=image, label=canvas.lab, spacing=grid.spacing, affine=kits_affine(grid.spacing))
+    return PhantomCase(image=image, label=canvas.lab, spacing=grid.spacing, affine=internal_affine(grid.spacing))
 
 
 def write_case(case_dir: Path | str, case: PhantomCase) -> None:
-    """Write imaging.nii.gz (int16) and segmentation.nii.gz (uint8) atomically."""
+    """Write the image (int16) and label (uint8) files of the KiTS layout atomically."""
     case_dir = Path(case_dir)
-    save_nifti(case_dir / "imaging.nii.gz", case.image, case.affine, dtype=np.int16)
-    save_nifti(case_dir / "segmentation.nii.gz", case.label, case.affine, dtype=np.uint8)
+    save_nifti(case_dir / IMAGE_NAME, case.image, case.affine, dtype=np.int16)
+    save_nifti(case_dir / LABEL_NAME, case.label, case.affine, dtype=np.uint8)
 
 
 def generate_phantom_case(case_dir: Path | str, index: int, seed: int, params: dict | None) -> None:

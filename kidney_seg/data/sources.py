@@ -17,12 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from kidney_seg.data import kits, local
+from kidney_seg import vocabulary
 from kidney_seg.errors import CaseDataError
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, case_id_of, is_case_id
 from kidney_seg.volume import save_nifti
 
-IMAGE_NAME, LABEL_NAME = kits.IMAGE_NAME, kits.LABEL_NAME
-BASE_LABELS: dict[str, tuple[int, ...]] = {"phantom": (0, 1, 2), "local": (0, 1, 2)}
-DEFAULT_PHANTOM_CASES = 40
 KITS19_LABELLED = kits.SOURCES["kits19"].case_ids(kits.SOURCES["kits19"].labelled)
 
 
@@ -42,11 +41,7 @@ def raw_root(dataset_cfg: dict) -> str:
 
 def labels_of(source: str) -> tuple[int, ...]:
     """Valid label values of a source: (0, 1, 2), plus 3 (cyst) for kits21 and kits23."""
-    if source in kits.SOURCES:
-        return kits.SOURCES[source].labels
-    if source in BASE_LABELS:
-        return BASE_LABELS[source]
-    raise ValueError(f"unknown dataset.source {source!r}")
+    return vocabulary.labels_of(source)
 
 
 def list_cases(dataset_cfg: dict) -> list[Case]:
@@ -80,9 +75,10 @@ def _stored(root: str, case_id: str, labelled: bool) -> Case:
 
 
 def _phantom_ids(dataset_cfg: dict) -> list[str]:
-    """Case ids of the phantom set (``dataset.phantom.n_cases``, default 40)."""
-    n = (dataset_cfg.get("phantom") or {}).get("n_cases", DEFAULT_PHANTOM_CASES)
-    return [f"case_{i:05d}" for i in range(n)]
+    """Case ids of the phantom set (``dataset.phantom.n_cases``)."""
+    from kidney_seg.data.phantom import phantom_settings
+
+    return [case_id_of(i) for i in range(phantom_settings(dataset_cfg.get("phantom"))["n_cases"])]
 
 
 # ----------------------------------------------------------------------------- selection
@@ -112,7 +108,7 @@ def _choose(pool: list[Case], others: list[Case], spec, key: str, kind: str) -> 
         return pool[:spec]
     if isinstance(spec, str) or not isinstance(spec, (list, tuple)):
         raise ValueError(f"{key} must be 'all', a positive integer or a list of case ids, got {spec!r}")
-    invalid = [c for c in spec if not kits.is_case_id(c)]
+    invalid = [c for c in spec if not is_case_id(c)]
     if invalid:
         raise ValueError(f"{key} names invalid case ids {invalid}: each must be case_XXXXX with five digits")
     wanted, other_ids = set(spec), {c.case_id for c in others}

@@ -15,16 +15,15 @@ give a note, not an error.
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from matplotlib.figure import Figure
 
 from kidney_seg.atomic import write_text_atomic
+from kidney_seg.curves import history_figure
 from kidney_seg.report.common import DASH, esc, fmt, img, note, png_data_uri, read_csv_or_none
 from kidney_seg.report.common import is_missing as _is_missing
 from kidney_seg.report.figures import distributions_section
@@ -34,7 +33,7 @@ from kidney_seg.report.provenance import (benchmark_row, benchmarks_table, confi
 
 __all__ = [
     "DASH", "benchmark_row", "benchmarks_table", "build_report", "config_text", "dataset_source", "esc",
-    "failures_section", "fmt", "headline_table", "history_figure", "per_case_table", "postprocessing_section",
+    "failures_section", "fmt", "headline_table", "per_case_table", "postprocessing_section",
     "render_html", "split_sizes", "training_curves",
 ]
 
@@ -135,11 +134,6 @@ SORT_JS = """
 })();
 """
 
-# Back-compatible private names.
-_note = note
-_img = img
-
-
 # ---------------------------------------------------------------- headline
 
 
@@ -226,54 +220,6 @@ def per_case_table(per_case: pd.DataFrame | None) -> str:
 
 
 # ---------------------------------------------------------------- training curves
-
-
-def _numeric(history: pd.DataFrame, col: str) -> pd.Series:
-    """A history column as float."""
-    return pd.to_numeric(history[col], errors="coerce")
-
-
-def history_panels(history: pd.DataFrame) -> list[tuple[str, list[str], bool]]:
-    """(title, columns, log-scale) for each panel that has data: loss, validation Dice, learning rate."""
-    panels: list[tuple[str, list[str], bool]] = []
-    losses = [c for c in ("loss", "val_loss") if c in history.columns and _numeric(history, c).notna().any()]
-    if losses:
-        panels.append(("Loss", losses, False))
-    dice = [c for c in sorted(str(c) for c in history.columns if str(c).startswith("val_dice_"))
-            if _numeric(history, c).notna().any()]
-    if dice:
-        panels.append(("Validation Dice", dice, False))
-    if "lr" in history.columns and (_numeric(history, "lr") > 0).any():
-        panels.append(("Learning rate", ["lr"], True))
-    return panels
-
-
-def history_figure(history: pd.DataFrame) -> Figure | None:
-    """The training-curve panels of a history (loss and val_loss, val_dice_*, log-scale lr), or None when nothing is plottable."""
-    panels = history_panels(history) if history is not None and not history.empty else []
-    if not panels:
-        return None
-    x = _numeric(history, "epoch") if "epoch" in history.columns else pd.Series(np.arange(len(history)))
-    ncols = min(3, len(panels))
-    nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
-    for i, (title, cols, log) in enumerate(panels):
-        ax = fig.add_subplot(nrows, ncols, i + 1)
-        for c in cols:
-            y = _numeric(history, c)
-            ok = y.notna() & x.notna() & ((y > 0) if log else True)
-            ax.plot(x[ok], y[ok], marker="." if ok.sum() < 30 else None, label=str(c))
-        if log:
-            ax.set_yscale("log")
-        if title == "Validation Dice":
-            ax.set_ylim(-0.02, 1.02)
-        ax.set_title(title)
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-        if len(cols) > 1:
-            ax.legend(fontsize=8)
-    fig.tight_layout()
-    return fig
 
 
 def training_curves(history_csv) -> str:

@@ -23,10 +23,11 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from kidney_seg.report.common import MAX_PNG_BYTES, data_uri, esc, fmt, img, mpl_text, note, png_bytes
+from kidney_seg.vocabulary import CYST, KIDNEY, KITS19_LABELS, TUMOR
+from kidney_seg.volume import read_image, read_label
 
 log = logging.getLogger(__name__)
 
-KIDNEY, TUMOR, CYST = 1, 2, 3
 #: Soft-tissue window (HU): width 400, level 40.
 WINDOW = (40.0, 400.0)
 #: Margin (mm) kept around the segmentations when the slice is cropped.
@@ -168,26 +169,12 @@ def small_png(fig: Figure, limit: int = MAX_PNG_BYTES) -> bytes:
 
 
 def _read_case(case_id: str, paths, label_values: tuple[int, ...]):
-    """(ct, truth, pred, geometry) in the internal orientation; raises naming the file that failed."""
-    from kidney_seg.preprocessing import read_image, read_label
-
-    image_path, label_path, pred_path = (os.fspath(p) for p in paths)
-    for path in (image_path, label_path, pred_path):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: file not found")
-    ct, geometry = _named(image_path, read_image, image_path, case_id)
-    truth = _named(label_path, read_label, label_path, case_id, label_values, geometry)
-    pred = _named(pred_path, read_label, pred_path, case_id, label_values, geometry)
+    """(ct, truth, pred, geometry) in the internal orientation; a CaseDataError names the file that failed."""
+    image_path, label_path, pred_path = paths
+    ct, geometry = read_image(image_path, case_id)
+    truth, _ = read_label(label_path, case_id, label_values, grid=geometry)
+    pred, _ = read_label(pred_path, case_id, label_values, grid=geometry)
     return ct, truth, pred, geometry
-
-
-def _named(path: str, func, *args):
-    """Call a reader; on failure raise an OSError whose message names ``path``."""
-    try:
-        return func(*args)
-    except Exception as exc:
-        text = str(exc)
-        raise OSError(text if path in text else f"{path}: {text}") from exc
 
 
 def case_overlay(case_id: str, roles: list[str], paths, metrics: Mapping, label_values: tuple[int, ...]) -> str:
@@ -216,7 +203,7 @@ def case_overlay(case_id: str, roles: list[str], paths, metrics: Mapping, label_
 
 
 def overlays_section(per_case: pd.DataFrame | None, scans: Mapping | None,
-                     label_values: tuple[int, ...] = (0, KIDNEY, TUMOR)) -> str:
+                     label_values: tuple[int, ...] = KITS19_LABELS) -> str:
     """Overlays of the best, median and worst test case; ``scans`` maps case id -> (image, label, prediction) paths."""
     picks, metric = pick_cases(per_case)
     if not picks:

@@ -3,7 +3,8 @@
 Needs a running SLURM whose nodes can see this checkout and the temporary folder (one node on
 this machine: tests/cluster/setup_slurm.sh, as root) and snakemake-executor-plugin-slurm
 (`pip install -e ".[cluster]"`). `make cluster-test` does all of it. Skipped unless
-KIDNEY_SEG_CLUSTER_TEST=1 and `sinfo` answers (the profile check at the top always runs).
+KIDNEY_SEG_CLUSTER_TEST=1; with it, a missing SLURM, `sinfo` not answering or a missing plugin
+fails (the profile check at the top always runs).
 
 The cluster run uses a copy of profiles/slurm/config.yaml changed only where a small test
 node must differ (see `ci_profile`): no GPUs (gpu: 0, so no job asks SLURM for one), memory
@@ -73,7 +74,16 @@ def _skip_reason() -> str | None:
 
 
 SKIP = _skip_reason()
-needs_slurm = pytest.mark.skipif(SKIP is not None, reason=SKIP or "")
+
+
+@pytest.fixture(scope="module")
+def slurm() -> None:
+    """Skip without KIDNEY_SEG_CLUSTER_TEST=1; with it, anything missing (SLURM, the plugin) is a failure."""
+    if SKIP is None:
+        return
+    if os.environ.get("KIDNEY_SEG_CLUSTER_TEST") == "1":
+        pytest.fail(f"KIDNEY_SEG_CLUSTER_TEST=1 but the cluster test cannot run: {SKIP}")
+    pytest.skip(SKIP)
 
 
 def run(cmd: list[str], timeout: int) -> tuple[subprocess.CompletedProcess, float]:
@@ -130,7 +140,7 @@ def write_config(root: Path, name: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
+def runs(slurm, tmp_path_factory):
     """The tiny config run locally and through SLURM; (root, local log, cluster log, SLURM run ID)."""
     root = tmp_path_factory.mktemp("cluster")
     local_cfg, slurm_cfg = write_config(root, "local"), write_config(root, "slurm")
@@ -189,8 +199,7 @@ def squeue_jobs(run_id: str) -> list[dict]:
     return jobs
 
 
-@pytest.mark.slow
-@needs_slurm
+@pytest.mark.workflow
 def test_every_job_went_through_sbatch(runs):
     _, local_log, cluster_log, run_id = runs
     expected = rule_counts(local_log)
@@ -212,8 +221,7 @@ def test_every_job_went_through_sbatch(runs):
         assert f"{VENV_BIN}/python" in job["script"] and "-m snakemake" in job["script"], job["script"][:500]
 
 
-@pytest.mark.slow
-@needs_slurm
+@pytest.mark.workflow
 def test_outputs_match_a_local_run(runs):
     import nibabel as nib
     import numpy as np
