@@ -28,10 +28,10 @@ include: "rules/report.smk"
 
 
 rule all:
+    default_target: True
     input:
         f"{RESULTS}/report.html",
         predict_only_outputs,
-    default_target: True
 
 
 onsuccess:

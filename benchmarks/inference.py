@@ -83,17 +83,26 @@ def device_description() -> dict:
         accel = [f"{d.platform}: {d.device_kind}" for d in jax.devices() if d.platform != "cpu"]
     elif any(not d.lower().startswith("cpu") for d in keras.distribution.list_devices()):
         try:
-            names = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                   text=True, timeout=30).stdout.split("\n")
+            names = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=30
+            ).stdout.split("\n")
             accel = [f"gpu: {n.strip()}" for n in names if n.strip()]
         except (OSError, subprocess.SubprocessError):
             accel = [d for d in keras.distribution.list_devices() if not d.lower().startswith("cpu")]
     cpu = platform.processor() or "unknown CPU"
     with contextlib.suppress(OSError):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
-    return {"backend": backend, "device": accel[0] if accel else f"CPU: {cpu} ({os.cpu_count()} threads)",
-            "accelerators": accel, "cpu": cpu, "cpu_threads": os.cpu_count()}
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
+    return {
+        "backend": backend,
+        "device": accel[0] if accel else f"CPU: {cpu} ({os.cpu_count()} threads)",
+        "accelerators": accel,
+        "cpu": cpu,
+        "cpu_threads": os.cpu_count(),
+    }
 
 
 def single_predictor(model_dir: str):
@@ -131,6 +140,7 @@ def timed_functions(module, names):
                 return fn(*args, **kwargs)
             finally:
                 seconds[name] = seconds.get(name, 0.0) + time.perf_counter() - t0
+
         return timed
 
     for name, fn in originals.items():
@@ -171,7 +181,9 @@ def child_build(spec: dict) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
     model.save(folder / "model.keras")
     write_json_atomic(folder / "inference.json", spec["settings"])
-    flops = conv_flops_per_image(spec["model_cfg"], tuple(spec["settings"]["patch_size"]), int(model.outputs[0].shape[-1]))
+    flops = conv_flops_per_image(
+        spec["model_cfg"], tuple(spec["settings"]["patch_size"]), int(model.outputs[0].shape[-1])
+    )
     return {"params": int(model.count_params()), "gflop_per_tile": flops / 1e9, **device_description()}
 
 
@@ -181,13 +193,19 @@ def child_model(spec: dict) -> dict:
 
     baseline = peak_rss_bytes()
     predict_fn, settings = single_predictor(spec["model_dir"])
-    batch = np.random.default_rng(0).standard_normal((spec["batch_size"], *settings["patch_size"], 1)).astype(np.float32)
+    batch = (
+        np.random.default_rng(0).standard_normal((spec["batch_size"], *settings["patch_size"], 1)).astype(np.float32)
+    )
     t0 = time.perf_counter()
     predict_fn(batch)
     t1 = time.perf_counter()
     predict_fn(batch)
-    return {"first_batch_s": t1 - t0, "batch_s": time.perf_counter() - t1, "peak_rss": peak_rss_bytes(),
-            "baseline_rss": baseline}
+    return {
+        "first_batch_s": t1 - t0,
+        "batch_s": time.perf_counter() - t1,
+        "peak_rss": peak_rss_bytes(),
+        "baseline_rss": baseline,
+    }
 
 
 def child_infer(spec: dict) -> dict:
@@ -238,19 +256,34 @@ def child_infer(spec: dict) -> dict:
     best = min(runs, key=lambda r: r["whole_s"])
 
     phase = best["phase_s"]
-    split = {"preprocess": phase.get("preprocess_image"), "forward": best["forward_s"],
-             "aggregation": phase["predict_probabilities"] - best["forward_s"] if "predict_probabilities" in phase else None,
-             "resample": phase.get("probabilities_to_labels")}
+    split = {
+        "preprocess": phase.get("preprocess_image"),
+        "forward": best["forward_s"],
+        "aggregation": phase["predict_probabilities"] - best["forward_s"] if "predict_probabilities" in phase else None,
+        "resample": phase.get("probabilities_to_labels"),
+    }
     split["other"] = best["whole_s"] - sum(v for v in split.values() if v is not None)
     return {
-        "mirror_tta": bool(cfg["mirror_tta"]), "image_shape": [int(s) for s in image.shape],
-        "spacing": [float(s) for s in geometry.spacing], "preprocessed_shape": pre_shape,
-        "tiles": int(sum(best["sizes"])), "batches": len(best["sizes"]), "batch_sizes": sorted(set(best["sizes"])),
-        "tiles_planned": int(sum(plan)), "batches_planned": len(plan), "plan_matches": best["sizes"] == plan,
-        "read_s": read_s, "compile_s": compile_s,
-        "whole_s": best["whole_s"], "bare_s": min(bare), "overhead": best["whole_s"] / min(bare) - 1,
-        "split_s": split, "whole_s_all": [r["whole_s"] for r in runs], "bare_s_all": bare,
-        "peak_rss": peak, "baseline_rss": baseline,
+        "mirror_tta": bool(cfg["mirror_tta"]),
+        "image_shape": [int(s) for s in image.shape],
+        "spacing": [float(s) for s in geometry.spacing],
+        "preprocessed_shape": pre_shape,
+        "tiles": int(sum(best["sizes"])),
+        "batches": len(best["sizes"]),
+        "batch_sizes": sorted(set(best["sizes"])),
+        "tiles_planned": int(sum(plan)),
+        "batches_planned": len(plan),
+        "plan_matches": best["sizes"] == plan,
+        "read_s": read_s,
+        "compile_s": compile_s,
+        "whole_s": best["whole_s"],
+        "bare_s": min(bare),
+        "overhead": best["whole_s"] / min(bare) - 1,
+        "split_s": split,
+        "whole_s_all": [r["whole_s"] for r in runs],
+        "bare_s_all": bare,
+        "peak_rss": peak,
+        "baseline_rss": baseline,
     }
 
 
@@ -300,8 +333,12 @@ def child(mode: str, spec: dict, tmp: Path, name: str | None = None) -> dict:
     spec_path, result_path, log_path = (tmp / f"{name or mode}.{kind}" for kind in ("spec.json", "result.json", "log"))
     write_json_atomic(spec_path, {**spec, "result": str(result_path)})
     with open(log_path, "w") as log:
-        code = subprocess.call([sys.executable, str(Path(__file__).resolve()), "--child", mode, str(spec_path)],
-                               stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
+        code = subprocess.call(
+            [sys.executable, str(Path(__file__).resolve()), "--child", mode, str(spec_path)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=str(ROOT),
+        )
     if code != 0 or not result_path.is_file():
         raise SystemExit(f"benchmark child {mode} failed ({code}):\n{log_path.read_text()[-4000:]}")
     return json.loads(result_path.read_text())
@@ -317,9 +354,15 @@ def model_spec(args) -> dict:
         cfg["preprocessing"]["target_spacing"] = args.target_spacing
     settings = make_plan(cfg, None)  # what the model's inference.json holds
     batch_size = args.batch_size or cfg["inference"]["batch_size"]
-    return {"model": args.model, "model_cfg": cfg["model"], "seed": cfg["seed"], "settings": settings,
-            "inference_cfg": {**cfg["inference"], "batch_size": batch_size}, "batch_size": batch_size,
-            "repeats": args.repeats}
+    return {
+        "model": args.model,
+        "model_cfg": cfg["model"],
+        "seed": cfg["seed"],
+        "settings": settings,
+        "inference_cfg": {**cfg["inference"], "batch_size": batch_size},
+        "batch_size": batch_size,
+        "repeats": args.repeats,
+    }
 
 
 def full_case_estimate(run: dict, full_shape, full_spacing, target_spacing) -> dict:
@@ -328,8 +371,13 @@ def full_case_estimate(run: dict, full_shape, full_spacing, target_spacing) -> d
 
     full_z = resampled_shape(tuple(full_shape), full_spacing, target_spacing)[0]
     scale = full_z / run["preprocessed_shape"][0]
-    return {"preprocessed_slices": int(full_z), "scale": scale, "tiles": round(run["tiles"] * scale),
-            "whole_s": run["whole_s"] * scale, "bare_s": run["bare_s"] * scale}
+    return {
+        "preprocessed_slices": int(full_z),
+        "scale": scale,
+        "tiles": round(run["tiles"] * scale),
+        "whole_s": run["whole_s"] * scale,
+        "bare_s": run["bare_s"] * scale,
+    }
 
 
 def print_table(result: dict) -> None:
@@ -337,34 +385,49 @@ def print_table(result: dict) -> None:
     m, runs = result["model"], result["runs"]
     first = next(iter(runs.values()))
     f32 = result["input"]["float32_bytes"]
-    print(f"\nmodel {m['name']}: f0 {m['base_filters']}, {m['levels']} levels, patch {m['patch']}, "
-          f"{m['params'] / 1e6:.2f}M params, {m['gflop_per_tile']:.2f} GFLOP/tile; backend {result['backend']} on "
-          f"{result['device']}; batch {result['batch_size']}")
-    print(f"input {'x'.join(map(str, first['image_shape']))} ({result['input']['note']}), float32 {f32 * MIB:.0f} MiB; "
-          f"preprocessed {'x'.join(map(str, first['preprocessed_shape']))} at "
-          f"{' x '.join(map(str, result['target_spacing']))} mm")
-    print(f"{'run':<8} {'tiles':>6} {'batch':>6} {'whole s':>8} {'bare s':>8} {'overhd':>7} | {'prep':>6} {'fwd':>7} "
-          f"{'aggr':>6} {'resamp':>6} {'other':>6} | {'GFLOP/s':>7} {'peak MiB':>8} {'x f32':>6} {'pipe MiB':>8}")
+    print(
+        f"\nmodel {m['name']}: f0 {m['base_filters']}, {m['levels']} levels, patch {m['patch']}, "
+        f"{m['params'] / 1e6:.2f}M params, {m['gflop_per_tile']:.2f} GFLOP/tile; backend {result['backend']} on "
+        f"{result['device']}; batch {result['batch_size']}"
+    )
+    print(
+        f"input {'x'.join(map(str, first['image_shape']))} ({result['input']['note']}), float32 {f32 * MIB:.0f} MiB; "
+        f"preprocessed {'x'.join(map(str, first['preprocessed_shape']))} at "
+        f"{' x '.join(map(str, result['target_spacing']))} mm"
+    )
+    print(
+        f"{'run':<8} {'tiles':>6} {'batch':>6} {'whole s':>8} {'bare s':>8} {'overhd':>7} | {'prep':>6} {'fwd':>7} "
+        f"{'aggr':>6} {'resamp':>6} {'other':>6} | {'GFLOP/s':>7} {'peak MiB':>8} {'x f32':>6} {'pipe MiB':>8}"
+    )
     for name, r in runs.items():
         s = {k: (f"{v:6.2f}" if v is not None else f"{'-':>6}") for k, v in r["split_s"].items()}
-        print(f"{name:<8} {r['tiles']:6d} {r['batches']:6d} {r['whole_s']:8.2f} {r['bare_s']:8.2f} {r['overhead']:7.3f} | "
-              f"{s['preprocess']} {r['split_s']['forward']:7.2f} {s['aggregation']} {s['resample']} {s['other']} | "
-              f"{r['bare_gflops']:7.1f} {r['peak_rss'] * MIB:8.0f} {r['peak_rss'] / f32:6.2f} {r['pipeline_rss'] * MIB:8.0f}")
+        print(
+            f"{name:<8} {r['tiles']:6d} {r['batches']:6d} {r['whole_s']:8.2f} {r['bare_s']:8.2f} "
+            f"{r['overhead']:7.3f} | "
+            f"{s['preprocess']} {r['split_s']['forward']:7.2f} {s['aggregation']} {s['resample']} {s['other']} | "
+            f"{r['bare_gflops']:7.1f} {r['peak_rss'] * MIB:8.0f} {r['peak_rss'] / f32:6.2f} "
+            f"{r['pipeline_rss'] * MIB:8.0f}"
+        )
     mod = result["model_only"]
-    print(f"model only (load + one batch of {result['batch_size']}): peak RSS {mod['peak_rss'] * MIB:.0f} MiB "
-          f"(interpreter + imports {mod['baseline_rss'] * MIB:.0f} MiB); batch {mod['batch_s']:.3f} s "
-          f"(first, compiling: {mod['first_batch_s']:.2f} s)")
+    print(
+        f"model only (load + one batch of {result['batch_size']}): peak RSS {mod['peak_rss'] * MIB:.0f} MiB "
+        f"(interpreter + imports {mod['baseline_rss'] * MIB:.0f} MiB); batch {mod['batch_s']:.3f} s "
+        f"(first, compiling: {mod['first_batch_s']:.2f} s)"
+    )
     for name, est in result.get("full_case_estimate", {}).items():
-        print(f"full case estimate, {name}: {est['preprocessed_slices']} preprocessed slices, ~{est['tiles']} tiles, "
-              f"whole ~{est['whole_s']:.0f} s, bare ~{est['bare_s']:.0f} s (scaled x{est['scale']:.1f}, not measured)")
+        print(
+            f"full case estimate, {name}: {est['preprocessed_slices']} preprocessed slices, ~{est['tiles']} tiles, "
+            f"whole ~{est['whole_s']:.0f} s, bare ~{est['bare_s']:.0f} s (scaled x{est['scale']:.1f}, not measured)"
+        )
     for name, r in runs.items():
         if not r["plan_matches"]:
-            print(f"NOTE {name}: counted {r['tiles']} tiles in {r['batches']} batches, the plan from the shape said "
-                  f"{r['tiles_planned']} in {r['batches_planned']}")
+            print(
+                f"NOTE {name}: counted {r['tiles']} tiles in {r['batches']} batches, the plan from the shape said "
+                f"{r['tiles_planned']} in {r['batches_planned']}"
+            )
     verdict = "PASS" if result["pass"] else "FAIL"
     overheads = ", ".join(f"{n} {r['overhead']:.3f}" for n, r in runs.items())
-    print(f"overhead whole / bare - 1: {overheads} "
-          f"(target <= {TARGET_OVERHEAD}) -> {verdict}")
+    print(f"overhead whole / bare - 1: {overheads} (target <= {TARGET_OVERHEAD}) -> {verdict}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -374,10 +437,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="tiles per forward call (default: the config's)")
     parser.add_argument("--tta", choices=("both", "on", "off"), default="both", help="mirror TTA runs to measure")
     parser.add_argument("--no-tta", dest="tta", action="store_const", const="off", help="same as --tta off")
-    parser.add_argument("--target-spacing", type=float, nargs=3, metavar=("Z", "Y", "X"), default=None,
-                        help="preprocessing spacing in mm (default: the model config's)")
+    parser.add_argument(
+        "--target-spacing",
+        type=float,
+        nargs=3,
+        metavar=("Z", "Y", "X"),
+        default=None,
+        help="preprocessing spacing in mm (default: the model config's)",
+    )
     parser.add_argument("--repeats", type=int, default=1, help="timed repeats per run (the best is kept)")
-    parser.add_argument("--case", type=Path, default=DEFAULT_CASE, help="a KiTS-layout label file (segmentation.nii.gz)")
+    parser.add_argument(
+        "--case", type=Path, default=DEFAULT_CASE, help="a KiTS-layout label file (segmentation.nii.gz)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "inference.json")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -403,13 +474,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"input: {note}; synthetic CT (int16) written in {time.perf_counter() - t0:.1f} s", flush=True)
         spec.update(image=str(image), model_dir=str(tmp / "model"))
         built = child("build", spec, tmp)
-        print(f"model {args.model} built ({built['params']} params), backend {built['backend']}, {built['device']}",
-              flush=True)
+        print(
+            f"model {args.model} built ({built['params']} params), backend {built['backend']}, {built['device']}",
+            flush=True,
+        )
         model_only = child("model", spec, tmp)
         runs = {}
         for on in tta:
             name = "tta_on" if on else "tta_off"
-            runs[name] = child("infer", {**spec, "inference_cfg": {**spec["inference_cfg"], "mirror_tta": on}}, tmp, name)
+            runs[name] = child(
+                "infer", {**spec, "inference_cfg": {**spec["inference_cfg"], "mirror_tta": on}}, tmp, name
+            )
             print(f"{name}: whole {runs[name]['whole_s']:.2f} s, bare {runs[name]['bare_s']:.2f} s", flush=True)
 
     patch, gflop = tuple(settings["patch_size"]), built["gflop_per_tile"]
@@ -420,21 +495,43 @@ def main(argv: list[str] | None = None) -> int:
         r["pipeline_rss"] = r["peak_rss"] - model_only["peak_rss"]
         r["peak_rss_mib"], r["peak_rss_x_float32_input"] = r["peak_rss"] * MIB, r["peak_rss"] / float32_bytes
     result = {
-        "model": {"name": args.model, "base_filters": spec["model_cfg"]["base_filters"], "levels": spec["model_cfg"]["levels"],
-                  "patch": list(patch), "params": built["params"], "gflop_per_tile": gflop, "weights": "seeded, untrained"},
-        "backend": built["backend"], "device": built["device"], "cpu": built["cpu"], "cpu_threads": built["cpu_threads"],
-        "batch_size": spec["batch_size"], "repeats": args.repeats, "target_spacing": settings["preprocessing"]["target_spacing"],
+        "model": {
+            "name": args.model,
+            "base_filters": spec["model_cfg"]["base_filters"],
+            "levels": spec["model_cfg"]["levels"],
+            "patch": list(patch),
+            "params": built["params"],
+            "gflop_per_tile": gflop,
+            "weights": "seeded, untrained",
+        },
+        "backend": built["backend"],
+        "device": built["device"],
+        "cpu": built["cpu"],
+        "cpu_threads": built["cpu_threads"],
+        "batch_size": spec["batch_size"],
+        "repeats": args.repeats,
+        "target_spacing": settings["preprocessing"]["target_spacing"],
         "inference_cfg": spec["inference_cfg"],
-        "input": {"note": note, "shape": shape, "full_case_shape": full_shape, "spacing": full_spacing,
-                  "slices": args.slices, "float32_bytes": float32_bytes, "float32_mib": float32_bytes * MIB},
+        "input": {
+            "note": note,
+            "shape": shape,
+            "full_case_shape": full_shape,
+            "spacing": full_spacing,
+            "slices": args.slices,
+            "float32_bytes": float32_bytes,
+            "float32_mib": float32_bytes * MIB,
+        },
         "model_only": {**model_only, "peak_rss_mib": model_only["peak_rss"] * MIB},
-        "runs": runs, "target_overhead": TARGET_OVERHEAD,
+        "runs": runs,
+        "target_overhead": TARGET_OVERHEAD,
         "pass": all(r["overhead"] <= TARGET_OVERHEAD for r in runs.values()),
         "python": sys.version.split()[0],
     }
     if args.slices is not None:
-        result["full_case_estimate"] = {n: full_case_estimate(r, full_shape, full_spacing, settings["preprocessing"]["target_spacing"])
-                                        for n, r in runs.items()}
+        result["full_case_estimate"] = {
+            n: full_case_estimate(r, full_shape, full_spacing, settings["preprocessing"]["target_spacing"])
+            for n, r in runs.items()
+        }
     write_json_atomic(args.out, result)
     print_table(result)
     print(f"wrote {args.out}")

@@ -36,8 +36,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 DEFAULT_CASE = ROOT.parent / "shared" / "data" / "kits19-labels" / "case_00000" / "segmentation.nii.gz"
-PAPER_CFG = {"target_spacing": [3.0, 0.7816, 0.7816], "clip": [-75.76, 349.49], "normalization": "zscore_slice",
-             "crop_to_body": True}
+PAPER_CFG = {
+    "target_spacing": [3.0, 0.7816, 0.7816],
+    "clip": [-75.76, 349.49],
+    "normalization": "zscore_slice",
+    "crop_to_body": True,
+}
 SYNTHETIC_SHAPE = (611, 512, 512)
 SYNTHETIC_SPACING = (0.5, 0.9199219, 0.9199219)
 TARGET_TIME_RATIO = 0.5
@@ -67,8 +71,13 @@ def child_ours(image: str, label: str, out_dir: str) -> dict:
     settings = resolve_preprocessing(PAPER_CFG, None)
     t0 = time.perf_counter()
     meta = preprocess_case("case_00000", image, label, out_dir, settings, (0, 1, 2))
-    return {"wall_s": time.perf_counter() - t0, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline,
-            "out_shape": meta["shape"], "crop_box": meta["crop_box"]}
+    return {
+        "wall_s": time.perf_counter() - t0,
+        "peak_rss": peak_rss_bytes(),
+        "baseline_rss": baseline,
+        "out_shape": meta["shape"],
+        "crop_box": meta["crop_box"],
+    }
 
 
 def child_ours_core(image: str) -> dict:
@@ -82,15 +91,20 @@ def child_ours_core(image: str) -> dict:
     t1 = time.perf_counter()
     out, box = preprocess_image(volume, geometry.spacing, settings)
     t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "wall_s": t2 - t1, "peak_rss": peak_rss_bytes(), "baseline_rss": baseline,
-            "out_shape": list(out.shape), "input_dtype": str(volume.dtype)}
+    return {
+        "load_s": t1 - t0,
+        "wall_s": t2 - t1,
+        "peak_rss": peak_rss_bytes(),
+        "baseline_rss": baseline,
+        "out_shape": list(out.shape),
+        "input_dtype": str(volume.dtype),
+    }
 
 
 def child_reference(image: str) -> dict:
+    import nibabel as nib
     import numpy as np
     from skimage.transform import resize
-
-    import nibabel as nib
 
     from kidney_seg.preprocessing import nearest_indices, resampled_shape
     from kidney_seg.volume import read_geometry, to_internal
@@ -107,8 +121,14 @@ def child_reference(image: str) -> dict:
         inplane[k] = resize(data[k], shape[1:], order=3, mode="edge", anti_aliasing=False, preserve_range=True)
     out = inplane[nearest_indices(data.shape[0], shape[0])]
     t2 = time.perf_counter()
-    return {"load_s": t1 - t0, "wall_s": t2 - t1, "total_s": t2 - t0, "peak_rss": peak_rss_bytes(),
-            "baseline_rss": baseline, "out_shape": list(out.shape)}
+    return {
+        "load_s": t1 - t0,
+        "wall_s": t2 - t1,
+        "total_s": t2 - t0,
+        "peak_rss": peak_rss_bytes(),
+        "baseline_rss": baseline,
+        "out_shape": list(out.shape),
+    }
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -180,8 +200,13 @@ def make_case(case: Path | None, tmp: Path, dtype: str) -> tuple[Path, Path, str
 def run_child(mode: str, *args: str) -> dict:
     """Run one measurement in a fresh interpreter; return its JSON report."""
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--child", mode, *args],
-                          capture_output=True, text=True, env=env, cwd=str(ROOT))
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--child", mode, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(ROOT),
+    )
     if proc.returncode != 0:
         raise SystemExit(f"benchmark child {mode} failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -189,9 +214,13 @@ def run_child(mode: str, *args: str) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--case", type=Path, default=DEFAULT_CASE, help="a KiTS-layout label file (segmentation.nii.gz)")
+    parser.add_argument(
+        "--case", type=Path, default=DEFAULT_CASE, help="a KiTS-layout label file (segmentation.nii.gz)"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "results" / "benchmarks" / "preprocess.json")
-    parser.add_argument("--dtype", choices=("int16", "float32"), default="int16", help="voxel type of the synthetic CT file")
+    parser.add_argument(
+        "--dtype", choices=("int16", "float32"), default="int16", help="voxel type of the synthetic CT file"
+    )
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
@@ -223,35 +252,49 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "input": {"note": note, "shape": list(shape), "file_dtype": args.dtype, "float32_mib": float32_bytes * mb},
         "settings": PAPER_CFG,
-        "ours": ours, "ours_core": core, "reference": ref,
-        "ratio_time_end_to_end": ratio_total, "ratio_time_resampling": ratio_core,
+        "ours": ours,
+        "ours_core": core,
+        "reference": ref,
+        "ratio_time_end_to_end": ratio_total,
+        "ratio_time_resampling": ratio_core,
         "ratio_peak_rss_to_float32_input": rss_ratio,
         "targets": {"time_ratio": TARGET_TIME_RATIO, "rss_ratio": TARGET_RSS_RATIO},
-        "pass": {"time": ratio_total <= TARGET_TIME_RATIO and ratio_core <= TARGET_TIME_RATIO,
-                 "memory": rss_ratio <= TARGET_RSS_RATIO},
-        "python": sys.version.split()[0], "cpus": os.cpu_count(),
+        "pass": {
+            "time": ratio_total <= TARGET_TIME_RATIO and ratio_core <= TARGET_TIME_RATIO,
+            "memory": rss_ratio <= TARGET_RSS_RATIO,
+        },
+        "python": sys.version.split()[0],
+        "cpus": os.cpu_count(),
     }
     write_json_atomic(args.out, result)
 
     rows = [
         ("ours: preprocess_case (load image+label, crop, resample both, write)", ours["wall_s"], ours["peak_rss"]),
-        ("ours: preprocess_image only (after a %.1f s lean load)" % core["load_s"], core["wall_s"], core["peak_rss"]),
+        (f"ours: preprocess_image only (after a {core['load_s']:.1f} s lean load)", core["wall_s"], core["peak_rss"]),
         ("reference: load + clip + skimage resize + nearest z", ref["total_s"], ref["peak_rss"]),
         ("reference: clip + skimage resize + nearest z only", ref["wall_s"], None),
     ]
-    print(f"\ninput {shape[0]}x{shape[1]}x{shape[2]} ({args.dtype} file), float32 size {float32_bytes * mb:.0f} MiB "
-          f"({float32_bytes / 1e6:.0f} MB); "
-          f"ours -> {ours['out_shape']} (crop box {ours['crop_box']}), reference -> {ref['out_shape']}")
+    print(
+        f"\ninput {shape[0]}x{shape[1]}x{shape[2]} ({args.dtype} file), float32 size {float32_bytes * mb:.0f} MiB "
+        f"({float32_bytes / 1e6:.0f} MB); "
+        f"ours -> {ours['out_shape']} (crop box {ours['crop_box']}), reference -> {ref['out_shape']}"
+    )
     print(f"{'step':<72} {'wall s':>8} {'peak RSS MiB':>12} {'x float32':>10}")
     for name, wall, rss in rows:
         rss_txt = f"{rss * mb:12.0f} {rss / float32_bytes:10.2f}" if rss is not None else f"{'':>12} {'':>10}"
         print(f"{name:<72} {wall:8.2f} {rss_txt}")
-    print(f"(interpreter + imports baseline RSS: ours {ours['baseline_rss'] * mb:.0f} MiB, "
-          f"reference {ref['baseline_rss'] * mb:.0f} MiB)")
-    print(f"\ntime ratio ours/reference: end to end {ratio_total:.3f}, resampling only {ratio_core:.3f} "
-          f"(target <= {TARGET_TIME_RATIO}) -> {'PASS' if result['pass']['time'] else 'FAIL'}")
-    print(f"peak RSS ours / float32 input: {rss_ratio:.2f}x (target <= {TARGET_RSS_RATIO}x) -> "
-          f"{'PASS' if result['pass']['memory'] else 'FAIL'}")
+    print(
+        f"(interpreter + imports baseline RSS: ours {ours['baseline_rss'] * mb:.0f} MiB, "
+        f"reference {ref['baseline_rss'] * mb:.0f} MiB)"
+    )
+    print(
+        f"\ntime ratio ours/reference: end to end {ratio_total:.3f}, resampling only {ratio_core:.3f} "
+        f"(target <= {TARGET_TIME_RATIO}) -> {'PASS' if result['pass']['time'] else 'FAIL'}"
+    )
+    print(
+        f"peak RSS ours / float32 input: {rss_ratio:.2f}x (target <= {TARGET_RSS_RATIO}x) -> "
+        f"{'PASS' if result['pass']['memory'] else 'FAIL'}"
+    )
     print(f"wrote {args.out}")
     return 0 if all(result["pass"].values()) else 1
 

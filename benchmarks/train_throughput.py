@@ -28,8 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from kidney_seg.config import load_config  # noqa: E402
 from kidney_seg.atomic import write_json_atomic  # noqa: E402
+from kidney_seg.config import load_config  # noqa: E402
 
 
 def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:
@@ -38,15 +38,23 @@ def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:
     from kidney_seg.plan import make_plan
     from kidney_seg.preprocessing import preprocess_case
 
-    plan = make_plan({**cfg, "dataset": {"source": "phantom"}, "preprocessing": {**cfg["preprocessing"], "clip": [-75.76, 349.49]}},
-                     None)
+    plan = make_plan(
+        {**cfg, "dataset": {"source": "phantom"}, "preprocessing": {**cfg["preprocessing"], "clip": [-75.76, 349.49]}},
+        None,
+    )
     dirs = []
     for i in range(n_cases):
         raw = root / "raw" / f"case_{i:05d}"
         write_case(raw, generate_case(i, cfg["seed"], PhantomParams.from_config(cfg["dataset"].get("phantom"))))
         out = root / "pre" / raw.name
-        preprocess_case(raw.name, raw / "imaging.nii.gz", raw / "segmentation.nii.gz", out, plan["preprocessing"],
-                        tuple(plan["labels"]))
+        preprocess_case(
+            raw.name,
+            raw / "imaging.nii.gz",
+            raw / "segmentation.nii.gz",
+            out,
+            plan["preprocessing"],
+            tuple(plan["labels"]),
+        )
         dirs.append(str(out))
     return dirs
 
@@ -141,9 +149,9 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
-    from kidney_seg.training import compile_model, configure_threads, stream_spec
     from kidney_seg.model import build_from_config
     from kidney_seg.sampling import BatchLoader
+    from kidney_seg.training import compile_model, configure_threads, stream_spec
 
     configure_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:
@@ -161,12 +169,19 @@ def main(argv: list[str] | None = None) -> int:
     flops = 3 * conv_flops_per_image(cfg["model"], tuple(tr["patch_size"]), outputs) * tr["batch_size"]
     peak = matmul_peak_gflops()
     result = {
-        "config": args.config, "cpu_threads": threads, "backend": keras.backend.backend(), "steps": args.steps,
+        "config": args.config,
+        "cpu_threads": threads,
+        "backend": keras.backend.backend(),
+        "steps": args.steps,
         "loader_batches_per_s": {str(w): round(r, 2) for w, r in loader.items()},
-        "model_steps_per_s": round(step, 2), "combined_steps_per_s": round(both, 2),
-        "default_workers": tr["num_workers"], "combined_over_model": round(both / step, 3),
-        "gflop_per_step": round(flops / 1e9, 2), "achieved_gflops": round(flops * step / 1e9, 1),
-        "matmul_peak_gflops": round(peak, 1), "fraction_of_peak": round(flops * step / 1e9 / peak, 3),
+        "model_steps_per_s": round(step, 2),
+        "combined_steps_per_s": round(both, 2),
+        "default_workers": tr["num_workers"],
+        "combined_over_model": round(both / step, 3),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "achieved_gflops": round(flops * step / 1e9, 1),
+        "matmul_peak_gflops": round(peak, 1),
+        "fraction_of_peak": round(flops * step / 1e9 / peak, 3),
     }
     print(f"{'measurement':46s} {'value':>10s}")
     for w, r in loader.items():

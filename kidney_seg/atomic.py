@@ -12,10 +12,11 @@ import errno
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
+
 
 def _umask() -> int:
     """The process umask (read without changing it for long)."""
@@ -74,7 +75,9 @@ def _write_error(path: Path, cause: OSError, stage: str) -> OutputWriteError:
         return OutputWriteError(path, cause, stage)
 
 
-def _rebuild_write_error(base: type, path: str, errno_: int | None, strerror: str | None, stage: str) -> OutputWriteError:
+def _rebuild_write_error(
+    base: type, path: str, errno_: int | None, strerror: str | None, stage: str
+) -> OutputWriteError:
     """Unpickle an :class:`OutputWriteError`."""
     try:
         cause = base(errno_, strerror) if errno_ is not None else base(strerror)
@@ -186,7 +189,7 @@ def save_npy_atomic(path: str | os.PathLike, array: np.ndarray) -> None:
 
 
 def load_npy(path: str | os.PathLike, mmap: bool = True) -> np.ndarray:
-    """Load a .npy array without pickle, memory-mapped by default; an object (pickled) array is refused, naming the file."""
+    """Load a .npy array without pickle, memory-mapped by default; an object (pickled) array is refused, naming it."""
     try:
         return np.load(path, mmap_mode="r" if mmap else None, allow_pickle=False)
     except ValueError as exc:  # numpy's message names neither the file nor the reason for refusing

@@ -111,8 +111,13 @@ def make_checkpointer(state_dir: Path, history: pd.DataFrame):
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
-            row = {"epoch": epoch + 1, "lr": current_lr(self.model), "loss": logs.get("loss"),
-                   "val_loss": logs.get("val_loss"), "seconds": round(time.perf_counter() - self.t0, 3)}
+            row = {
+                "epoch": epoch + 1,
+                "lr": current_lr(self.model),
+                "loss": logs.get("loss"),
+                "val_loss": logs.get("val_loss"),
+                "seconds": round(time.perf_counter() - self.t0, 3),
+            }
             row.update({k: float(v) for k, v in logs.items() if k.startswith("val_dice_")})
             self.rows.append(row)
             write_history(pd.DataFrame(self.rows), state_dir / "history.csv")
@@ -122,13 +127,15 @@ def make_checkpointer(state_dir: Path, history: pd.DataFrame):
                 self.best = val
                 with atomic_path(state_dir / "best.keras") as tmp:
                     shutil.copyfile(state_dir / "last.keras", tmp)
-            log.info("epoch %d: %s", epoch + 1, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()})
+            log.info(
+                "epoch %d: %s", epoch + 1, {k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}
+            )
 
     return Checkpointer()
 
 
 class _ReplayOptimizer:
-    """Stands in for the optimizer while a ReduceLROnPlateau replays past epochs: holds a learning rate, nothing else."""
+    """Stands in for the optimizer while a ReduceLROnPlateau replays past epochs: holds a learning rate, no more."""
 
     def __init__(self, learning_rate: float):
         self.learning_rate = learning_rate
@@ -166,7 +173,10 @@ def replay_plateau(callback, history: pd.DataFrame, initial_lr: float) -> None:
 
 
 def code_digest(root: Path = SOURCE_ROOT) -> str:
-    """SHA-256 of the library files that shape training (:func:`kidney_seg.code_inputs.training_code`), so edited code never resumes an old run."""
+    """SHA-256 of the library files that shape training, so edited code never resumes an old run.
+
+    The files are those of :func:`kidney_seg.code_inputs.training_code`.
+    """
     digest = hashlib.sha256()
     for path in training_code(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0")
@@ -179,16 +189,27 @@ def _cache_stamp(case_dir) -> list:
     return [str(case_dir)] + [os.stat(Path(case_dir) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
 
 
-def resume_key(train_dirs, val_dirs, model_cfg: dict, train_cfg: dict, plan: dict, seed: int, deterministic: bool) -> dict:
-    """What a checkpoint must match to be resumed: settings (but epochs, which may grow), plan, cases, cache files, code.
+def resume_key(
+    train_dirs, val_dirs, model_cfg: dict, train_cfg: dict, plan: dict, seed: int, deterministic: bool
+) -> dict:
+    """What a checkpoint must match to be resumed: settings (but epochs, which may grow), plan, cases, caches, code.
 
     A deterministic run never resumes a checkpoint made without ``deterministic`` (nor the reverse).
     """
-    return json.loads(json.dumps({
-        "model": model_cfg, "training": {k: v for k, v in train_cfg.items() if k not in STREAM_ONLY_KEYS}, "plan": plan,
-        "seed": seed, "train": [_cache_stamp(d) for d in train_dirs], "val": [_cache_stamp(d) for d in val_dirs],
-        "code": code_digest(), "deterministic": bool(deterministic),
-    }))
+    return json.loads(
+        json.dumps(
+            {
+                "model": model_cfg,
+                "training": {k: v for k, v in train_cfg.items() if k not in STREAM_ONLY_KEYS},
+                "plan": plan,
+                "seed": seed,
+                "train": [_cache_stamp(d) for d in train_dirs],
+                "val": [_cache_stamp(d) for d in val_dirs],
+                "code": code_digest(),
+                "deterministic": bool(deterministic),
+            }
+        )
+    )
 
 
 def remove_partial_files(folder: Path, names) -> None:

@@ -47,8 +47,10 @@ def postprocessing_decision(model_dir: Path, enabled: bool) -> dict | None:
 def inference_config(args: argparse.Namespace) -> dict:
     """The ``inference`` config section of the options given; the rest from the schema's defaults."""
     given = {"step": args.step, "batch_size": args.batch_size}
-    return with_defaults("inference", {**{k: v for k, v in given.items() if v is not None},
-                                       **({"mirror_tta": False} if args.no_tta else {})})
+    return with_defaults(
+        "inference",
+        {**{k: v for k, v in given.items() if v is not None}, **({"mirror_tta": False} if args.no_tta else {})},
+    )
 
 
 def cmd_predict(args: argparse.Namespace) -> int:
@@ -70,7 +72,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     print(f"{len(folders)} model(s) from {model_dir}; post-processing: {steps}", file=sys.stderr)
     for path in tqdm(inputs, desc="segmenting", unit="scan"):
         name = case_name(path)
-        predict_case(name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor, postprocess=postprocess)
+        predict_case(
+            name, path, model_dir, out_dir / f"{name}.nii.gz", cfg, predictor=predictor, postprocess=postprocess
+        )
     print(f"wrote {len(inputs)} segmentation(s) to {out_dir}")
     return 0
 
@@ -101,25 +105,41 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with its subcommands."""
-    parser = argparse.ArgumentParser(prog="kidney-seg", description="Kidney and kidney-tumour segmentation of CT scans with a trained 2D U-Net.")
+    parser = argparse.ArgumentParser(
+        prog="kidney-seg", description="Kidney and kidney-tumour segmentation of CT scans with a trained 2D U-Net."
+    )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("predict", help="segment new CT scans (NIfTI files or folders)",
-                       description="Segment CT scans with a model folder the pipeline trained (results/model). "
-                                   "Each output is a uint8 NIfTI (0 background, 1 kidney, 2 tumour) on the input's exact grid.")
-    p.add_argument("model_dir", help="trained model folder: results/model (every fold_*/ model, averaged, plus its "
-                                     "postprocessing.json) or one folder holding model.keras and inference.json")
-    p.add_argument("inputs", nargs="+", help="NIfTI files, or folders of them (KiTS layout case_*/imaging.nii.gz works)")
+    p = sub.add_parser(
+        "predict",
+        help="segment new CT scans (NIfTI files or folders)",
+        description="Segment CT scans with a model folder the pipeline trained (results/model). "
+        "Each output is a uint8 NIfTI (0 background, 1 kidney, 2 tumour) on the input's exact grid.",
+    )
+    p.add_argument(
+        "model_dir",
+        help="trained model folder: results/model (every fold_*/ model, averaged, plus its "
+        "postprocessing.json) or one folder holding model.keras and inference.json",
+    )
+    p.add_argument(
+        "inputs", nargs="+", help="NIfTI files, or folders of them (KiTS layout case_*/imaging.nii.gz works)"
+    )
     p.add_argument("-o", "--output", required=True, help="folder for the segmentations")
     p.add_argument("--no-tta", action="store_true", help="switch off mirror test-time augmentation (4x faster)")
-    p.add_argument("--no-postprocessing", action="store_true",
-                   help="write the raw argmax, ignoring the model folder's postprocessing.json")
+    p.add_argument(
+        "--no-postprocessing",
+        action="store_true",
+        help="write the raw argmax, ignoring the model folder's postprocessing.json",
+    )
     defaults = with_defaults("inference", {})
     p.add_argument("--step", type=float, help=f"tile step as a fraction of the patch (default {defaults['step']})")
     p.add_argument("--batch-size", type=int, help=f"tiles per forward pass (default {defaults['batch_size']})")
     p.set_defaults(func=cmd_predict)
-    e = sub.add_parser("evaluate", help="score predictions against ground truth",
-                       description="Compute per-case Dice, precision, recall and volumes, and their summary.")
+    e = sub.add_parser(
+        "evaluate",
+        help="score predictions against ground truth",
+        description="Compute per-case Dice, precision, recall and volumes, and their summary.",
+    )
     e.add_argument("pred_dir", help="folder of predicted NIfTI files (NAME.nii.gz)")
     e.add_argument("truth_dir", help="folder of ground truth: NAME/segmentation.nii.gz or NAME.nii.gz")
     e.add_argument("-o", "--output", default="metrics", help="output folder (default: metrics)")

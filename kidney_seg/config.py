@@ -98,4 +98,3 @@ def load_config(*paths: str | Path) -> dict:
     for path in paths:
         merged = deep_merge(merged, yaml.safe_load(Path(path).read_text()) or {})
     return validate_config(merged)
-

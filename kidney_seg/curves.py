@@ -28,8 +28,11 @@ def history_panels(history: pd.DataFrame) -> list[tuple[str, list[str], bool]]:
     losses = [c for c in ("loss", "val_loss") if c in history.columns and _numeric(history, c).notna().any()]
     if losses:
         panels.append(("Loss", losses, False))
-    dice = [c for c in sorted(str(c) for c in history.columns if str(c).startswith("val_dice_"))
-            if _numeric(history, c).notna().any()]
+    dice = [
+        c
+        for c in sorted(str(c) for c in history.columns if str(c).startswith("val_dice_"))
+        if _numeric(history, c).notna().any()
+    ]
     if dice:
         panels.append(("Validation Dice", dice, False))
     if "lr" in history.columns and (_numeric(history, "lr") > 0).any():
@@ -38,7 +41,7 @@ def history_panels(history: pd.DataFrame) -> list[tuple[str, list[str], bool]]:
 
 
 def history_figure(history: pd.DataFrame) -> Figure | None:
-    """The training-curve panels of a history (loss and val_loss, val_dice_*, log-scale lr), or None when nothing is plottable."""
+    """Training-curve panels of a history (loss, val_loss, val_dice_*, log-scale lr), or None if none is plottable."""
     panels = history_panels(history) if history is not None and not history.empty else []
     if not panels:
         return None

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from typing import MutableMapping
+from collections.abc import MutableMapping
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,18 @@ def enable(seed: int) -> str:
             tf.config.threading.set_intra_op_parallelism_threads(1)
         except RuntimeError:  # the runtime already started
             if tf.config.threading.get_intra_op_parallelism_threads() != 1:
-                log.warning("deterministic: TensorFlow had already started; its intra-op thread count stays "
-                            "%d and results can depend on it", tf.config.threading.get_intra_op_parallelism_threads())
+                log.warning(
+                    "deterministic: TensorFlow had already started; its intra-op thread count stays "
+                    "%d and results can depend on it",
+                    tf.config.threading.get_intra_op_parallelism_threads(),
+                )
     elif backend == "jax":
         if jax_was_started:
-            log.warning("deterministic: JAX had already started, so XLA_FLAGS=%r may not be in effect; "
-                        "set it before JAX initialises", os.environ.get("XLA_FLAGS"))
+            log.warning(
+                "deterministic: JAX had already started, so XLA_FLAGS=%r may not be in effect; "
+                "set it before JAX initialises",
+                os.environ.get("XLA_FLAGS"),
+            )
     elif backend == "torch":
         import torch
 

@@ -15,7 +15,7 @@ import platform
 import socket
 import subprocess
 import sys
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
@@ -132,8 +132,11 @@ def _tensorflow_devices() -> list[dict]:
 def _jax_devices() -> list[dict]:
     import jax
 
-    return [{"name": str(getattr(d, "device_kind", d)), "kind": str(d.platform).upper(), "id": str(d.id)}
-            for d in jax.devices() if d.platform != "cpu"]
+    return [
+        {"name": str(getattr(d, "device_kind", d)), "kind": str(d.platform).upper(), "id": str(d.id)}
+        for d in jax.devices()
+        if d.platform != "cpu"
+    ]
 
 
 def _torch_devices() -> list[dict]:
@@ -141,8 +144,10 @@ def _torch_devices() -> list[dict]:
 
     if not torch.cuda.is_available():
         return []
-    return [{"name": str(torch.cuda.get_device_name(i)), "kind": "GPU", "id": f"cuda:{i}"}
-            for i in range(torch.cuda.device_count())]
+    return [
+        {"name": str(torch.cuda.get_device_name(i)), "kind": "GPU", "id": f"cuda:{i}"}
+        for i in range(torch.cuda.device_count())
+    ]
 
 
 def accelerator_devices(backend: str | None = None) -> list[dict]:
@@ -166,7 +171,7 @@ def describe_environment(accelerators: bool = True) -> dict:
     mem = memory_bytes()
     backend = keras_backend()
     env = {
-        "created": datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "created": datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "hostname": socket.gethostname(),
         "platform": platform.platform(),
         "python": f"{platform.python_implementation()} {platform.python_version()}",
@@ -199,8 +204,13 @@ def write_environment(path: str | os.PathLike, accelerators: bool = True) -> dic
 def _git(path: str | os.PathLike, *args: str) -> str | None:
     """stdout of ``git -C path args`` (stripped), or None when git fails, is missing or hangs."""
     try:
-        proc = subprocess.run(["git", "--no-optional-locks", "-C", str(path), *args], capture_output=True, text=True,
-                              timeout=GIT_TIMEOUT_S, env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+        proc = subprocess.run(
+            ["git", "--no-optional-locks", "-C", str(path), *args],
+            capture_output=True,
+            text=True,
+            timeout=GIT_TIMEOUT_S,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return proc.stdout.strip() if proc.returncode == 0 else None

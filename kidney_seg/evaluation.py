@@ -182,9 +182,7 @@ def _to_border(src: np.ndarray, dst: np.ndarray, spacing: tuple[float, ...]) -> 
     return ndimage.distance_transform_edt(~dst, sampling=spacing)[src]
 
 
-def surface_distances(
-    pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]
-) -> tuple[np.ndarray, np.ndarray]:
+def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: tuple[float, ...]) -> tuple[np.ndarray, np.ndarray]:
     """(pred border -> nearest truth border, truth border -> nearest pred border) in mm; inf toward an empty mask."""
     p, t = _as_masks(pred, truth)
     s = _spacing(spacing, p.ndim)
@@ -399,9 +397,7 @@ def _write_csv_atomic(df: pd.DataFrame, path: str | os.PathLike) -> None:
         df.to_csv(tmp, index=False)
 
 
-def summarize(
-    case_json_paths: list, per_case_csv: str | os.PathLike, summary_csv: str | os.PathLike
-) -> pd.DataFrame:
+def summarize(case_json_paths: list, per_case_csv: str | os.PathLike, summary_csv: str | os.PathLike) -> pd.DataFrame:
     """Write per_case.csv and summary.csv from per-case JSON files; return the summary."""
     per_case = per_case_table([Path(p) for p in case_json_paths])
     summary = summary_table(per_case)

@@ -1,4 +1,4 @@
-"""Sliding-window inference with Gaussian-weighted tiles and mirror TTA (after nnU-Net), mapped back to each scan's own grid.
+"""Sliding-window inference (Gaussian-weighted tiles, mirror TTA; after nnU-Net), mapped back to each scan's own grid.
 
 Per slice: tiles of the training patch size, a step of ``step * patch`` with the tiles
 spread so that the last one ends flush with the edge; each tile's logits are weighted by
@@ -7,10 +7,10 @@ the summed weights. Slices smaller than a tile are padded and the padding remove
 Mirror test-time augmentation averages the logits of the 4 mirrorings over both in-plane
 axes, each flipped back. The scan is first cropped to the body and preprocessed exactly as
 in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from the model's
-inference.json, a copy of the plan it was trained with: :mod:`kidney_seg.plan`). The class scores (softmax probabilities, or for a sigmoid model the
-foreground sigmoids with background 1 - their maximum, see :func:`sigmoid_scores`) are
-resampled (linearly) to the cropped
-region's original shape a slab of slices at a time, one class after the other, keeping a
+inference.json, a copy of the plan it was trained with: :mod:`kidney_seg.plan`). The class
+scores (softmax probabilities, or for a sigmoid model the foreground sigmoids with
+background 1 - their maximum, see :func:`sigmoid_scores`) are resampled (linearly) to the
+cropped region's original shape a slab of slices at a time, one class after the other, keeping a
 running argmax, and pasted into a full-size label volume that is 0 outside the crop box:
 at the original resolution only the uint8 labels and a few slab-sized arrays exist.
 
@@ -29,8 +29,8 @@ from __future__ import annotations
 import logging
 import math
 import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -73,8 +73,9 @@ def pad_to(stack: np.ndarray, patch: tuple[int, int]) -> tuple[np.ndarray, tuple
 
 def _run_batches(tiles: np.ndarray, predict_fn: PredictFn, batch_size: int) -> np.ndarray:
     """Logits of (N, H, W, 1) tiles, ``batch_size`` at a time."""
-    return np.concatenate([np.asarray(predict_fn(tiles[i : i + batch_size]), dtype=np.float32)
-                           for i in range(0, len(tiles), batch_size)])
+    return np.concatenate(
+        [np.asarray(predict_fn(tiles[i : i + batch_size]), dtype=np.float32) for i in range(0, len(tiles), batch_size)]
+    )
 
 
 def tile_corners(shape: tuple[int, int], patch: tuple[int, int], step: float) -> list[tuple[int, int]]:
@@ -96,10 +97,14 @@ def predict_slab_logits(
     padded, region = pad_to(np.asarray(slab, dtype=np.float32), patch)
     weights = gaussian_importance_map(patch) if gaussian else np.ones(patch, dtype=np.float32)
     corners = tile_corners(padded.shape[1:], patch, step)
-    tiles = np.stack([padded[k, y : y + patch[0], x : x + patch[1]] for k in range(len(padded)) for y, x in corners])[..., None]
+    tiles = np.stack([padded[k, y : y + patch[0], x : x + patch[1]] for k in range(len(padded)) for y, x in corners])[
+        ..., None
+    ]
     mirrors = MIRRORS if mirror_tta else ((),)
     batch = np.concatenate([np.flip(tiles, axis=axes) if axes else tiles for axes in mirrors])
-    out = _run_batches(np.ascontiguousarray(batch), predict_fn, batch_size).reshape((len(mirrors),) + tiles.shape[:3] + (num_classes,))
+    out = _run_batches(np.ascontiguousarray(batch), predict_fn, batch_size).reshape(
+        (len(mirrors),) + tiles.shape[:3] + (num_classes,)
+    )
     logits = sum(np.flip(o, axis=axes) if axes else o for o, axes in zip(out, mirrors)) / len(mirrors)
     total = np.zeros(padded.shape + (num_classes,), dtype=np.float32)
     norm = np.zeros(padded.shape[1:], dtype=np.float32)
@@ -111,7 +116,9 @@ def predict_slab_logits(
     return (total / norm[..., None])[(slice(None),) + region]
 
 
-def predict_slice_logits(image: np.ndarray, predict_fn: PredictFn, num_classes: int, patch: tuple[int, int], **kwargs) -> np.ndarray:
+def predict_slice_logits(
+    image: np.ndarray, predict_fn: PredictFn, num_classes: int, patch: tuple[int, int], **kwargs
+) -> np.ndarray:
     """Aggregated logits (H, W, C) of one normalised 2D slice."""
     return predict_slab_logits(np.asarray(image)[None], predict_fn, num_classes, patch, **kwargs)[0]
 
@@ -161,9 +168,17 @@ def as_predict_fns(predict_fn: PredictFn | Sequence[PredictFn]) -> list[PredictF
     return fns
 
 
-def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn | Sequence[PredictFn], num_classes: int, patch,
-                          step: float = 0.5, gaussian: bool = True, mirror_tta: bool = True, batch_size: int = 16,
-                          output_activation: str = "softmax") -> np.ndarray:
+def predict_probabilities(
+    volume: np.ndarray,
+    predict_fn: PredictFn | Sequence[PredictFn],
+    num_classes: int,
+    patch,
+    step: float = 0.5,
+    gaussian: bool = True,
+    mirror_tta: bool = True,
+    batch_size: int = 16,
+    output_activation: str = "softmax",
+) -> np.ndarray:
     """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
 
     softmax: ``predict_fn`` gives C logits, the scores are softmax probabilities; sigmoid:
@@ -179,8 +194,16 @@ def predict_probabilities(volume: np.ndarray, predict_fn: PredictFn | Sequence[P
     for z in range(0, volume.shape[0], k):
         scores = None
         for fn in fns:
-            logits = predict_slab_logits(volume[z : z + k], fn, channels, tuple(patch), step=step, gaussian=gaussian,
-                                         mirror_tta=mirror_tta, batch_size=batch_size)
+            logits = predict_slab_logits(
+                volume[z : z + k],
+                fn,
+                channels,
+                tuple(patch),
+                step=step,
+                gaussian=gaussian,
+                mirror_tta=mirror_tta,
+                batch_size=batch_size,
+            )
             s = class_scores(logits, output_activation)
             scores = s if scores is None else scores + s
         probs[:, z : z + k] = np.moveaxis(scores / len(fns), -1, 0)
@@ -201,8 +224,9 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
 def _zoom_plane_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     if tuple(plane.shape) == tuple(shape):
         return plane
-    return ndimage.zoom(plane, [n / o for n, o in zip(shape, plane.shape)], output=np.float32, order=1, mode="nearest",
-                        grid_mode=True)
+    return ndimage.zoom(
+        plane, [n / o for n, o in zip(shape, plane.shape)], output=np.float32, order=1, mode="nearest", grid_mode=True
+    )
 
 
 def resample_linear_slab(volume: np.ndarray, shape: tuple[int, int, int], start: int, stop: int) -> np.ndarray:
@@ -215,15 +239,20 @@ def resample_linear_slab(volume: np.ndarray, shape: tuple[int, int, int], start:
     lo, hi, w = linear_weights(volume.shape[0], shape[0])
     lo, hi, w = lo[start:stop], hi[start:stop], w[start:stop, None, None]
     first = int(lo.min())
-    planes = np.stack([_zoom_plane_linear(np.asarray(volume[i], dtype=np.float32), shape[1:])
-                       for i in range(first, int(hi.max()) + 1)])
+    planes = np.stack(
+        [
+            _zoom_plane_linear(np.asarray(volume[i], dtype=np.float32), shape[1:])
+            for i in range(first, int(hi.max()) + 1)
+        ]
+    )
     out = planes[lo - first] * (1 - w)
     out += planes[hi - first] * w
     return out
 
 
-def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int], out: np.ndarray | None = None,
-                            slab: int = 16) -> np.ndarray:
+def probabilities_to_labels(
+    probs: np.ndarray, shape: tuple[int, int, int], out: np.ndarray | None = None, slab: int = 16
+) -> np.ndarray:
     """Resample each class's probability linearly to ``shape``; keep a running argmax (uint8).
 
     Works ``slab`` output slices at a time, one class after the other, so beyond the
@@ -251,8 +280,9 @@ def probabilities_to_labels(probs: np.ndarray, shape: tuple[int, int, int], out:
     return labels
 
 
-def predict_volume(image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn | Sequence[PredictFn],
-                   inference_cfg: dict) -> np.ndarray:
+def predict_volume(
+    image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn | Sequence[PredictFn], inference_cfg: dict
+) -> np.ndarray:
     """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
 
     ``plan`` is the model's plan (its inference.json, checked by
@@ -266,8 +296,14 @@ def predict_volume(image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn
     """
     volume, box = preprocess_image(image, spacing, plan["preprocessing"])
     probs = predict_probabilities(
-        volume, predict_fn, plan["num_classes"], tuple(plan["patch_size"]), step=inference_cfg["step"],
-        gaussian=inference_cfg["gaussian"], mirror_tta=inference_cfg["mirror_tta"], batch_size=inference_cfg["batch_size"],
+        volume,
+        predict_fn,
+        plan["num_classes"],
+        tuple(plan["patch_size"]),
+        step=inference_cfg["step"],
+        gaussian=inference_cfg["gaussian"],
+        mirror_tta=inference_cfg["mirror_tta"],
+        batch_size=inference_cfg["batch_size"],
         output_activation=plan["output_activation"],
     )
     del volume
@@ -283,8 +319,9 @@ def model_folders(model_dir: str | os.PathLike) -> list[Path]:
     if (model_dir / "model.keras").is_file():
         folders = [model_dir]
     else:
-        folders = sorted((p for p in model_dir.glob("fold_*") if (p / "model.keras").is_file()),
-                         key=lambda p: (len(p.name), p.name))
+        folders = sorted(
+            (p for p in model_dir.glob("fold_*") if (p / "model.keras").is_file()), key=lambda p: (len(p.name), p.name)
+        )
     if not folders:
         raise FileNotFoundError(f"{model_dir} is not a trained model folder (no model.keras, no fold_*/model.keras)")
     for folder in folders:
@@ -299,18 +336,21 @@ def _differing_keys(a: dict, b: dict) -> list[str]:
 
 
 def ensemble_plan(model_dirs: Sequence[str | os.PathLike], expected: dict | None = None) -> dict:
-    """The plan shared by all members of an ensemble (and equal to ``expected``, when given); a difference is an error."""
+    """The plan shared by all members of an ensemble (and equal to ``expected``, if given); a difference is an error."""
     plans = [read_plan(Path(d) / "inference.json") for d in model_dirs]
     reference, name = (expected, "the plan") if expected is not None else (plans[0], f"{model_dirs[0]}/inference.json")
     for d, other in zip(model_dirs, plans):
         if other != reference:
-            raise ValueError(f"{d}/inference.json differs from {name} in {_differing_keys(other, reference)}: "
-                             "the models cannot predict with it")
+            raise ValueError(
+                f"{d}/inference.json differs from {name} in {_differing_keys(other, reference)}: "
+                "the models cannot predict with it"
+            )
     return plans[0]
 
 
-def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike],
-                   plan: dict | None = None) -> tuple[list[PredictFn], dict]:
+def load_predictor(
+    model_dir: str | os.PathLike | Sequence[str | os.PathLike], plan: dict | None = None
+) -> tuple[list[PredictFn], dict]:
     """Forward functions of a trained model (one per fold of an ensemble) and their shared plan.
 
     ``model_dir`` is one model folder (holding model.keras and inference.json), a folder of
@@ -334,10 +374,16 @@ def load_predictor(model_dir: str | os.PathLike | Sequence[str | os.PathLike],
     return fns, shared
 
 
-def predict_case(case_id: str, image_path: str | os.PathLike, model_dir, out_path: str | os.PathLike,
-                 inference_cfg: dict, predictor: tuple[Sequence[PredictFn], dict] | None = None,
-                 postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
-                 plan: dict | None = None) -> np.ndarray:
+def predict_case(
+    case_id: str,
+    image_path: str | os.PathLike,
+    model_dir,
+    out_path: str | os.PathLike,
+    inference_cfg: dict,
+    predictor: tuple[Sequence[PredictFn], dict] | None = None,
+    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
+    plan: dict | None = None,
+) -> np.ndarray:
     """Segment one scan and write uint8 labels on its exact input grid.
 
     ``postprocess(labels, spacing)``, given internal-layout labels and their spacing, is

@@ -38,7 +38,9 @@ def soft_dice_per_class(onehot, probs, smooth: float = 1e-5):
 class DiceCELoss(keras.losses.Loss):
     """(1 - mean soft Dice) + sparse cross-entropy, both from logits."""
 
-    def __init__(self, num_classes: int = 3, include_background: bool = True, smooth: float = 1e-5, name="dice_ce", **kwargs):
+    def __init__(
+        self, num_classes: int = 3, include_background: bool = True, smooth: float = 1e-5, name="dice_ce", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.num_classes = num_classes
         self.include_background = include_background
@@ -54,8 +56,12 @@ class DiceCELoss(keras.losses.Loss):
         return (1.0 - ops.mean(dice)) + ce
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes,
-                "include_background": self.include_background, "smooth": self.smooth}
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "include_background": self.include_background,
+            "smooth": self.smooth,
+        }
 
 
 @keras.saving.register_keras_serializable(package="kidney_seg")
@@ -101,8 +107,14 @@ def hard_labels(logits, activation: str = "softmax"):
 class HardDice(keras.metrics.Metric):
     """Dice of one class of the hard prediction (:func:`hard_labels`), accumulated over an epoch."""
 
-    def __init__(self, class_id: int, class_name: str | None = None, name: str | None = None, activation: str = "softmax",
-                 **kwargs):
+    def __init__(
+        self,
+        class_id: int,
+        class_name: str | None = None,
+        name: str | None = None,
+        activation: str = "softmax",
+        **kwargs,
+    ):
         super().__init__(name=name or f"dice_{class_name or class_id}", **kwargs)
         if activation not in ACTIVATIONS:
             raise ValueError(f"unknown activation {activation!r}")
@@ -117,8 +129,10 @@ class HardDice(keras.metrics.Metric):
         if len(labels.shape) == len(y_pred.shape):
             labels = ops.squeeze(labels, axis=-1)
         truth = ops.cast(ops.equal(labels, self.class_id), "float32")
-        pred = ops.cast(ops.equal(ops.cast(hard_labels(ops.cast(y_pred, "float32"), self.activation), "int32"), self.class_id),
-                        "float32")
+        pred = ops.cast(
+            ops.equal(ops.cast(hard_labels(ops.cast(y_pred, "float32"), self.activation), "int32"), self.class_id),
+            "float32",
+        )
         self.intersection.assign_add(ops.sum(truth * pred))
         self.total.assign_add(ops.sum(truth) + ops.sum(pred))
 
@@ -130,5 +144,9 @@ class HardDice(keras.metrics.Metric):
         self.total.assign(0.0)
 
     def get_config(self):
-        return {**super().get_config(), "class_id": self.class_id, "class_name": self.class_name,
-                "activation": self.activation}
+        return {
+            **super().get_config(),
+            "class_id": self.class_id,
+            "class_name": self.class_name,
+            "activation": self.activation,
+        }

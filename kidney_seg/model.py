@@ -5,7 +5,8 @@ order is configurable). Each level has ``blocks_per_level`` blocks and f0 * 2^le
 filters; the encoder max-pools between levels, the decoder upsamples by 2 (bilinear as
 the paper says, or nearest as the authors' code did), concatenates the skip and applies
 the same blocks. A 1x1 convolution gives one logit per class (softmax output) or one per
-foreground class (the sigmoid counterpart); the activation lives in the loss. With f0=20, 6 levels and 2 blocks this has about 12.3M parameters.
+foreground class (the sigmoid counterpart); the activation lives in the loss. With f0=20,
+6 levels and 2 blocks this has about 12.3M parameters.
 """
 
 from __future__ import annotations
@@ -87,7 +88,11 @@ def build_unet(
             x = layers.MaxPooling2D(2, name=f"pool{level}")(x)
     for level in reversed(range(levels - 1)):
         filters = base_filters * 2**level
-        up = BilinearUpsample2x(name=f"up{level}") if upsampling == "bilinear" else layers.UpSampling2D(2, name=f"up{level}")
+        up = (
+            BilinearUpsample2x(name=f"up{level}")
+            if upsampling == "bilinear"
+            else layers.UpSampling2D(2, name=f"up{level}")
+        )
         x = up(x)
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
         for b in range(blocks_per_level):

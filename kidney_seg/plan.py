@@ -43,17 +43,19 @@ def plan_inputs(config: dict) -> dict:
 
 
 def make_plan(config: dict, fingerprint: dict | None) -> dict:
-    """The plan of a validated config (or its :func:`plan_inputs`) and the training-set fingerprint (None when not needed)."""
+    """Plan of a validated config (or its :func:`plan_inputs`) and the training-set fingerprint (None if not needed)."""
     labels = labels_of(config["dataset"]["source"])
     training = config["training"]
-    return check_plan({
-        "labels": list(labels),
-        "class_names": list(class_names(labels)),
-        "num_classes": len(labels),
-        "patch_size": list(training["patch_size"]),
-        "output_activation": training["output_activation"],
-        "preprocessing": resolve_preprocessing(config["preprocessing"], fingerprint),
-    })
+    return check_plan(
+        {
+            "labels": list(labels),
+            "class_names": list(class_names(labels)),
+            "num_classes": len(labels),
+            "patch_size": list(training["patch_size"]),
+            "output_activation": training["output_activation"],
+            "preprocessing": resolve_preprocessing(config["preprocessing"], fingerprint),
+        }
+    )
 
 
 def check_plan(plan: dict, where: str = "plan") -> dict:
@@ -68,8 +70,10 @@ def check_plan(plan: dict, where: str = "plan") -> dict:
     if labels != list(range(len(labels))) or len(labels) < 2:
         raise ValueError(f"{where}: labels must be 0, 1, ..., n-1 with n >= 2, got {plan['labels']}")
     if plan["num_classes"] != len(labels) or list(plan["class_names"]) != list(class_names(tuple(labels))):
-        raise ValueError(f"{where}: num_classes {plan['num_classes']} and class_names {plan['class_names']} "
-                         f"do not match labels {labels}")
+        raise ValueError(
+            f"{where}: num_classes {plan['num_classes']} and class_names {plan['class_names']} "
+            f"do not match labels {labels}"
+        )
     if plan["output_activation"] not in OUTPUT_ACTIVATIONS:
         raise ValueError(f"{where}: unknown output_activation {plan['output_activation']!r}")
     patch = plan["patch_size"]
@@ -100,7 +104,9 @@ def plan_digest(plan: dict) -> str:
 def build_plan(config: dict, fingerprint_path: str | os.PathLike | None, out_path: str | os.PathLike) -> dict:
     """Make the plan of a config (reading the fingerprint file when the config needs one) and write it."""
     if needs_fingerprint(config["preprocessing"]) and fingerprint_path is None:
-        raise ValueError("the preprocessing config needs the training-set fingerprint (fingerprint.json), but none was given")
+        raise ValueError(
+            "the preprocessing config needs the training-set fingerprint (fingerprint.json), but none was given"
+        )
     fingerprint = read_json(fingerprint_path) if fingerprint_path is not None else None
     plan = make_plan(config, fingerprint)
     write_plan(plan, out_path)

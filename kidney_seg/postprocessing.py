@@ -34,14 +34,14 @@ import itertools
 import json
 import math
 import os
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.evaluation import dice, voxel_volume_ml
 from kidney_seg.atomic import write_json_atomic
+from kidney_seg.evaluation import dice, voxel_volume_ml
 from kidney_seg.vocabulary import KIDNEY, KITS19_LABELS, TUMOR
 from kidney_seg.volume import from_internal, read_label, save_like
 
@@ -120,9 +120,7 @@ def _components(mask: np.ndarray, spacing) -> tuple[np.ndarray, np.ndarray]:
     return comp, counts.astype(np.float64) * voxel_volume_ml(spacing)
 
 
-def keep_main_components(
-    labels: np.ndarray, spacing, keep_largest: int = 2, min_size_ml: float = 0.0
-) -> np.ndarray:
+def keep_main_components(labels: np.ndarray, spacing, keep_largest: int = 2, min_size_ml: float = 0.0) -> np.ndarray:
     """The ``keep_largest`` largest foreground components (none under ``min_size_ml`` but the largest); rest 0."""
     if keep_largest < 1:
         raise ValueError(f"keep_largest must be >= 1, got {keep_largest}")
@@ -199,7 +197,9 @@ def _region_dice(pred: np.ndarray, truth: np.ndarray) -> dict[str, float]:
     return {"tk": dice(pred > 0, truth > 0), "tu": dice(pred == TUMOR, truth == TUMOR)}
 
 
-def case_scores(pred: np.ndarray, truth: np.ndarray, spacing, settings: dict) -> dict[tuple[str, ...], dict[str, float]]:
+def case_scores(
+    pred: np.ndarray, truth: np.ndarray, spacing, settings: dict
+) -> dict[tuple[str, ...], dict[str, float]]:
     """TK/TU Dice of one case for every subset of ``STEPS`` (keyed by the subset in ``STEPS`` order)."""
     pred, truth = np.asarray(pred), np.asarray(truth)
     if pred.shape != truth.shape:

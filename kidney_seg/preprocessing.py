@@ -47,8 +47,8 @@ import numpy as np
 from scipy import ndimage
 
 from kidney_seg.atomic import save_npy_atomic, write_json_atomic
-from kidney_seg.volume import CHUNK_BYTES, chunk_axis, chunks, read_image, read_label, take
 from kidney_seg.vocabulary import ALL_LABELS
+from kidney_seg.volume import CHUNK_BYTES, chunk_axis, chunks, read_image, read_label, take
 
 log = logging.getLogger(__name__)
 
@@ -72,10 +72,14 @@ def needs_fingerprint(preprocessing_cfg: dict) -> bool:
 
 def _fingerprint_value(fingerprint: dict | None, key: str, why: str) -> float:
     if fingerprint is None:
-        raise ValueError(f"preprocessing: {why} needs the training-set fingerprint (compute_fingerprint, "
-                         "results_dir/fingerprint.json), but none was given")
+        raise ValueError(
+            f"preprocessing: {why} needs the training-set fingerprint (compute_fingerprint, "
+            "results_dir/fingerprint.json), but none was given"
+        )
     if key not in fingerprint:
-        raise ValueError(f"preprocessing: {why} needs {key!r}, which the fingerprint lacks (keys: {sorted(fingerprint)})")
+        raise ValueError(
+            f"preprocessing: {why} needs {key!r}, which the fingerprint lacks (keys: {sorted(fingerprint)})"
+        )
     value = float(fingerprint[key])
     if not math.isfinite(value):
         raise ValueError(f"preprocessing: fingerprint {key!r} is {value}")
@@ -120,8 +124,10 @@ def resolve_preprocessing(preprocessing_cfg: dict, fingerprint: dict | None) -> 
         raise ValueError(f"preprocessing: unknown normalization {normalization!r} (expected one of {NORMALIZATIONS})")
     clip = cfg["clip"]
     if clip == "auto":
-        clip = [_fingerprint_value(fingerprint, "percentile_00_5", "clip 'auto'"),
-                _fingerprint_value(fingerprint, "percentile_99_5", "clip 'auto'")]
+        clip = [
+            _fingerprint_value(fingerprint, "percentile_00_5", "clip 'auto'"),
+            _fingerprint_value(fingerprint, "percentile_99_5", "clip 'auto'"),
+        ]
     mean = std = None
     if normalization == "dataset":
         mean = _fingerprint_value(fingerprint, "mean", "normalization 'dataset'")
@@ -142,7 +148,7 @@ def resolve_preprocessing(preprocessing_cfg: dict, fingerprint: dict | None) -> 
 
 
 def check_settings(settings: dict) -> dict:
-    """Validate resolved preprocessing settings (a plan's ``preprocessing``, read back from a file); return them normalised.
+    """Check resolved preprocessing settings (a plan's ``preprocessing``, as read from a file); return them normalised.
 
     Called by :func:`kidney_seg.plan.check_plan`, the one place a plan is checked.
     """
@@ -154,12 +160,22 @@ def check_settings(settings: dict) -> dict:
     if normalization not in NORMALIZATIONS:
         raise ValueError(f"preprocessing settings: unknown normalization {normalization!r}")
     if settings["clip"] == "auto":
-        raise ValueError("preprocessing settings: clip 'auto' is unresolved; pass the settings through resolve_preprocessing first")
+        raise ValueError(
+            "preprocessing settings: clip 'auto' is unresolved; pass the settings through resolve_preprocessing first"
+        )
     if not isinstance(settings["crop_to_body"], bool):
-        raise ValueError(f"preprocessing settings: crop_to_body must be true or false, got {settings['crop_to_body']!r}")
+        raise ValueError(
+            f"preprocessing settings: crop_to_body must be true or false, got {settings['crop_to_body']!r}"
+        )
     if normalization == "dataset" and (settings["mean"] is None or settings["std"] is None):
-        raise ValueError("preprocessing settings: normalization 'dataset' needs 'mean' and 'std' (from the training fingerprint)")
-    return {**settings, "target_spacing": _check_spacing(settings["target_spacing"]), "clip": _check_window(settings["clip"])}
+        raise ValueError(
+            "preprocessing settings: normalization 'dataset' needs 'mean' and 'std' (from the training fingerprint)"
+        )
+    return {
+        **settings,
+        "target_spacing": _check_spacing(settings["target_spacing"]),
+        "clip": _check_window(settings["clip"]),
+    }
 
 
 # --------------------------------------------------------------------------- fingerprint
@@ -170,8 +186,9 @@ def _foreground_values(image: np.ndarray, label: np.ndarray) -> np.ndarray:
     return np.asarray(image[label > 0], dtype=np.float32)
 
 
-def compute_fingerprint(cases: list[tuple[str, str, str]], out_json: str | os.PathLike, seed: int = 0,
-                        samples_per_case: int = 10000) -> dict:
+def compute_fingerprint(
+    cases: list[tuple[str, str, str]], out_json: str | os.PathLike, seed: int = 0, samples_per_case: int = 10000
+) -> dict:
     """nnU-Net's CT intensity statistics over the foreground of the given (training) cases.
 
     For each (case_id, image_path, label_path), one case at a time: the intensities of
@@ -226,8 +243,15 @@ def compute_fingerprint(cases: list[tuple[str, str, str]], out_json: str | os.Pa
         "cases": ids,
     }
     write_json_atomic(out_json, fingerprint)
-    log.info("fingerprint of %d cases (%d samples): clip [%.2f, %.2f], mean %.2f, std %.2f",
-             len(ids), pooled.size, low, high, fingerprint["mean"], fingerprint["std"])
+    log.info(
+        "fingerprint of %d cases (%d samples): clip [%.2f, %.2f], mean %.2f, std %.2f",
+        len(ids),
+        pooled.size,
+        low,
+        high,
+        fingerprint["mean"],
+        fingerprint["std"],
+    )
     return fingerprint
 
 
@@ -300,8 +324,9 @@ def _foreground_projection(image: np.ndarray, threshold: float) -> np.ndarray:
     return count
 
 
-def body_box(image: np.ndarray, threshold: float = BODY_HU, margin: int = BODY_MARGIN,
-             min_fraction: float = 0.02) -> Box:
+def body_box(
+    image: np.ndarray, threshold: float = BODY_HU, margin: int = BODY_MARGIN, min_fraction: float = 0.02
+) -> Box:
     """Bounding box of the body: the voxels above ``threshold`` HU (-500), cheaply.
 
     The mask is projected along the slice axis: a (rows, cols) map counting in how many
@@ -326,9 +351,11 @@ def body_box(image: np.ndarray, threshold: float = BODY_HU, margin: int = BODY_M
     labels, n = ndimage.label(keep, structure=np.ones((3, 3), dtype=bool))
     mass = ndimage.sum_labels(count, labels, index=np.arange(1, n + 1))
     rows, cols = ndimage.find_objects(labels)[int(np.argmax(mass))]
-    return (slice(0, int(image.shape[0])),
-            slice(max(rows.start - margin, 0), min(rows.stop + margin, image.shape[1])),
-            slice(max(cols.start - margin, 0), min(cols.stop + margin, image.shape[2])))
+    return (
+        slice(0, int(image.shape[0])),
+        slice(max(rows.start - margin, 0), min(rows.stop + margin, image.shape[1])),
+        slice(max(cols.start - margin, 0), min(cols.stop + margin, image.shape[2])),
+    )
 
 
 def box_to_list(box: Box) -> list[list[int]]:
@@ -375,8 +402,15 @@ def _zoom2d(plane: np.ndarray, shape: tuple[int, int], order: int, out: np.ndarr
         out[...] = plane
         return out
     factors = [n / o for n, o in zip(shape, plane.shape)]
-    return ndimage.zoom(plane, factors, output=out if out is not None else np.float32, order=order, mode="nearest",
-                        grid_mode=True, prefilter=order > 1)
+    return ndimage.zoom(
+        plane,
+        factors,
+        output=out if out is not None else np.float32,
+        order=order,
+        mode="nearest",
+        grid_mode=True,
+        prefilter=order > 1,
+    )
 
 
 def _gather_slices(volume: np.ndarray, indices: np.ndarray, dtype=np.float32) -> np.ndarray:
@@ -511,6 +545,13 @@ def preprocess_case(
         "slices": slice_index(seg, num_classes),
     }
     write_json_atomic(out / "meta.json", meta)
-    log.info("%s: %s at %s mm, crop %s -> %s at %s mm", case_id, geometry.internal_shape, geometry.spacing,
-             meta["crop_box"], data.shape, settings["target_spacing"])
+    log.info(
+        "%s: %s at %s mm, crop %s -> %s at %s mm",
+        case_id,
+        geometry.internal_shape,
+        geometry.spacing,
+        meta["crop_box"],
+        data.shape,
+        settings["target_spacing"],
+    )
     return meta

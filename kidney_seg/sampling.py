@@ -11,12 +11,12 @@ import json
 import multiprocessing as mp
 import sys
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures import TimeoutError as FuturesTimeout
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from batchgenerators.transforms.abstract_transforms import Compose
@@ -45,8 +45,13 @@ def load_case(case_dir: str | Path) -> CaseSlices:
     if image.shape != label.shape:
         raise ValueError(f"{case_dir}: image {image.shape} and label {label.shape} differ")
     slices = meta["slices"]
-    return CaseSlices(meta["case_id"], image, label, np.asarray(slices["foreground"], dtype=np.int64),
-                      np.asarray(slices.get(f"class_{TUMOR}", []), dtype=np.int64))
+    return CaseSlices(
+        meta["case_id"],
+        image,
+        label,
+        np.asarray(slices["foreground"], dtype=np.int64),
+        np.asarray(slices.get(f"class_{TUMOR}", []), dtype=np.int64),
+    )
 
 
 def _pairs(cases: list[CaseSlices], attr: str) -> np.ndarray:
@@ -65,7 +70,9 @@ def choose_slices(rng: np.random.Generator, tables, batch_size: int, n_fg: int, 
     every, fg, tumor = tables
     n_fg = n_fg if len(fg) else 0
     n_tumor = min(n_tumor, n_fg) if len(tumor) else 0
-    picks = [tumor[rng.integers(len(tumor), size=n_tumor)], fg[rng.integers(len(fg), size=n_fg - n_tumor)]] if n_fg else []
+    picks = (
+        [tumor[rng.integers(len(tumor), size=n_tumor)], fg[rng.integers(len(fg), size=n_fg - n_tumor)]] if n_fg else []
+    )
     picks.append(every[rng.integers(len(every), size=batch_size - n_fg)])
     return np.concatenate(picks)
 
@@ -73,15 +80,26 @@ def choose_slices(rng: np.random.Generator, tables, batch_size: int, n_fg: int, 
 def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> Compose:
     """The paper's augmentation: random crop, rare scaling, mirroring of both axes."""
     patch = tuple(int(p) for p in patch_size)
-    return Compose([
-        SpatialTransform(
-            patch, patch_center_dist_from_border=[p // 2 for p in patch], do_elastic_deform=False,
-            do_rotation=False, do_scale=p_scale > 0, scale=tuple(scale_range), border_mode_data="nearest",
-            order_data=3, border_mode_seg="constant", border_cval_seg=0, order_seg=0, random_crop=True,
-            p_scale_per_sample=p_scale,
-        ),
-        MirrorTransform(axes=(0, 1), p_per_sample=p_mirror),
-    ])
+    return Compose(
+        [
+            SpatialTransform(
+                patch,
+                patch_center_dist_from_border=[p // 2 for p in patch],
+                do_elastic_deform=False,
+                do_rotation=False,
+                do_scale=p_scale > 0,
+                scale=tuple(scale_range),
+                border_mode_data="nearest",
+                order_data=3,
+                border_mode_seg="constant",
+                border_cval_seg=0,
+                order_seg=0,
+                random_crop=True,
+                p_scale_per_sample=p_scale,
+            ),
+            MirrorTransform(axes=(0, 1), p_per_sample=p_mirror),
+        ]
+    )
 
 
 def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -91,14 +109,16 @@ def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int)
     return out["data"][0, 0], np.rint(out["seg"][0, 0]).astype(np.uint8)
 
 
-def make_batch(k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int,
-               n_tumor: int = 0):
+def make_batch(
+    k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int, n_tumor: int = 0
+):
     """Batch number ``k``: images (B, H, W, 1) float32 and labels (B, H, W) uint8."""
     rng = np.random.default_rng([seed, k])
     picks = choose_slices(rng, tables, batch_size, n_fg, n_tumor)
     seeds = rng.integers(0, 2**31, size=len(picks))
-    images, labels = zip(*(augment(transform, cases[c].image[s], cases[c].label[s], int(sd))
-                           for (c, s), sd in zip(picks, seeds)))
+    images, labels = zip(
+        *(augment(transform, cases[c].image[s], cases[c].label[s], int(sd)) for (c, s), sd in zip(picks, seeds))
+    )
     return np.stack(images)[..., None], np.stack(labels)
 
 
@@ -132,8 +152,12 @@ _WORKER: dict = {}
 def _worker_init(spec: StreamSpec) -> None:
     """Open the memory-mapped cases and build the transform once per worker process."""
     cases = [load_case(d) for d in spec.case_dirs]
-    _WORKER.update(spec=spec, cases=cases, tables=slice_table(cases),
-                   transform=make_transform(spec.patch_size, spec.scale_range, spec.p_scale, spec.p_mirror))
+    _WORKER.update(
+        spec=spec,
+        cases=cases,
+        tables=slice_table(cases),
+        transform=make_transform(spec.patch_size, spec.scale_range, spec.p_scale, spec.p_mirror),
+    )
 
 
 def _worker_batch(k: int):
@@ -174,13 +198,17 @@ class BatchLoader:
         self.pool = None
         self.closed = False
 
-    def __enter__(self) -> "BatchLoader":
+    def __enter__(self) -> BatchLoader:
         if self.num_workers > 0:
             with _main_script_hidden():
                 # an executor, not multiprocessing.Pool: a worker that dies raises BrokenProcessPool instead of
                 # hanging, and shutting down cannot deadlock on the pool's task-queue lock
-                self.pool = ProcessPoolExecutor(self.num_workers, mp_context=mp.get_context("spawn"),
-                                                initializer=_worker_init, initargs=(self.spec,))
+                self.pool = ProcessPoolExecutor(
+                    self.num_workers,
+                    mp_context=mp.get_context("spawn"),
+                    initializer=_worker_init,
+                    initargs=(self.spec,),
+                )
                 # workers start on demand: start them all now, while the main script is hidden
                 for ready in [self.pool.submit(_worker_ready) for _ in range(self.num_workers)]:
                     ready.result()
@@ -200,9 +228,12 @@ class BatchLoader:
         """Endless batches in order; ends quietly once the loader is closed."""
         if self.num_workers == 0:
             cases = [load_case(d) for d in self.spec.case_dirs]
-            transform = make_transform(self.spec.patch_size, self.spec.scale_range, self.spec.p_scale, self.spec.p_mirror)
-            yield from batch_stream(cases, transform, self.spec.batch_size, self.spec.n_fg, self.spec.seed, self.start,
-                                    self.spec.n_tumor)
+            transform = make_transform(
+                self.spec.patch_size, self.spec.scale_range, self.spec.p_scale, self.spec.p_mirror
+            )
+            yield from batch_stream(
+                cases, transform, self.spec.batch_size, self.spec.n_fg, self.spec.seed, self.start, self.spec.n_tumor
+            )
             return
         pending, k = deque(), self.start
         while not self.closed:

@@ -20,16 +20,27 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterator
+from typing import TYPE_CHECKING
 
 import pandas as pd
 
 from kidney_seg.atomic import atomic_path, write_json_atomic
-from kidney_seg.checkpoint import (STATE_FILES, best_so_far, checkpoint_epoch, discard_checkpoints, make_checkpointer,
-                                   read_history, remove_partial_files, replay_plateau, reset_stale_state, resume_key,
-                                   write_history)
+from kidney_seg.checkpoint import (
+    STATE_FILES,
+    best_so_far,
+    checkpoint_epoch,
+    discard_checkpoints,
+    make_checkpointer,
+    read_history,
+    remove_partial_files,
+    replay_plateau,
+    reset_stale_state,
+    resume_key,
+    write_history,
+)
 from kidney_seg.curves import write_curves
 from kidney_seg.plan import check_training_agrees
 from kidney_seg.vocabulary import class_names
@@ -125,8 +136,13 @@ def make_lr_schedule(train_cfg: dict, history: pd.DataFrame):
             super().on_train_begin(logs)
             replay_plateau(self, history, train_cfg["learning_rate"])
 
-    return ResumableReduceLROnPlateau(monitor="val_loss", factor=train_cfg["lr_factor"], patience=train_cfg["lr_patience"],
-                                      min_delta=train_cfg["lr_min_delta"], min_lr=train_cfg["min_lr"])
+    return ResumableReduceLROnPlateau(
+        monitor="val_loss",
+        factor=train_cfg["lr_factor"],
+        patience=train_cfg["lr_patience"],
+        min_delta=train_cfg["lr_min_delta"],
+        min_lr=train_cfg["min_lr"],
+    )
 
 
 def compile_model(model, num_classes: int, train_cfg: dict) -> None:
@@ -229,21 +245,37 @@ def train(
     history = read_history(state_dir / "history.csv")
     strategy = make_strategy(train_cfg["distribute"])
     if strategy is not None:
-        log.info("distribute: %s with num_replicas_in_sync == %d (global batch %d)", type(strategy).__name__,
-                 strategy.num_replicas_in_sync, train_cfg["batch_size"])
+        log.info(
+            "distribute: %s with num_replicas_in_sync == %d (global batch %d)",
+            type(strategy).__name__,
+            strategy.num_replicas_in_sync,
+            train_cfg["batch_size"],
+        )
     with precision_policy(train_cfg["mixed_precision"]):
         with strategy_scope(strategy):
             model, history, initial_epoch = restore_or_build(state_dir, model_cfg, train_cfg, num_classes, history)
         if initial_epoch < train_cfg["epochs"]:
-            fit(model, train_cases, val_cases, train_cfg, seed, initial_epoch, state_dir, history,
-                [str(d) for d in train_dirs])
+            fit(
+                model,
+                train_cases,
+                val_cases,
+                train_cfg,
+                seed,
+                initial_epoch,
+                state_dir,
+                history,
+                [str(d) for d in train_dirs],
+            )
         else:
             log.info("training already complete (%d epochs)", initial_epoch)
     return publish(state_dir, model_dir, plan)
 
 
 def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
-    """Copy the best model, the history, the plan (inference.json) and where it was trained (environment.json) to the declared outputs, atomically."""
+    """Copy the best model, history, plan (inference.json) and environment to the declared outputs, atomically.
+
+    The environment (environment.json) records where the model was trained.
+    """
     from kidney_seg.environment import write_environment
 
     with atomic_path(model_dir / "model.keras") as tmp:
@@ -256,28 +288,63 @@ def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
     return history
 
 
-def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> "StreamSpec":
+def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> StreamSpec:
     """The picklable description of the training batch stream."""
     from kidney_seg.sampling import StreamSpec
 
-    return StreamSpec(tuple(train_dirs), tuple(train_cfg["patch_size"]), tuple(train_cfg["scale_range"]), train_cfg["p_scale"],
-                      train_cfg["p_mirror"], train_cfg["batch_size"], train_cfg["foreground_per_batch"], seed,
-                      train_cfg["tumor_per_batch"])
+    return StreamSpec(
+        tuple(train_dirs),
+        tuple(train_cfg["patch_size"]),
+        tuple(train_cfg["scale_range"]),
+        train_cfg["p_scale"],
+        train_cfg["p_mirror"],
+        train_cfg["batch_size"],
+        train_cfg["foreground_per_batch"],
+        seed,
+        train_cfg["tumor_per_batch"],
+    )
 
 
-def fit(model, train_cases, val_cases, train_cfg: dict, seed: int, initial_epoch: int, state_dir: Path, history,
-        train_dirs: list[str]) -> None:
+def fit(
+    model,
+    train_cases,
+    val_cases,
+    train_cfg: dict,
+    seed: int,
+    initial_epoch: int,
+    state_dir: Path,
+    history,
+    train_dirs: list[str],
+) -> None:
     """Run model.fit from ``initial_epoch`` with the paper's callbacks; batches come from background workers."""
     from kidney_seg.sampling import BatchLoader, validation_set
 
     x_val, y_val = validation_set(val_cases, train_cfg["val_slices"], train_cfg["patch_size"], seed)
-    log.info("%d train cases, %d val cases, %d val slices; epochs %d-%d x %d steps",
-             len(train_cases), len(val_cases), len(x_val), initial_epoch + 1, train_cfg["epochs"], train_cfg["steps_per_epoch"])
+    log.info(
+        "%d train cases, %d val cases, %d val slices; epochs %d-%d x %d steps",
+        len(train_cases),
+        len(val_cases),
+        len(x_val),
+        initial_epoch + 1,
+        train_cfg["epochs"],
+        train_cfg["steps_per_epoch"],
+    )
     # the checkpoint comes last: it holds the learning rate as ReduceLROnPlateau left it after the epoch
     callbacks = [make_lr_schedule(train_cfg, history), make_checkpointer(state_dir, history)]
-    loader = BatchLoader(stream_spec(train_dirs, train_cfg, seed), start=initial_epoch * train_cfg["steps_per_epoch"],
-                         num_workers=train_cfg["num_workers"])
+    loader = BatchLoader(
+        stream_spec(train_dirs, train_cfg, seed),
+        start=initial_epoch * train_cfg["steps_per_epoch"],
+        num_workers=train_cfg["num_workers"],
+    )
     with loader:  # try/finally: the worker pool is shut down however fit ends
-        model.fit(loader.batches(), steps_per_epoch=train_cfg["steps_per_epoch"], epochs=train_cfg["epochs"],
-                  initial_epoch=initial_epoch, shuffle=False, validation_data=(x_val, y_val),
-                  validation_batch_size=train_cfg["batch_size"], callbacks=callbacks, verbose=2)
+        model.fit(
+            loader.batches(),
+            steps_per_epoch=train_cfg["steps_per_epoch"],
+            epochs=train_cfg["epochs"],
+            initial_epoch=initial_epoch,
+            shuffle=False,
+            validation_data=(x_val, y_val),
+            validation_batch_size=train_cfg["batch_size"],
+            callbacks=callbacks,
+            verbose=2,
+        )

@@ -26,9 +26,9 @@ import gzip
 import math
 import os
 import zlib
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from collections.abc import Iterator, Sequence
 
 import nibabel as nib
 import numpy as np
@@ -61,7 +61,7 @@ class Geometry:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict) -> "Geometry":
+    def from_dict(cls, d: dict) -> Geometry:
         """Inverse of :meth:`to_dict`."""
         return cls(
             shape=tuple(int(v) for v in d["shape"]),
@@ -208,8 +208,9 @@ def _gzip_problem(path: Path) -> str | None:
 def check_extent(shape: tuple[int, ...], case_id: str | None, path: object) -> None:
     """Refuse an empty or single-slice volume (nothing to resample or segment), naming the case and file."""
     if min(shape) < 2:
-        raise CaseDataError(case_id, path,
-                            f"volume of shape {tuple(shape)} is empty or a single slice; need >= 2 voxels per axis")
+        raise CaseDataError(
+            case_id, path, f"volume of shape {tuple(shape)} is empty or a single slice; need >= 2 voxels per axis"
+        )
 
 
 def _check_data_header(img: nib.Nifti1Image, path: Path, case_id: str | None) -> None:
@@ -230,8 +231,12 @@ def _check_data_header(img: nib.Nifti1Image, path: Path, case_id: str | None) ->
     if needed > size * (MAX_DEFLATE_RATIO if compressed else 1):
         most = size * MAX_DEFLATE_RATIO
         what = f"a {size}-byte gzip file holds at most {most}" if compressed else f"the file has {size}"
-        raise CaseDataError(case_id, path, f"header shape {img.shape} of {dtype} at offset {offset} needs {needed} "
-                                           f"bytes, but {what}: truncated file or wrong header")
+        raise CaseDataError(
+            case_id,
+            path,
+            f"header shape {img.shape} of {dtype} at offset {offset} needs {needed} "
+            f"bytes, but {what}: truncated file or wrong header",
+        )
 
 
 def _read_gzip(path: Path, proxy, case_id: str | None) -> np.ndarray:

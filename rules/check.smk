@@ -17,15 +17,15 @@ rule check_case:
         code=code_of("check_case"),
     output:
         f"{RESULTS}/checks/{{case}}.json",
-    params:
-        labels=LABELS,
-        on_bad_case=config["dataset"]["on_bad_case"],
     log:
         f"{RESULTS}/logs/check_case/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/check_case/{{case}}.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        labels=LABELS,
+        on_bad_case=config["dataset"]["on_bad_case"],
     script:
         "../workflow_scripts/check_case.py"
 

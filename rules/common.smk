@@ -37,7 +37,10 @@ VALIDATION = sorted(HELD_OUT_BY) if config["postprocessing"]["enabled"] else []
 PLAN = f"{RESULTS}/{PLAN_NAME}"
 PLAN_INPUTS = plan_inputs(config)
 # What fetching a case depends on (not the case selection, so choosing more cases reruns nothing).
-DOWNLOAD_SETTINGS = {k: config["dataset"].get(k) for k in ("source", "root", "phantom", "manifest", "kits_imaging_url", "kits_labels_url")}
+DOWNLOAD_SETTINGS = {
+    k: config["dataset"].get(k)
+    for k in ("source", "root", "phantom", "manifest", "kits_imaging_url", "kits_labels_url")
+}
 
 
 wildcard_constraints:

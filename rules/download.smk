@@ -11,13 +11,10 @@ GENERATOR_CODE = code_of("download") if DOWNLOAD_SETTINGS["source"] == "phantom"
 if DOWNLOAD_SETTINGS["source"] != "local":
 
     rule download_image:
-        output:
-            f"{RAW}/{{case}}/imaging.nii.gz",
         input:
             code=GENERATOR_CODE,
-        params:
-            dataset=DOWNLOAD_SETTINGS,
-            seed=config["seed"],
+        output:
+            f"{RAW}/{{case}}/imaging.nii.gz",
         log:
             f"{RESULTS}/logs/download_image/{{case}}.log",
         benchmark:
@@ -26,18 +23,18 @@ if DOWNLOAD_SETTINGS["source"] != "local":
             "../envs/core.yaml"
         resources:
             downloads=1,
+        params:
+            dataset=DOWNLOAD_SETTINGS,
+            seed=config["seed"],
         script:
             "../workflow_scripts/download.py"
 
     rule download_label:
-        output:
-            f"{RAW}/{{case}}/segmentation.nii.gz",
         input:
             image=raw_image,
             code=GENERATOR_CODE,
-        params:
-            dataset=DOWNLOAD_SETTINGS,
-            seed=config["seed"],
+        output:
+            f"{RAW}/{{case}}/segmentation.nii.gz",
         log:
             f"{RESULTS}/logs/download_label/{{case}}.log",
         benchmark:
@@ -46,5 +43,8 @@ if DOWNLOAD_SETTINGS["source"] != "local":
             "../envs/core.yaml"
         resources:
             downloads=1,
+        params:
+            dataset=DOWNLOAD_SETTINGS,
+            seed=config["seed"],
         script:
             "../workflow_scripts/download.py"

@@ -6,15 +6,15 @@ rule evaluate_case:
         code=code_of("evaluate_case"),
     output:
         f"{RESULTS}/metrics/cases/{{case}}.json",
-    params:
-        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
-        labels=LABELS,
     log:
         f"{RESULTS}/logs/evaluate_case/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/evaluate_case/{{case}}.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
+        labels=LABELS,
     script:
         "../workflow_scripts/evaluate_case.py"
 
@@ -24,10 +24,18 @@ rule evaluate:
         cases=test_metrics,
         code=code_of("evaluate"),
     output:
-        per_case=report(f"{RESULTS}/metrics/per_case.csv", caption="../report/per_case.rst", category="Metrics",
-                        labels={"table": "per case"}),
-        summary=report(f"{RESULTS}/metrics/summary.csv", caption="../report/summary.rst", category="Metrics",
-                       labels={"table": "summary"}),
+        per_case=report(
+            f"{RESULTS}/metrics/per_case.csv",
+            caption="../report/per_case.rst",
+            category="Metrics",
+            labels={"table": "per case"},
+        ),
+        summary=report(
+            f"{RESULTS}/metrics/summary.csv",
+            caption="../report/summary.rst",
+            category="Metrics",
+            labels={"table": "summary"},
+        ),
     log:
         f"{RESULTS}/logs/evaluate.log",
     benchmark:

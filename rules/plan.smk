@@ -7,13 +7,13 @@ rule plan:
         code=code_of("plan"),
     output:
         PLAN,
-    params:
-        config=PLAN_INPUTS,
     log:
         f"{RESULTS}/logs/plan.log",
     benchmark:
         f"{RESULTS}/benchmarks/plan.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        config=PLAN_INPUTS,
     script:
         "../workflow_scripts/plan.py"

@@ -5,15 +5,15 @@ rule decide_postprocessing:
         code=code_of("decide_postprocessing"),
     output:
         f"{RESULTS}/model/postprocessing.json",
-    params:
-        settings=config["postprocessing"],
-        labels=LABELS,
     log:
         f"{RESULTS}/logs/decide_postprocessing.log",
     benchmark:
         f"{RESULTS}/benchmarks/decide_postprocessing.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        settings=config["postprocessing"],
+        labels=LABELS,
     script:
         "../workflow_scripts/decide_postprocessing.py"
 
@@ -27,15 +27,15 @@ rule postprocess:
         code=code_of("postprocess"),
     output:
         f"{RESULTS}/predictions/{{case}}.json",
-    params:
-        raw_prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
-        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
-        labels=LABELS,
     log:
         f"{RESULTS}/logs/postprocess/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/postprocess/{{case}}.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        raw_prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
+        labels=LABELS,
     script:
         "../workflow_scripts/postprocess.py"

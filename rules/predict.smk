@@ -9,19 +9,19 @@ rule predict:
         code=code_of("predict"),
     output:
         f"{RESULTS}/raw_predictions/{{case}}.json",
-    params:
-        prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
-        inference=config["inference"],
-        seed=config["seed"],
-        deterministic=config["deterministic"],
-    threads: 2
-    resources:
-        gpu=1,
     log:
         f"{RESULTS}/logs/predict/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/predict/{{case}}.tsv"
     conda:
         "../envs/gpu.yaml"
+    threads: 2
+    resources:
+        gpu=1,
+    params:
+        prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        inference=config["inference"],
+        seed=config["seed"],
+        deterministic=config["deterministic"],
     script:
         "../workflow_scripts/predict.py"

@@ -6,15 +6,15 @@ rule fingerprint:
         code=code_of("fingerprint"),
     output:
         f"{RESULTS}/fingerprint.json",
-    params:
-        cases=TRAIN,
-        seed=config["seed"],
     log:
         f"{RESULTS}/logs/fingerprint.log",
     benchmark:
         f"{RESULTS}/benchmarks/fingerprint.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        cases=TRAIN,
+        seed=config["seed"],
     script:
         "../workflow_scripts/fingerprint.py"
 
@@ -30,14 +30,14 @@ rule preprocess:
         code=code_of("preprocess"),
     output:
         meta=f"{RESULTS}/preprocessed/{{case}}/meta.json",
-    params:
-        image=f"{RESULTS}/preprocessed/{{case}}/image.npy",
-        label=f"{RESULTS}/preprocessed/{{case}}/label.npy",
     log:
         f"{RESULTS}/logs/preprocess/{{case}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/preprocess/{{case}}.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        image=f"{RESULTS}/preprocessed/{{case}}/image.npy",
+        label=f"{RESULTS}/preprocessed/{{case}}/label.npy",
     script:
         "../workflow_scripts/preprocess.py"

@@ -13,6 +13,12 @@ rule report:
         code=code_of("report"),
     output:
         report(f"{RESULTS}/report.html", caption="../report/report.rst", category="Report"),
+    log:
+        f"{RESULTS}/logs/report.log",
+    benchmark:
+        f"{RESULTS}/benchmarks/report.tsv"
+    conda:
+        "../envs/core.yaml"
     params:
         config=config,
         cases=TEST,
@@ -20,11 +26,5 @@ rule report:
         benchmark_dir=f"{RESULTS}/benchmarks",
         # the workflow's folder, for its git commit (a function: a plain path trips the linter's prefix check)
         workflow_dir=lambda wildcards: workflow.basedir,
-    log:
-        f"{RESULTS}/logs/report.log",
-    benchmark:
-        f"{RESULTS}/benchmarks/report.tsv"
-    conda:
-        "../envs/core.yaml"
     script:
         "../workflow_scripts/report.py"

@@ -4,13 +4,13 @@ rule split:
         code=code_of("split"),
     output:
         f"{RESULTS}/split.csv",
-    params:
-        split=SPLIT.to_dict("list"),
     log:
         f"{RESULTS}/logs/split.log",
     benchmark:
         f"{RESULTS}/benchmarks/split.tsv"
     conda:
         "../envs/core.yaml"
+    params:
+        split=SPLIT.to_dict("list"),
     script:
         "../workflow_scripts/split.py"

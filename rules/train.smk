@@ -9,22 +9,26 @@ rule train:
         history=f"{RESULTS}/model/fold_{{fold}}/history.csv",
         settings=f"{RESULTS}/model/fold_{{fold}}/inference.json",
         environment=f"{RESULTS}/model/fold_{{fold}}/environment.json",
-        curves=report(f"{RESULTS}/model/fold_{{fold}}/curves.png", caption="../report/curves.rst", category="Training",
-                      labels={"fold": "{fold}"}),
-    params:
-        model=config["model"],
-        training=config["training"],
-        seed=config["seed"],
-        deterministic=config["deterministic"],
-        checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
-    threads: train_threads
-    resources:
-        gpu=1,
+        curves=report(
+            f"{RESULTS}/model/fold_{{fold}}/curves.png",
+            caption="../report/curves.rst",
+            category="Training",
+            labels={"fold": "{fold}"},
+        ),
     log:
         f"{RESULTS}/logs/train/fold_{{fold}}.log",
     benchmark:
         f"{RESULTS}/benchmarks/train/fold_{{fold}}.tsv"
     conda:
         "../envs/gpu.yaml"
+    threads: train_threads
+    resources:
+        gpu=1,
+    params:
+        model=config["model"],
+        training=config["training"],
+        seed=config["seed"],
+        deterministic=config["deterministic"],
+        checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
     script:
         "../workflow_scripts/train.py"

@@ -48,8 +48,10 @@ class Handler(http.server.BaseHTTPRequestHandler):
             self.send_response(200)
         self.send_header("Content-Length", str(len(body) - start))
         if behaviour == "disposition":
-            self.send_header("Content-Disposition",
-                             "attachment; filename=\"../../escaped.nii.gz\"; filename*=UTF-8''..%2F..%2Fescaped.nii.gz")
+            self.send_header(
+                "Content-Disposition",
+                "attachment; filename=\"../../escaped.nii.gz\"; filename*=UTF-8''..%2F..%2Fescaped.nii.gz",
+            )
         self.end_headers()
         payload = body[start:]
         if behaviour == "cut":  # promise everything, send half, hang up

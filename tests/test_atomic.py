@@ -23,9 +23,9 @@ import functools
 import pathlib
 import shutil
 import textwrap
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import nibabel as nib
 import numpy as np
@@ -134,8 +134,17 @@ def _case_files(root: Path, case_id: str = "case_00000") -> tuple[Path, Path]:
 
 
 def _history() -> pd.DataFrame:
-    return pd.DataFrame({"epoch": [1, 2], "lr": [1e-3, 1e-3], "loss": [0.9, 0.7], "val_loss": [0.8, 0.6],
-                         "seconds": [1.0, 1.1], "val_dice_kidney": [0.2, 0.4], "val_dice_tumor": [0.1, 0.2]})
+    return pd.DataFrame(
+        {
+            "epoch": [1, 2],
+            "lr": [1e-3, 1e-3],
+            "loss": [0.9, 0.7],
+            "val_loss": [0.8, 0.6],
+            "seconds": [1.0, 1.1],
+            "val_dice_kidney": [0.2, 0.4],
+            "val_dice_tumor": [0.1, 0.2],
+        }
+    )
 
 
 @dataclass(frozen=True)
@@ -157,49 +166,58 @@ def _setup_atomic_path(tmp):
     def run():
         with atomic_path(tmp / "out" / "blob.bin") as t:
             t.write_bytes(b"complete content")
+
     return run
 
 
 def _setup_write_text(tmp):
     from kidney_seg.atomic import write_text_atomic
+
     return lambda: write_text_atomic(tmp / "out" / "notes.txt", "complete text\n" * 50)
 
 
 def _setup_write_json(tmp):
     from kidney_seg.atomic import write_json_atomic
+
     return lambda: write_json_atomic(tmp / "out" / "obj.json", {"a": list(range(100))})
 
 
 def _setup_save_npy(tmp):
     from kidney_seg.atomic import save_npy_atomic
+
     return lambda: save_npy_atomic(tmp / "out" / "arr.npy", np.arange(1000, dtype=np.float32))
 
 
 def _setup_save_nifti(tmp):
     from kidney_seg.volume import save_nifti
+
     return lambda: save_nifti(tmp / "out" / "vol.nii.gz", _label(), kits_affine())
 
 
 def _setup_save_like(tmp):
     from kidney_seg.volume import save_like
+
     ref = write_nifti(tmp / "in" / "ref.nii.gz", np.zeros((6, 24, 24), np.int16), kits_affine())
     return lambda: save_like(tmp / "out" / "pred.nii.gz", _label(), ref)
 
 
 def _setup_write_split(tmp):
     from kidney_seg.split import make_split, write_split
+
     df = make_split([f"case_{i:05d}" for i in range(10)])
     return lambda: write_split(df, tmp / "out" / "split.csv")
 
 
 def _setup_evaluate_case(tmp):
     from kidney_seg.evaluation import evaluate_case
+
     _, lab = _case_files(tmp / "in")
     return lambda: evaluate_case("case_00000", lab, lab, tmp / "out" / "case_00000.json")
 
 
 def _setup_summarize(tmp):
     from kidney_seg.evaluation import evaluate_case, summarize
+
     _, lab = _case_files(tmp / "in")
     jsons = [tmp / "in" / f"case_0000{i}.json" for i in range(2)]
     for i, j in enumerate(jsons):
@@ -209,12 +227,16 @@ def _setup_summarize(tmp):
 
 def _setup_decide(tmp):
     from kidney_seg.postprocessing import decide_from_files
+
     _, lab = _case_files(tmp / "in")
-    return lambda: decide_from_files(["case_00000"], [lab], [lab], {"enabled": True}, tmp / "out" / "postprocessing.json")
+    return lambda: decide_from_files(
+        ["case_00000"], [lab], [lab], {"enabled": True}, tmp / "out" / "postprocessing.json"
+    )
 
 
 def _setup_postprocess_file(tmp):
     from kidney_seg.postprocessing import decide_from_files, postprocess_file
+
     _, lab = _case_files(tmp / "in")
     decision = decide_from_files([], [], [], {"enabled": False}, tmp / "in" / "decision.json")
     return lambda: postprocess_file("case_00000", lab, tmp / "out" / "case_00000.nii.gz", decision)
@@ -222,29 +244,40 @@ def _setup_postprocess_file(tmp):
 
 def _setup_preprocess_case(tmp):
     from kidney_seg.preprocessing import preprocess_case, resolve_preprocessing
+
     img, lab = _case_files(tmp / "in")
-    settings = resolve_preprocessing({"target_spacing": None, "clip": [-75.0, 349.0], "normalization": "zscore_slice",
-                                      "crop_to_body": False}, None)
+    settings = resolve_preprocessing(
+        {"target_spacing": None, "clip": [-75.0, 349.0], "normalization": "zscore_slice", "crop_to_body": False}, None
+    )
     return lambda: preprocess_case("case_00000", img, lab, tmp / "out" / "case_00000", settings, (0, 1, 2))
 
 
 def _setup_compute_fingerprint(tmp):
     from kidney_seg.preprocessing import compute_fingerprint
+
     img, lab = _case_files(tmp / "in")
     return lambda: compute_fingerprint([("case_00000", str(img), str(lab))], tmp / "out" / "fingerprint.json")
 
 
 def _setup_build_report(tmp):
     from kidney_seg.report.html import build_report
+
     _history().to_csv(tmp / "in.csv", index=False)
-    return lambda: build_report(tmp / "out" / "report.html", tmp / "missing.csv", tmp / "missing2.csv", tmp / "in.csv",
-                                None, {"results_dir": "x"})
+    return lambda: build_report(
+        tmp / "out" / "report.html",
+        tmp / "missing.csv",
+        tmp / "missing2.csv",
+        tmp / "in.csv",
+        None,
+        {"results_dir": "x"},
+    )
 
 
 def _setup_write_overlay_png(tmp):
     import base64
 
     from kidney_seg.report.overlays import write_overlay_png
+
     png = base64.b64encode(b"\x89PNG\r\n\x1a\n a complete png").decode()
     page = tmp / "in" / "report.html"
     page.parent.mkdir(parents=True)
@@ -255,6 +288,7 @@ def _setup_write_overlay_png(tmp):
 def _setup_publish(tmp, monkeypatch):
     from kidney_seg import environment
     from kidney_seg.training import publish
+
     monkeypatch.setattr(environment, "accelerator_devices", lambda backend=None: [])  # no framework probe
     state = tmp / "in" / "state"
     state.mkdir(parents=True)
@@ -265,6 +299,7 @@ def _setup_publish(tmp, monkeypatch):
 
 def _setup_checkpointer(tmp):
     from kidney_seg.checkpoint import make_checkpointer
+
     state = tmp / "out" / "state"
     state.mkdir(parents=True)
 
@@ -273,35 +308,43 @@ def _setup_checkpointer(tmp):
         cb.set_model(FakeModel())
         cb.on_epoch_begin(0)
         cb.on_epoch_end(0, {"loss": 0.5, "val_loss": 0.4, "val_dice_kidney": 0.3})
+
     return run
 
 
 def _setup_save_checkpoint(tmp):
     from kidney_seg.checkpoint import save_checkpoint
+
     return lambda: save_checkpoint(FakeModel(), tmp / "out" / "state" / "last.keras", 3)
 
 
 def _setup_reset_stale_state(tmp):
     from kidney_seg.checkpoint import reset_stale_state
+
     return lambda: reset_stale_state(tmp / "out" / "state", {"seed": 1})
 
 
 def _setup_write_environment(tmp):
     from kidney_seg.environment import write_environment
+
     return lambda: write_environment(tmp / "out" / "environment.json", accelerators=False)
 
 
 def _setup_run_check(tmp):
     from kidney_seg.data.checks import run_check
+
     img, lab = _case_files(tmp / "in")
     return lambda: run_check("case_00000", img, lab, (0, 1, 2), tmp / "out" / "case_00000.json", None, "skip")
 
 
 def _setup_collect_checks(tmp):
-    from kidney_seg.data.checks import collect_checks
     from kidney_seg.atomic import write_json_atomic
-    records = [{"case_id": "case_00000", "ok": True, "stage": "check", "file": "", "reason": "", "log": ""},
-               {"case_id": "case_00001", "ok": False, "stage": "check", "file": "x.nii.gz", "reason": "truncated", "log": ""}]
+    from kidney_seg.data.checks import collect_checks
+
+    records = [
+        {"case_id": "case_00000", "ok": True, "stage": "check", "file": "", "reason": "", "log": ""},
+        {"case_id": "case_00001", "ok": False, "stage": "check", "file": "x.nii.gz", "reason": "truncated", "log": ""},
+    ]
     paths = []
     for r in records:
         paths.append(tmp / "in" / f"{r['case_id']}.json")
@@ -311,8 +354,11 @@ def _setup_collect_checks(tmp):
 
 def _setup_phantom_write_case(tmp):
     from kidney_seg.data.phantom import PhantomCase, write_case
+
     label = _label()
-    case = PhantomCase(image=(label * 100).astype(np.float32), label=label, spacing=(3.0, 0.8, 0.8), affine=kits_affine())
+    case = PhantomCase(
+        image=(label * 100).astype(np.float32), label=label, spacing=(3.0, 0.8, 0.8), affine=kits_affine()
+    )
     return lambda: write_case(tmp / "out" / "case_00000", case)
 
 
@@ -325,32 +371,69 @@ WRITERS = [
     Writer("io.save_like", _setup_save_like, (("out/pred.nii.gz", "nib.save", 1),)),
     Writer("split.write_split", _setup_write_split, (("out/split.csv", "DataFrame.to_csv", 1),)),
     Writer("evaluation.evaluate_case", _setup_evaluate_case, (("out/case_00000.json", "Path.write_text", 1),)),
-    Writer("evaluation.summarize", _setup_summarize,
-           (("out/per_case.csv", "DataFrame.to_csv", 1), ("out/summary.csv", "DataFrame.to_csv", 2))),
+    Writer(
+        "evaluation.summarize",
+        _setup_summarize,
+        (("out/per_case.csv", "DataFrame.to_csv", 1), ("out/summary.csv", "DataFrame.to_csv", 2)),
+    ),
     Writer("postprocessing.decide_from_files", _setup_decide, (("out/postprocessing.json", "Path.write_text", 1),)),
     Writer("postprocessing.postprocess_file", _setup_postprocess_file, (("out/case_00000.nii.gz", "nib.save", 1),)),
-    Writer("preprocessing.preprocess_case", _setup_preprocess_case,
-           (("out/case_00000/image.npy", "np.save", 1), ("out/case_00000/label.npy", "np.save", 2),
-            ("out/case_00000/meta.json", "Path.write_text", 1))),
-    Writer("preprocessing.compute_fingerprint", _setup_compute_fingerprint, (("out/fingerprint.json", "Path.write_text", 1),)),
+    Writer(
+        "preprocessing.preprocess_case",
+        _setup_preprocess_case,
+        (
+            ("out/case_00000/image.npy", "np.save", 1),
+            ("out/case_00000/label.npy", "np.save", 2),
+            ("out/case_00000/meta.json", "Path.write_text", 1),
+        ),
+    ),
+    Writer(
+        "preprocessing.compute_fingerprint",
+        _setup_compute_fingerprint,
+        (("out/fingerprint.json", "Path.write_text", 1),),
+    ),
     Writer("report.build_report", _setup_build_report, (("out/report.html", "Path.write_text", 1),)),
     Writer("report.write_overlay_png", _setup_write_overlay_png, (("out/overlay.png", "Path.write_bytes", 1),)),
-    Writer("training.publish", _setup_publish,
-           (("out/fold_0/model.keras", "shutil.copyfile", 1), ("out/fold_0/history.csv", "DataFrame.to_csv", 1),
-            ("out/fold_0/curves.png", "Figure.savefig", 1), ("out/fold_0/inference.json", "Path.write_text", 1),
-            ("out/fold_0/environment.json", "Path.write_text", 2))),
-    # each epoch: history.csv, then last.keras (the model, then the epoch record appended to the archive), then best.keras
-    Writer("training.checkpointer", _setup_checkpointer,
-           (("out/state/history.csv", "DataFrame.to_csv", 1), ("out/state/last.keras", "model.save", 1),
-            ("out/state/best.keras", "shutil.copyfile", 1))),
+    Writer(
+        "training.publish",
+        _setup_publish,
+        (
+            ("out/fold_0/model.keras", "shutil.copyfile", 1),
+            ("out/fold_0/history.csv", "DataFrame.to_csv", 1),
+            ("out/fold_0/curves.png", "Figure.savefig", 1),
+            ("out/fold_0/inference.json", "Path.write_text", 1),
+            ("out/fold_0/environment.json", "Path.write_text", 2),
+        ),
+    ),
+    # each epoch: history.csv, then last.keras (the model, then the epoch record appended to the archive),
+    # then best.keras
+    Writer(
+        "training.checkpointer",
+        _setup_checkpointer,
+        (
+            ("out/state/history.csv", "DataFrame.to_csv", 1),
+            ("out/state/last.keras", "model.save", 1),
+            ("out/state/best.keras", "shutil.copyfile", 1),
+        ),
+    ),
     Writer("checkpoint.save_checkpoint", _setup_save_checkpoint, (("out/state/last.keras", "ZipFile.writestr", 1),)),
-    Writer("checkpoint.reset_stale_state", _setup_reset_stale_state, (("out/state/resume_key.json", "Path.write_text", 1),)),
-    Writer("environment.write_environment", _setup_write_environment, (("out/environment.json", "Path.write_text", 1),)),
+    Writer(
+        "checkpoint.reset_stale_state", _setup_reset_stale_state, (("out/state/resume_key.json", "Path.write_text", 1),)
+    ),
+    Writer(
+        "environment.write_environment", _setup_write_environment, (("out/environment.json", "Path.write_text", 1),)
+    ),
     Writer("checks.run_check", _setup_run_check, (("out/case_00000.json", "Path.write_text", 1),)),
-    Writer("checks.collect_checks", _setup_collect_checks,
-           (("out/checks.csv", "DataFrame.to_csv", 1), ("out/failures.csv", "DataFrame.to_csv", 2))),
-    Writer("phantom.write_case", _setup_phantom_write_case,
-           (("out/case_00000/imaging.nii.gz", "nib.save", 1), ("out/case_00000/segmentation.nii.gz", "nib.save", 2))),
+    Writer(
+        "checks.collect_checks",
+        _setup_collect_checks,
+        (("out/checks.csv", "DataFrame.to_csv", 1), ("out/failures.csv", "DataFrame.to_csv", 2)),
+    ),
+    Writer(
+        "phantom.write_case",
+        _setup_phantom_write_case,
+        (("out/case_00000/imaging.nii.gz", "nib.save", 1), ("out/case_00000/segmentation.nii.gz", "nib.save", 2)),
+    ),
 ]
 
 
@@ -384,13 +467,17 @@ def test_a_failure_mid_write_leaves_no_partial_or_temporary_file(tmp_path, monke
     with pytest.raises(OSError) as info:
         run()
 
-    assert fault.raised is not None, f"{serialiser} call #{nth} never happened: {writer.name} no longer writes {rel} that way"
+    assert fault.raised is not None, (
+        f"{serialiser} call #{nth} never happened: {writer.name} no longer writes {rel} that way"
+    )
     err = info.value
     assert err.errno == errno.ENOSPC
     assert isinstance(err, OutputWriteError) and err.__cause__ is fault.raised
     assert str(target) in str(err), f"the error does not name {target}: {err}"
     written = Path(fault.dest if isinstance(fault.dest, (str, Path)) else fault.dest.name)
-    assert written != target and written.parent == target.parent, f"wrote {written}, not a temporary file beside {target}"
+    assert written != target and written.parent == target.parent, (
+        f"wrote {written}, not a temporary file beside {target}"
+    )
     after = _tree(work)
     partial = [p for p, data in after.items() if MARK in data]
     assert not partial, f"partial files left: {partial}"
@@ -515,16 +602,32 @@ ALLOWED: dict[tuple[str, str, str], str] = {
     # interrupted download resumes with an HTTP Range request. The .part is never a final output: only
     # _verify_and_place moves it (os.replace) to a hidden staging name, checks the whole gzip stream and the
     # NIfTI header there, and then os.replace()s it onto the final path.
-    ("kidney_seg/data/kits.py", "_copy", "open"):
-        "download .part file, kept for resume, renamed into place only after validation",
+    (
+        "kidney_seg/data/kits.py",
+        "_copy",
+        "open",
+    ): "download .part file, kept for resume, renamed into place only after validation",
     # A rule's log must be readable while the job runs and must survive the job's failure (it holds the
     # traceback Snakemake points to); written to a temporary file and renamed at the end, a crashed job
     # would leave no log at all. Logs are not data outputs that a later rule reads.
     ("kidney_seg/logs.py", "log_to", "FileHandler"): "Snakemake log file, streamed so it survives a crash",
 }
 
-_PANDAS_WRITERS = {"to_csv", "to_json", "to_parquet", "to_pickle", "to_excel", "to_html", "to_feather", "to_hdf",
-                   "to_string", "to_markdown", "to_latex", "to_xml", "to_stata"}
+_PANDAS_WRITERS = {
+    "to_csv",
+    "to_json",
+    "to_parquet",
+    "to_pickle",
+    "to_excel",
+    "to_html",
+    "to_feather",
+    "to_hdf",
+    "to_string",
+    "to_markdown",
+    "to_latex",
+    "to_xml",
+    "to_stata",
+}
 _MODULE_OPENERS = {"io", "gzip", "bz2", "lzma", "codecs", "builtins"}
 _WRITE_FLAGS = {"O_WRONLY", "O_RDWR", "O_CREAT", "O_APPEND", "O_TRUNC"}
 _BUFFERS = {"BytesIO", "StringIO"}
@@ -633,8 +736,15 @@ class _Auditor(ast.NodeVisitor):
 
     def _function(self, node):
         self.functions.append(node.name)
-        buffers = {t.id for n in ast.walk(node) if isinstance(n, ast.Assign) and isinstance(n.value, ast.Call)
-                   and dotted_name(n.value.func).split(".")[-1] in _BUFFERS for t in n.targets if isinstance(t, ast.Name)}
+        buffers = {
+            t.id
+            for n in ast.walk(node)
+            if isinstance(n, ast.Assign)
+            and isinstance(n.value, ast.Call)
+            and dotted_name(n.value.func).split(".")[-1] in _BUFFERS
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
         self.buffers.append(buffers)
         self.safe.append(set(self.safe[-1]))
         self.generic_visit(node)
@@ -714,10 +824,12 @@ def test_static_audit_every_library_write_goes_through_atomic_path():
             used.add(key)
         else:
             bad.append(f)
-    assert not bad, ("file writes outside `with atomic_path(...) as tmp` (write to tmp, or use "
-                     "kidney_seg.atomic.write_text_atomic / write_json_atomic / save_npy_atomic, kidney_seg.volume.save_nifti / save_like; "
-                     "a justified exception goes into ALLOWED in tests/test_atomic.py with its reason):\n"
-                     + "\n".join(map(str, bad)))
+    assert not bad, (
+        "file writes outside `with atomic_path(...) as tmp` (write to tmp, or use "
+        "kidney_seg.atomic.write_text_atomic / write_json_atomic / save_npy_atomic, "
+        "kidney_seg.volume.save_nifti / save_like; "
+        "a justified exception goes into ALLOWED in tests/test_atomic.py with its reason):\n" + "\n".join(map(str, bad))
+    )
     stale = set(ALLOWED) - used
     assert not stale, f"ALLOWED entries that match no write any more (remove them): {sorted(stale)}"
 
@@ -757,12 +869,12 @@ CLEAN = {
     "same_with": "with atomic_path(p) as tmp, open(tmp, 'wb') as fh:\n    np.save(fh, a)",
     "str_tmp": "with kio.atomic_path(p) as tmp:\n    nib.save(img, str(tmp))",
     "nested": "with atomic_path(a) as t1:\n    with atomic_path(b) as t2:\n        shutil.copyfile(src, t2)\n"
-              "        t1.write_text('x')",
+    "        t1.write_text('x')",
     "buffer": "def f(fig):\n    buf = io.BytesIO()\n    fig.savefig(buf, format='png')\n    return buf.getvalue()",
     "reads": "open(p)\nopen(p, 'rb')\ngzip.open(p, 'rb')\nImage.open(buf)\ngrid.open(box)\nos.open(p, os.O_RDONLY)",
     "to_string": "s = df.to_csv(index=False)",
     "zip_on_tmp": "with atomic_path(p) as tmp:\n    model.save(tmp)\n    with zipfile.ZipFile(tmp, 'a') as z:\n"
-                  "        z.writestr('m', 'x')",
+    "        z.writestr('m', 'x')",
     "zip_read": "with zipfile.ZipFile(p) as z:\n    z.read('m')",
 }
 

@@ -25,10 +25,22 @@ from kidney_seg.report import build_report
 from tests.test_report import SCAN_CASES, full_inputs
 
 BROWSERS = ("chromium", "chromium-browser")
-FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync",
-         "--disable-default-apps", "--disable-extensions", "--enable-logging=stderr", "--v=0",
-         "--virtual-time-budget=5000")
+FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-dev-shm-usage",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--disable-default-apps",
+    "--disable-extensions",
+    "--enable-logging=stderr",
+    "--v=0",
+    "--virtual-time-budget=5000",
+)
 #: stderr lines that report a console message or an uncaught exception.
 CONSOLE = re.compile(r"CONSOLE|Uncaught")
 
@@ -46,8 +58,10 @@ def find_browser() -> str | None:
 def browser() -> str:
     path = find_browser()
     if path is None:
-        message = (f"no Chromium on PATH (looked for {', '.join(BROWSERS)}); install it with "
-                   "`apt-get install chromium` to run the browser checks")
+        message = (
+            f"no Chromium on PATH (looked for {', '.join(BROWSERS)}); install it with "
+            "`apt-get install chromium` to run the browser checks"
+        )
         if os.environ.get("KIDNEY_SEG_REQUIRE_BROWSER") == "1":
             pytest.fail(message + " (KIDNEY_SEG_REQUIRE_BROWSER=1)")
         pytest.skip(message)
@@ -56,8 +70,13 @@ def browser() -> str:
 
 def load(browser: str, page: Path, profile: Path) -> tuple[str, list[str]]:
     """(DOM after the page's scripts ran, console messages) of a local HTML file."""
-    proc = subprocess.run([browser, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
-                          capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
+    proc = subprocess.run(
+        [browser, *FLAGS, f"--user-data-dir={profile}", "--dump-dom", page.resolve().as_uri()],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        stdin=subprocess.DEVNULL,
+    )
     assert proc.returncode == 0, f"chromium failed ({proc.returncode}):\n{proc.stderr[-3000:]}"
     assert "<html" in proc.stdout, f"chromium printed no DOM:\n{proc.stderr[-3000:]}"
     return proc.stdout, [line for line in proc.stderr.splitlines() if CONSOLE.search(line)]
@@ -71,10 +90,14 @@ def _page(tmp_path: Path, name: str, body: str) -> Path:
 
 def test_detector_catches_errors_and_passes_a_clean_page(browser, tmp_path):
     """Negative and positive controls: the console check must see a deliberate error, and only then."""
-    clean = _page(tmp_path, "clean.html", "<p id=ok>fine</p><script>document.body.setAttribute('data-ran', '1');</script>")
+    clean = _page(
+        tmp_path, "clean.html", "<p id=ok>fine</p><script>document.body.setAttribute('data-ran', '1');</script>"
+    )
     dom, messages = load(browser, clean, tmp_path / "profile-clean")
     assert 'data-ran="1"' in dom and messages == []
-    broken = _page(tmp_path, "broken.html", "<script>document.body.setAttribute('data-ran', '1'); undefinedFunction();</script>")
+    broken = _page(
+        tmp_path, "broken.html", "<script>document.body.setAttribute('data-ran', '1'); undefinedFunction();</script>"
+    )
     dom, messages = load(browser, broken, tmp_path / "profile-broken")
     assert 'data-ran="1"' in dom
     assert any("undefinedFunction" in m for m in messages), messages
@@ -86,8 +109,10 @@ def test_detector_catches_an_external_load_blocked_by_the_report_policy(browser,
     from kidney_seg.report.html import CSP
 
     page = tmp_path / "external.html"
-    page.write_text(f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{CSP}"></head>'
-                    '<body><img src="https://example.invalid/x.png"></body></html>\n')
+    page.write_text(
+        f'<!DOCTYPE html><html><head><meta http-equiv="Content-Security-Policy" content="{CSP}"></head>'
+        '<body><img src="https://example.invalid/x.png"></body></html>\n'
+    )
     messages = load(browser, page, tmp_path / "profile")[1]
     assert any("Content Security Policy" in m for m in messages), messages
 

@@ -8,9 +8,20 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.checkpoint import (CHECKPOINT_MEMBER, RESUME_KEY_NAME, best_so_far, checkpoint_epoch, code_digest,
-                                   read_history, remove_partial_files, replay_plateau, reset_stale_state, resume_key,
-                                   save_checkpoint, write_history)
+from kidney_seg.checkpoint import (
+    CHECKPOINT_MEMBER,
+    RESUME_KEY_NAME,
+    best_so_far,
+    checkpoint_epoch,
+    code_digest,
+    read_history,
+    remove_partial_files,
+    replay_plateau,
+    reset_stale_state,
+    resume_key,
+    save_checkpoint,
+    write_history,
+)
 from kidney_seg.code_inputs import SOURCE_ROOT, training_code
 from tests.test_training import MODEL, TRAIN, make_cache, plan_for
 
@@ -65,13 +76,17 @@ def test_partial_files_of_a_killed_write_are_removed(tmp_path):
 
 def test_the_resume_key_follows_what_shapes_the_weights(cache):
     key = resume_key(cache[:2], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 1, False)
-    assert key == resume_key(cache[:2], cache[2:], MODEL, {**TRAIN, "epochs": 9, "num_workers": 3}, plan_for(TRAIN), 1, False)
+    assert key == resume_key(
+        cache[:2], cache[2:], MODEL, {**TRAIN, "epochs": 9, "num_workers": 3}, plan_for(TRAIN), 1, False
+    )
     other_plan = {**plan_for(TRAIN), "preprocessing": {**plan_for(TRAIN)["preprocessing"], "clip": [-100.0, 300.0]}}
-    for changed in (resume_key(cache[:2], cache[2:], MODEL, {**TRAIN, "learning_rate": 0.5}, plan_for(TRAIN), 1, False),
-                    resume_key(cache[:2], cache[2:], MODEL, TRAIN, other_plan, 1, False),
-                    resume_key(cache[:2], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 2, False),
-                    resume_key(cache[:1], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 1, False),
-                    resume_key(cache[:2], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 1, True)):
+    for changed in (
+        resume_key(cache[:2], cache[2:], MODEL, {**TRAIN, "learning_rate": 0.5}, plan_for(TRAIN), 1, False),
+        resume_key(cache[:2], cache[2:], MODEL, TRAIN, other_plan, 1, False),
+        resume_key(cache[:2], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 2, False),
+        resume_key(cache[:1], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 1, False),
+        resume_key(cache[:2], cache[2:], MODEL, TRAIN, plan_for(TRAIN), 1, True),
+    ):
         assert changed != key
     assert key["code"] == code_digest()
 
@@ -82,8 +97,13 @@ def test_the_code_digest_changes_when_training_code_changes(tmp_path):
     before = code_digest(copy)
     assert before == code_digest(SOURCE_ROOT) and len(before) == 64
     names = {str(p.relative_to(copy)) for p in training_code(copy)}
-    assert {"kidney_seg/training.py", "kidney_seg/checkpoint.py", "kidney_seg/model.py", "kidney_seg/losses.py",
-            "kidney_seg/sampling.py"} <= names
+    assert {
+        "kidney_seg/training.py",
+        "kidney_seg/checkpoint.py",
+        "kidney_seg/model.py",
+        "kidney_seg/losses.py",
+        "kidney_seg/sampling.py",
+    } <= names
     assert not any(n.startswith("kidney_seg/report/") for n in names), "training must not import the report layer"
     with open(copy / "kidney_seg" / "losses.py", "a") as fh:
         fh.write("\n# an edit\n")
@@ -100,11 +120,15 @@ def test_a_checkpoint_without_its_epoch_record_is_not_resumed(cache, tmp_path):
 
     state = tmp_path / "state"
     state.mkdir()
-    with zipfile.ZipFile(state / "last.keras", "w") as archive:  # a .keras file that does not say how many epochs it holds
+    with zipfile.ZipFile(
+        state / "last.keras", "w"
+    ) as archive:  # a .keras file that does not say how many epochs it holds
         archive.writestr("config.json", "{}")
     (state / "best.keras").write_bytes((state / "last.keras").read_bytes())
-    write_history(pd.DataFrame({"epoch": [1], "lr": [1e-3], "loss": [1.0], "val_loss": [1.0], "seconds": [0.1]}),
-                  state / "history.csv")
+    write_history(
+        pd.DataFrame({"epoch": [1], "lr": [1e-3], "loss": [1.0], "val_loss": [1.0], "seconds": [0.1]}),
+        state / "history.csv",
+    )
     model, history, epochs = restore_or_build(state, MODEL, TRAIN, 3, read_history(state / "history.csv"))
     assert epochs == 0 and history.empty and model is not None
     assert not any((state / n).exists() for n in ("last.keras", "best.keras", "history.csv"))
@@ -164,8 +188,9 @@ def test_a_resumed_plateau_schedule_is_the_uninterrupted_one(cooldown):
         done = whole.iloc[:k]
         rest = _schedule(fresh(done), _Model(done["lr"].iloc[-1]), k)
         pd.testing.assert_frame_equal(pd.DataFrame(rest), whole.iloc[k:].reset_index(drop=True))
-        plain = keras.callbacks.ReduceLROnPlateau(monitor="val_loss", factor=0.5, patience=2, min_delta=0.005, min_lr=2e-4,
-                                                  cooldown=cooldown)
+        plain = keras.callbacks.ReduceLROnPlateau(
+            monitor="val_loss", factor=0.5, patience=2, min_delta=0.005, min_lr=2e-4, cooldown=cooldown
+        )
         differs |= [r["lr"] for r in _schedule(plain, _Model(done["lr"].iloc[-1]), k)] != whole["lr"].iloc[k:].tolist()
     assert differs, "Keras' own callback, reset on resume, should give another schedule somewhere"
     # the state itself, not only the rates: replaying a history equals having lived through it

@@ -10,9 +10,18 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.data.checks import (check_case, collect_checks, failure_message, is_excluded, run_check,
-                                    run_unless_excluded, usable_inputs, usable_predictions, usable_records,
-                                    usable_scans)
+from kidney_seg.data.checks import (
+    check_case,
+    collect_checks,
+    failure_message,
+    is_excluded,
+    run_check,
+    run_unless_excluded,
+    usable_inputs,
+    usable_predictions,
+    usable_records,
+    usable_scans,
+)
 from kidney_seg.errors import CaseDataError
 from tests.conftest import kits_affine, write_nifti
 
@@ -40,14 +49,17 @@ def _truncate(path):
     path.write_bytes(path.read_bytes()[:150])
 
 
-@pytest.mark.parametrize("fault,expected", [
-    ("truncated_image", "truncated"),
-    ("nan_image", "NaN"),
-    ("label_values", "unexpected label values [7]"),
-    ("grid_mismatch", "grid"),
-    ("not_nifti", "NIfTI"),
-    ("one_slice", "single slice"),
-])
+@pytest.mark.parametrize(
+    "fault,expected",
+    [
+        ("truncated_image", "truncated"),
+        ("nan_image", "NaN"),
+        ("label_values", "unexpected label values [7]"),
+        ("grid_mismatch", "grid"),
+        ("not_nifti", "NIfTI"),
+        ("one_slice", "single slice"),
+    ],
+)
 def test_each_bad_file_is_recorded_with_case_file_and_reason(tmp_path, fault, expected):
     image = np.random.default_rng(1).normal(40, 10, (4, 12, 12)).astype(np.float32)
     label = np.zeros(image.shape, np.uint8)
@@ -106,7 +118,9 @@ def test_collect_checks_tables_the_cases_and_message(tmp_path):
     table = collect_checks(paths, tmp_path / "checks.csv", tmp_path / "failures.csv")
     assert table["case_id"].tolist() == ["case_00001", "case_00002"] and table["ok"].tolist() == [True, False]
     failures = pd.read_csv(tmp_path / "failures.csv")
-    assert list(failures.columns) == ["case_id", "stage", "reason", "log"] and failures["case_id"].tolist() == ["case_00002"]
+    assert list(failures.columns) == ["case_id", "stage", "reason", "log"] and failures["case_id"].tolist() == [
+        "case_00002"
+    ]
     message = failure_message(tmp_path / "failures.csv")
     assert "1 case(s) failed" in message and "case_00002" in message and "truncated" in message
     assert failure_message(tmp_path / "missing.csv") is None
@@ -178,7 +192,11 @@ def test_an_excluded_case_gets_an_exclusion_record_and_no_data_file(tmp_path):
     assert not nifti.exists()  # a stale result is never left looking valid
     assert record["excluded"] is True and record["case_id"] == "case_00002"
     check = json.loads(bad.read_text())
-    assert record["file"] == bad_file and record["reason"] == check["reason"] != "" and record["log"] == "logs/case_00002.log"
+    assert (
+        record["file"] == bad_file
+        and record["reason"] == check["reason"] != ""
+        and record["log"] == "logs/case_00002.log"
+    )
     assert json.loads(record_json.read_text()) == record and is_excluded(record)
 
 
@@ -211,8 +229,12 @@ def test_usable_predictions_and_scans_read_the_prediction_records(tmp_path):
         nifti, records[case] = tmp_path / "pred" / f"{case}.nii.gz", tmp_path / "pred" / f"{case}.json"
         run_unless_excluded(check, records[case], {"prediction": nifti}, _write_prediction, nifti, case)
     cases, predictions, labels = usable_predictions([records["case_00001"], records["case_00002"]], ["l1", "l2"])
-    assert cases == ["case_00001"] and predictions == [str(tmp_path / "pred" / "case_00001.nii.gz")] and labels == ["l1"]
-    scans = usable_scans({"case_00001": ("i1", "l1", records["case_00001"]), "case_00002": ("i2", "l2", records["case_00002"])})
+    assert (
+        cases == ["case_00001"] and predictions == [str(tmp_path / "pred" / "case_00001.nii.gz")] and labels == ["l1"]
+    )
+    scans = usable_scans(
+        {"case_00001": ("i1", "l1", records["case_00001"]), "case_00002": ("i2", "l2", records["case_00002"])}
+    )
     assert scans == {"case_00001": ("i1", "l1", str(tmp_path / "pred" / "case_00001.nii.gz"))}
 
 

@@ -59,8 +59,11 @@ def test_predict_options_fill_the_inference_section_from_the_schema():
     parser = build_parser()
     defaults = with_defaults("inference", {})
     assert inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out"])) == defaults
-    given = inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--no-tta", "--step", "0.25",
-                                                "--batch-size", "4"]))
+    given = inference_config(
+        parser.parse_args(
+            ["predict", "model", "scan.nii.gz", "-o", "out", "--no-tta", "--step", "0.25", "--batch-size", "4"]
+        )
+    )
     assert given == {**defaults, "mirror_tta": False, "step": 0.25, "batch_size": 4}
     with pytest.raises(ValueError, match="inference.step"):
         inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--step", "2"]))

@@ -4,8 +4,14 @@ import re
 
 import pytest
 
-from kidney_seg.code_inputs import (imported_modules, missing_code, module_closure, script_code, training_code,
-                                    workflow_script_code)
+from kidney_seg.code_inputs import (
+    imported_modules,
+    missing_code,
+    module_closure,
+    script_code,
+    training_code,
+    workflow_script_code,
+)
 from tests.conftest import REPO
 
 RULE = re.compile(r"^\s*(?:rule|checkpoint)\s+(\w+):", re.M)
@@ -34,7 +40,7 @@ def rules_with_scripts() -> dict[str, tuple[str, str]]:
 
 
 def declared_code(expression: str) -> list[str]:
-    """Evaluate a rule's code= expression (GENERATOR_CODE as for the phantom, the one source whose files come from code)."""
+    """Evaluate a rule's code= expression (GENERATOR_CODE as for the phantom: the one source whose files code makes)."""
     return eval(expression, {"code_of": code_of, "GENERATOR_CODE": code_of("download")})  # noqa: S307
 
 
@@ -48,8 +54,19 @@ def test_every_rule_declares_every_module_its_script_runs():
 
 
 def test_a_hand_written_list_that_misses_a_module_fails():
-    old_predict = [str(REPO / "kidney_seg" / m) for m in ("__init__.py", "atomic.py", "volume.py", "errors.py", "inference.py",
-                                                          "preprocessing.py", "losses.py", "determinism.py")]
+    old_predict = [
+        str(REPO / "kidney_seg" / m)
+        for m in (
+            "__init__.py",
+            "atomic.py",
+            "volume.py",
+            "errors.py",
+            "inference.py",
+            "preprocessing.py",
+            "losses.py",
+            "determinism.py",
+        )
+    ]
     missing = missing_code(REPO / "workflow_scripts" / "predict.py", old_predict)
     assert "kidney_seg/model.py" in missing and "kidney_seg/plan.py" in missing
 
@@ -62,28 +79,47 @@ def _package(root, files: dict[str, str]):
 
 
 def test_imports_are_followed_transitively_with_their_packages(tmp_path):
-    _package(tmp_path, {
-        "kidney_seg/__init__.py": "",
-        "kidney_seg/a.py": "from typing import TYPE_CHECKING\nfrom . import b\nif TYPE_CHECKING:\n    from kidney_seg import typing_only\n",
-        "kidney_seg/b.py": "def f():\n    from kidney_seg.sub.c import g  # lazy: runs when f does\n",
-        "kidney_seg/typing_only.py": "",
-        "kidney_seg/sub/__init__.py": "",
-        "kidney_seg/sub/c.py": "import numpy\nfrom ..d import x\n",
-        "kidney_seg/d.py": "x = 1\n",
-        "kidney_seg/unused.py": "",
-        "script.py": "import kidney_seg.a\n",
-    })
+    _package(
+        tmp_path,
+        {
+            "kidney_seg/__init__.py": "",
+            "kidney_seg/a.py": (
+                "from typing import TYPE_CHECKING\nfrom . import b\n"
+                "if TYPE_CHECKING:\n    from kidney_seg import typing_only\n"
+            ),
+            "kidney_seg/b.py": "def f():\n    from kidney_seg.sub.c import g  # lazy: runs when f does\n",
+            "kidney_seg/typing_only.py": "",
+            "kidney_seg/sub/__init__.py": "",
+            "kidney_seg/sub/c.py": "import numpy\nfrom ..d import x\n",
+            "kidney_seg/d.py": "x = 1\n",
+            "kidney_seg/unused.py": "",
+            "script.py": "import kidney_seg.a\n",
+        },
+    )
     assert imported_modules(tmp_path / "kidney_seg" / "sub" / "c.py", tmp_path) == {"kidney_seg.d"}
     names = [str(p.relative_to(tmp_path)) for p in module_closure([tmp_path / "script.py"], tmp_path)]
-    assert names == ["kidney_seg/__init__.py", "kidney_seg/a.py", "kidney_seg/b.py", "kidney_seg/d.py",
-                     "kidney_seg/sub/__init__.py", "kidney_seg/sub/c.py"]
+    assert names == [
+        "kidney_seg/__init__.py",
+        "kidney_seg/a.py",
+        "kidney_seg/b.py",
+        "kidney_seg/d.py",
+        "kidney_seg/sub/__init__.py",
+        "kidney_seg/sub/c.py",
+    ]
 
 
 def test_training_code_is_below_the_report_layer():
     names = {str(p.relative_to(REPO)) for p in training_code()}
-    assert {"kidney_seg/training.py", "kidney_seg/checkpoint.py", "kidney_seg/curves.py", "kidney_seg/model.py"} <= names
+    assert {
+        "kidney_seg/training.py",
+        "kidney_seg/checkpoint.py",
+        "kidney_seg/curves.py",
+        "kidney_seg/model.py",
+    } <= names
     assert not any(n.startswith("kidney_seg/report") for n in names)
-    assert set(map(str, script_code(REPO / "workflow_scripts" / "train.py"))) >= {str(REPO / "kidney_seg" / "training.py")}
+    assert set(map(str, script_code(REPO / "workflow_scripts" / "train.py"))) >= {
+        str(REPO / "kidney_seg" / "training.py")
+    }
 
 
 def test_an_unknown_script_is_an_error():

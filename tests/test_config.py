@@ -56,8 +56,12 @@ def test_a_section_is_filled_from_the_schema_alone():
     schema = load_schema()["properties"]["training"]["properties"]
     filled = with_defaults("training", {"epochs": 3})
     assert filled["epochs"] == 3
-    assert {k: v for k, v in filled.items() if k != "epochs"} == {k: s["default"] for k, s in schema.items() if k != "epochs"}
-    assert with_defaults("postprocessing", {}) == validate_config(base())["postprocessing"]  # config.yaml spells the defaults out
+    assert {k: v for k, v in filled.items() if k != "epochs"} == {
+        k: s["default"] for k, s in schema.items() if k != "epochs"
+    }
+    assert (
+        with_defaults("postprocessing", {}) == validate_config(base())["postprocessing"]
+    )  # config.yaml spells the defaults out
     with pytest.raises(ValueError, match=r"training\.patch_size"):
         with_defaults("training", {"patch_size": [64]})
     with pytest.raises(ValueError, match="preprocessing: 'clip' is a required property"):

@@ -31,8 +31,9 @@ SCRIPT = textwrap.dedent("""
 
 
 def test_mirrored_strategy_on_two_logical_cpus(tmp_path):
-    proc = subprocess.run([sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-c", SCRIPT, str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=300
+    )
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-4000:]
     assert "MirroredStrategy with num_replicas_in_sync == 2" in out, out[-4000:]

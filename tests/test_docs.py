@@ -109,8 +109,9 @@ def test_reference_rendering_of_a_small_schema():
                 "properties": {
                     "size": {"$ref": "#/$defs/pair", "description": "Two\n  numbers, *any* <size>."},
                     "rate": {"type": "number", "exclusiveMinimum": 0, "maximum": 1, "default": 0.5},
-                    "ids": {"anyOf": [{"type": "null"},
-                                      {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/x"}}]},
+                    "ids": {
+                        "anyOf": [{"type": "null"}, {"type": "array", "minItems": 1, "items": {"$ref": "#/$defs/x"}}]
+                    },
                 },
             },
         },

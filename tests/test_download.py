@@ -106,13 +106,23 @@ def test_persistent_500_gives_up_after_retries(server, tmp_path):
     h.files["/f.nii.gz"] = nifti_gz(noisy_image())
     h.scripts["/f.nii.gz"] = ["503"] * 10
     with pytest.raises(CaseDataError, match=r"case_00006.*after 2 retries.*HTTP 503"):
-        download(f"{base}/f.nii.gz", tmp_path / "imaging.nii.gz", "case_00006", retries=2, backoff=0.01, allow_http=True)
+        download(
+            f"{base}/f.nii.gz", tmp_path / "imaging.nii.gz", "case_00006", retries=2, backoff=0.01, allow_http=True
+        )
     assert len(h.requests) == 3 and not (tmp_path / "imaging.nii.gz").exists()
 
 
 def test_unreachable_server_retries_then_fails(tmp_path):
     with pytest.raises(CaseDataError, match=r"case_00008.*127\.0\.0\.1:9.*after 1 retries"):
-        download("http://127.0.0.1:9/f.nii.gz", tmp_path / "x.nii.gz", "case_00008", retries=1, backoff=0.01, timeout=2, allow_http=True)
+        download(
+            "http://127.0.0.1:9/f.nii.gz",
+            tmp_path / "x.nii.gz",
+            "case_00008",
+            retries=1,
+            backoff=0.01,
+            timeout=2,
+            allow_http=True,
+        )
 
 
 @pytest.mark.parametrize(
@@ -165,7 +175,12 @@ def test_non_http_scheme_is_refused(tmp_path):
 
 
 def _kits19(base, tmp_path):
-    return {"source": "kits19", "root": str(tmp_path), "kits_imaging_url": f"{base}/img", "kits_labels_url": f"{base}/lab"}
+    return {
+        "source": "kits19",
+        "root": str(tmp_path),
+        "kits_imaging_url": f"{base}/img",
+        "kits_labels_url": f"{base}/lab",
+    }
 
 
 def _serve_case(h, case, image, label):
@@ -266,21 +281,26 @@ def test_http_is_refused_through_the_sources_api_without_the_override(server, tm
     base, h = server
     _serve_case(h, "case_00012", noisy_image(), np.zeros((4, 32, 32), np.uint8))
     cfg = _kits19(base, tmp_path)
-    with pytest.raises(CaseDataError, match=rf"case_00012.*{re.escape(base)}/img/case_00012\.nii\.gz.*plain http refused"):
+    with pytest.raises(
+        CaseDataError, match=rf"case_00012.*{re.escape(base)}/img/case_00012\.nii\.gz.*plain http refused"
+    ):
         fetch_image("case_00012", cfg, 0, str(tmp_path / "case_00012" / "imaging.nii.gz"))
     with pytest.raises(CaseDataError, match=r"case_00012.*/lab/case_00012/segmentation\.nii\.gz.*plain http refused"):
         fetch_label("case_00012", cfg, 0, str(tmp_path / "case_00012" / "segmentation.nii.gz"))
     assert h.requests == [] and list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("url", [
-    "http://example.com/case_00001.nii.gz",
-    "http://127.0.0.2/case_00001.nii.gz",
-    "http://127.0.0.1.nip.io/case_00001.nii.gz",
-    "http://localhost.example.com/case_00001.nii.gz",
-    "http://127.0.0.1@example.com/case_00001.nii.gz",  # user info: the host is example.com
-    "http://[::2]/case_00001.nii.gz",
-])
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://example.com/case_00001.nii.gz",
+        "http://127.0.0.2/case_00001.nii.gz",
+        "http://127.0.0.1.nip.io/case_00001.nii.gz",
+        "http://localhost.example.com/case_00001.nii.gz",
+        "http://127.0.0.1@example.com/case_00001.nii.gz",  # user info: the host is example.com
+        "http://[::2]/case_00001.nii.gz",
+    ],
+)
 def test_http_to_a_non_loopback_host_is_refused_even_with_the_override(tmp_path, no_remote_connections, url):
     with pytest.raises(CaseDataError, match="only to a loopback host") as err:
         download(url, tmp_path / "imaging.nii.gz", "case_00001", allow_http=True, retries=0)
@@ -288,7 +308,9 @@ def test_http_to_a_non_loopback_host_is_refused_even_with_the_override(tmp_path,
     assert list(tmp_path.iterdir()) == []
 
 
-@pytest.mark.parametrize("url", ["file:///etc/hostname", "ftp://127.0.0.1/f.nii.gz", "data:,hello", "//127.0.0.1/f.nii.gz"])
+@pytest.mark.parametrize(
+    "url", ["file:///etc/hostname", "ftp://127.0.0.1/f.nii.gz", "data:,hello", "//127.0.0.1/f.nii.gz"]
+)
 def test_other_schemes_are_refused_even_with_the_override(tmp_path, url):
     with pytest.raises(CaseDataError, match="scheme"):
         download(url, tmp_path / "x.nii.gz", "case_00001", allow_http=True)
@@ -299,7 +321,9 @@ def test_redirect_to_a_non_loopback_http_host_is_refused_before_connecting(serve
     target = "http://example.invalid/case_00001.nii.gz"
     h.scripts["/f.nii.gz"] = [f"redirect:{target}"]
     url, dest = f"{base}/f.nii.gz", tmp_path / "imaging.nii.gz"
-    with pytest.raises(CaseDataError, match=r"redirected to http://example\.invalid/case_00001\.nii\.gz: plain http.*loopback") as err:
+    with pytest.raises(
+        CaseDataError, match=r"redirected to http://example\.invalid/case_00001\.nii\.gz: plain http.*loopback"
+    ) as err:
         download(url, dest, "case_00001", allow_http=True, backoff=0.01)
     assert "case_00001" in str(err.value) and url in str(err.value)
     assert [p for p, _ in h.requests] == ["/f.nii.gz"]  # refused at once, not retried
@@ -337,7 +361,8 @@ def test_server_names_do_not_change_where_the_file_lands(server, tmp_path):
     fetch_image("case_00012", cfg, 0, str(root / "case_00012" / "imaging.nii.gz"), allow_http=True)
     assert (root / "case_00012" / "imaging.nii.gz").read_bytes() == data
     assert sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file()) == [
-        "deep/root/case_00012/imaging.nii.gz"]
+        "deep/root/case_00012/imaging.nii.gz"
+    ]
     assert [p for p, _ in h.requests] == ["/img/case_00012.nii.gz", "/real/escaped.nii.gz"]
 
 
@@ -358,9 +383,15 @@ def test_download_destination_is_the_case_folder_under_the_root(server, tmp_path
     base, h = server
     _serve_case(h, "case_00012", noisy_image(), np.zeros((4, 32, 32), np.uint8))
     cfg = _kits19(base, tmp_path / "root")
-    for out in [tmp_path / "elsewhere.nii.gz", tmp_path / "root" / "case_00013" / "imaging.nii.gz",
-                tmp_path / "root" / "case_00012" / "segmentation.nii.gz", tmp_path / "case_00012" / "imaging.nii.gz"]:
-        with pytest.raises(CaseDataError, match=r"case_00012.*can only be written to .*root/case_00012/imaging\.nii\.gz"):
+    for out in [
+        tmp_path / "elsewhere.nii.gz",
+        tmp_path / "root" / "case_00013" / "imaging.nii.gz",
+        tmp_path / "root" / "case_00012" / "segmentation.nii.gz",
+        tmp_path / "case_00012" / "imaging.nii.gz",
+    ]:
+        with pytest.raises(
+            CaseDataError, match=r"case_00012.*can only be written to .*root/case_00012/imaging\.nii\.gz"
+        ):
             fetch_image("case_00012", cfg, 0, str(out), allow_http=True)
     assert h.requests == [] and list(tmp_path.iterdir()) == []
 

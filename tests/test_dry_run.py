@@ -28,9 +28,22 @@ def job_counts(config: Path) -> dict[str, int]:
 def test_a_dry_run_on_a_fresh_folder_lists_every_stage(tmp_path):
     jobs = job_counts(_fresh_config(tmp_path))
     # 6 phantom cases, split 4 train, 1 validation, 1 test: one job per case or fold, as the real run has
-    expected = {"download_image": 6, "download_label": 6, "check_case": 6, "collect_checks": 1, "split": 1,
-                "preprocess": 5, "train": 1, "predict": 2, "decide_postprocessing": 1, "postprocess": 1,
-                "evaluate_case": 1, "evaluate": 1, "report": 1, "all": 1}
+    expected = {
+        "download_image": 6,
+        "download_label": 6,
+        "check_case": 6,
+        "collect_checks": 1,
+        "split": 1,
+        "preprocess": 5,
+        "train": 1,
+        "predict": 2,
+        "decide_postprocessing": 1,
+        "postprocess": 1,
+        "evaluate_case": 1,
+        "evaluate": 1,
+        "report": 1,
+        "all": 1,
+    }
     assert {rule: jobs.get(rule) for rule in expected} == expected, jobs
     assert "fingerprint" not in jobs  # the tiny config's fixed window and per-slice z-score need none
     assert not list((tmp_path / "results").rglob("*.json"))  # nothing ran

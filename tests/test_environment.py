@@ -20,8 +20,12 @@ needs_git = pytest.mark.skipif(GIT is None, reason="git is not installed")
 
 
 def _git(path, *args):
-    return subprocess.run([GIT, "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", "-c",
-                           "commit.gpgsign=false", *args], check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        [GIT, "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false", *args],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture
@@ -74,8 +78,18 @@ def test_git_commit_none_without_git(tmp_path, monkeypatch):
 
 def test_describe_environment_keys():
     env = envmod.describe_environment(accelerators=False)
-    assert {"created", "hostname", "platform", "python", "cpu_model", "cpu_count", "memory_gb", "packages",
-            "keras_backend", "accelerators"} <= set(env)
+    assert {
+        "created",
+        "hostname",
+        "platform",
+        "python",
+        "cpu_model",
+        "cpu_count",
+        "memory_gb",
+        "packages",
+        "keras_backend",
+        "accelerators",
+    } <= set(env)
     assert env["accelerators"] is None  # not queried
     assert env["cpu_count"] == os.cpu_count() and env["cpu_model"]
     assert env["python"].endswith(".".join(map(str, sys.version_info[:3])))
@@ -86,8 +100,10 @@ def test_describe_environment_keys():
 
 
 def test_describe_environment_imports_no_framework():
-    code = ("import sys, kidney_seg.environment as e; e.describe_environment(accelerators=False); "
-            "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))")
+    code = (
+        "import sys, kidney_seg.environment as e; e.describe_environment(accelerators=False); "
+        "print(sorted(m for m in ('tensorflow', 'keras', 'jax', 'torch') if m in sys.modules))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.strip() == "[]"

@@ -692,8 +692,9 @@ def test_undefined_hd95_is_written_as_strict_json_null(tmp_path):
     pred[pred == 2] = 1  # tumour missed: tu_hd95 undefined
     pred_path, label_path = _write_pair(tmp_path, pred, truth)
     ev.evaluate_case("case_00001", pred_path, label_path, tmp_path / "m.json")
-    record = json.loads((tmp_path / "m.json").read_text(),
-                        parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}"))
+    record = json.loads(
+        (tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")
+    )
     assert record["tu_hd95"] is None and record["tu_dice"] == 0.0
     summary = ev.summarize([tmp_path / "m.json"], tmp_path / "pc.csv", tmp_path / "s.csv").set_index("metric")
     assert summary.loc["tu_hd95", "n"] == 0 and summary.loc["tk_hd95", "n"] == 1

@@ -43,15 +43,30 @@ def _writes(folder: Path):
     """name -> (serialiser the data goes through, output path, the write)."""
     ref = folder / "ref.nii.gz"
     return {
-        "nifti": ("nib.save", folder / "vol.nii.gz", lambda: save_nifti(folder / "vol.nii.gz", _big_volume(), kits_affine())),
-        "nifti_like": ("nib.save", folder / "pred.nii.gz",
-                       lambda: save_like(folder / "pred.nii.gz", np.ones((4, 8, 8), np.uint8), ref)),
-        "json": ("Path.write_text", folder / "big.json",
-                 lambda: write_json_atomic(folder / "big.json", {"values": np.arange(200_000).tolist()})),
+        "nifti": (
+            "nib.save",
+            folder / "vol.nii.gz",
+            lambda: save_nifti(folder / "vol.nii.gz", _big_volume(), kits_affine()),
+        ),
+        "nifti_like": (
+            "nib.save",
+            folder / "pred.nii.gz",
+            lambda: save_like(folder / "pred.nii.gz", np.ones((4, 8, 8), np.uint8), ref),
+        ),
+        "json": (
+            "Path.write_text",
+            folder / "big.json",
+            lambda: write_json_atomic(folder / "big.json", {"values": np.arange(200_000).tolist()}),
+        ),
         "npy": ("np.save", folder / "arr.npy", lambda: save_npy_atomic(folder / "arr.npy", _big_volume())),
-        "csv": ("DataFrame.to_csv", folder / "split.csv",
-                lambda: write_split(pd.DataFrame({"case_id": [f"case_{i:05d}" for i in range(60_000)], "subset": "train"}),
-                                    folder / "split.csv")),
+        "csv": (
+            "DataFrame.to_csv",
+            folder / "split.csv",
+            lambda: write_split(
+                pd.DataFrame({"case_id": [f"case_{i:05d}" for i in range(60_000)], "subset": "train"}),
+                folder / "split.csv",
+            ),
+        ),
     }
 
 
@@ -89,8 +104,11 @@ def small_fs(tmp_path):
         pytest.skip("mount/umount not available")
     mountpoint = tmp_path / "small"
     mountpoint.mkdir()
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS},mode=0755", "tmpfs", str(mountpoint)],
-                          capture_output=True, text=True)
+    proc = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS},mode=0755", "tmpfs", str(mountpoint)],
+        capture_output=True,
+        text=True,
+    )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (container without CAP_SYS_ADMIN?): {proc.stderr.strip()}")
     try:

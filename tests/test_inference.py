@@ -3,12 +3,19 @@ import json
 import nibabel as nib
 import numpy as np
 import pytest
-
 from scipy import ndimage
 
-from kidney_seg.inference import (gaussian_importance_map, linear_weights, predict_case, predict_slice_logits,
-                                  predict_volume, probabilities_to_labels, resample_linear_slab, tile_starts)
 from kidney_seg.config import with_defaults
+from kidney_seg.inference import (
+    gaussian_importance_map,
+    linear_weights,
+    predict_case,
+    predict_slice_logits,
+    predict_volume,
+    probabilities_to_labels,
+    resample_linear_slab,
+    tile_starts,
+)
 from kidney_seg.plan import make_plan, read_plan
 from kidney_seg.preprocessing import body_box
 from tests.conftest import kits_affine, write_nifti
@@ -50,11 +57,15 @@ def test_constant_model_gives_constant_output_without_seams():
     np.testing.assert_allclose(out, np.broadcast_to([1.0, 3.0, -2.0], out.shape), atol=1e-5)
 
 
-@pytest.mark.parametrize("shape,patch,step,gaussian", [((77, 101), (32, 32), 0.5, True), ((50, 50), (16, 32), 0.3, False),
-                                                        ((10, 7), (32, 32), 0.5, True)])
+@pytest.mark.parametrize(
+    "shape,patch,step,gaussian",
+    [((77, 101), (32, 32), 0.5, True), ((50, 50), (16, 32), 0.3, False), ((10, 7), (32, 32), 0.5, True)],
+)
 def test_passthrough_model_reproduces_input(shape, patch, step, gaussian):
     image = np.random.default_rng(1).normal(size=shape).astype(np.float32)
-    out = predict_slice_logits(image, passthrough_model, 2, patch, step=step, gaussian=gaussian, mirror_tta=True, batch_size=5)
+    out = predict_slice_logits(
+        image, passthrough_model, 2, patch, step=step, gaussian=gaussian, mirror_tta=True, batch_size=5
+    )
     np.testing.assert_allclose(out[..., 0], image, atol=1e-5)
 
 
@@ -77,8 +88,14 @@ def test_probabilities_to_labels_resamples_to_shape():
 
 def fake_plan(preprocessing: dict, fingerprint: dict | None = None, **training) -> dict:
     """A model's inference.json: the plan of a phantom config with these preprocessing and training settings."""
-    return make_plan({"dataset": {"source": "phantom"}, "preprocessing": with_defaults("preprocessing", preprocessing),
-                      "training": with_defaults("training", {"patch_size": [32, 32], **training})}, fingerprint)
+    return make_plan(
+        {
+            "dataset": {"source": "phantom"},
+            "preprocessing": with_defaults("preprocessing", preprocessing),
+            "training": with_defaults("training", {"patch_size": [32, 32], **training}),
+        },
+        fingerprint,
+    )
 
 
 def fake_settings(**overrides):
@@ -98,8 +115,11 @@ def layouts(data):
     return {
         "kits": (data, kits_affine((2.5, 0.9, 0.8)), lambda a: a),
         "ras": (ras, np.diag([0.8, 0.9, 2.5, 1.0]), lambda a: np.flip(a, axis=(0, 1, 2)).transpose(2, 1, 0)),
-        "odd": (odd, np.array([[0, 0, 0.8, -10], [0.9, 0, 0, 5], [0, 2.5, 0, 100], [0, 0, 0, 1]], float),
-                lambda a: np.transpose(a[:, :, ::-1], (1, 0, 2))),
+        "odd": (
+            odd,
+            np.array([[0, 0, 0.8, -10], [0.9, 0, 0, 5], [0, 2.5, 0, 100], [0, 0, 0, 1]], float),
+            lambda a: np.transpose(a[:, :, ::-1], (1, 0, 2)),
+        ),
     }
 
 
@@ -116,8 +136,14 @@ def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
     back_in_kits = {}
     for name, (arr, affine, to_kits) in layouts(data).items():
         path = write_nifti(tmp_path / f"{name}.nii.gz", arr, affine, qcode=1, scode=1)
-        predict_case(name, path, tmp_path / "model", tmp_path / f"pred_{name}.nii.gz", cfg,
-                     predictor=(threshold_model, fake_settings()))
+        predict_case(
+            name,
+            path,
+            tmp_path / "model",
+            tmp_path / f"pred_{name}.nii.gz",
+            cfg,
+            predictor=(threshold_model, fake_settings()),
+        )
         out = nib.load(str(tmp_path / f"pred_{name}.nii.gz"))
         assert out.shape == arr.shape and out.get_data_dtype() == np.uint8
         np.testing.assert_allclose(out.affine, affine)
@@ -138,7 +164,9 @@ def test_slab_equals_slice_by_slice():
     volume = np.random.default_rng(4).normal(size=(5, 40, 52)).astype(np.float32)
     slab = predict_slab_logits(volume, flip_equivariant_model, 2, (32, 32), batch_size=7)
     for z in range(5):
-        np.testing.assert_allclose(slab[z], predict_slice_logits(volume[z], flip_equivariant_model, 2, (32, 32)), atol=1e-6)
+        np.testing.assert_allclose(
+            slab[z], predict_slice_logits(volume[z], flip_equivariant_model, 2, (32, 32)), atol=1e-6
+        )
     probs = predict_probabilities(volume, passthrough_model, 2, (32, 32), batch_size=64)
     assert probs.shape == (2, 5, 40, 52)
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
@@ -173,8 +201,9 @@ def test_threshold_model_finds_the_block_with_and_without_crop():
     image = body_phantom()
     for crop in (True, False):
         for spacing in ([3.0, 1.5, 1.5], None):
-            labels = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=crop, target_spacing=spacing),
-                                    threshold_model, CFG)
+            labels = predict_volume(
+                image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=crop, target_spacing=spacing), threshold_model, CFG
+            )
             bright = image > 200
             assert labels.shape == image.shape
             assert (labels[bright] == 1).mean() > 0.7 and (labels[~bright] == 1).mean() < 0.05
@@ -190,13 +219,21 @@ def test_dataset_normalisation_settings_are_used():
 
 
 def test_an_inference_json_that_is_not_a_whole_plan_is_refused(tmp_path):
-    legacy = {"num_classes": 3, "labels": [0, 1, 2], "patch_size": [32, 32], "target_spacing": [3.0, 1.5, 1.5],
-              "clip": [-100, 300], "normalization": "zscore_slice"}  # the flat settings of an unreleased version
+    legacy = {
+        "num_classes": 3,
+        "labels": [0, 1, 2],
+        "patch_size": [32, 32],
+        "target_spacing": [3.0, 1.5, 1.5],
+        "clip": [-100, 300],
+        "normalization": "zscore_slice",
+    }  # the flat settings of an unreleased version
     (tmp_path / "inference.json").write_text(json.dumps(legacy))
     with pytest.raises(ValueError, match=r"inference\.json: missing keys \['class_names', 'output_activation'"):
         read_plan(tmp_path / "inference.json")
-    unresolved = fake_plan({"target_spacing": None, "clip": "auto", "normalization": "dataset"},
-                           {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 100.0})
+    unresolved = fake_plan(
+        {"target_spacing": None, "clip": "auto", "normalization": "dataset"},
+        {"percentile_00_5": -100.0, "percentile_99_5": 300.0, "mean": 40.0, "std": 100.0},
+    )
     unresolved["preprocessing"]["mean"] = None
     (tmp_path / "inference.json").write_text(json.dumps(unresolved))
     with pytest.raises(ValueError, match="needs 'mean' and 'std'"):
@@ -208,8 +245,11 @@ def test_slab_linear_resampling_equals_full_zoom(shape):
     vol = np.random.default_rng(7).random((4, 12, 10)).astype(np.float32)
     ref = ndimage.zoom(vol, [n / o for n, o in zip(shape, vol.shape)], order=1, mode="nearest", grid_mode=True)
     np.testing.assert_allclose(resample_linear_slab(vol, shape, 0, shape[0]), ref, atol=1e-5)
-    np.testing.assert_allclose(np.concatenate([resample_linear_slab(vol, shape, z, min(z + 2, shape[0]))
-                                               for z in range(0, shape[0], 2)]), ref, atol=1e-5)
+    np.testing.assert_allclose(
+        np.concatenate([resample_linear_slab(vol, shape, z, min(z + 2, shape[0])) for z in range(0, shape[0], 2)]),
+        ref,
+        atol=1e-5,
+    )
     lo, hi, w = linear_weights(4, shape[0])
     assert lo.min() >= 0 and hi.max() <= 3 and np.all((w >= 0) & (w <= 1))
 
@@ -219,8 +259,12 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
     logits = ndimage.gaussian_filter(rng.normal(size=(3, 5, 16, 14)), sigma=(0, 1, 2, 2)) * 5
     probs = np.exp(logits) / np.exp(logits).sum(0)
     shape = (11, 30, 27)
-    full = np.stack([ndimage.zoom(p, [n / o for n, o in zip(shape, p.shape)], order=1, mode="nearest", grid_mode=True)
-                     for p in probs.astype(np.float32)])
+    full = np.stack(
+        [
+            ndimage.zoom(p, [n / o for n, o in zip(shape, p.shape)], order=1, mode="nearest", grid_mode=True)
+            for p in probs.astype(np.float32)
+        ]
+    )
     top2 = np.sort(full, axis=0)[-2:]
     clear = top2[1] - top2[0] > 1e-4
     for slab in (1, 4, 64):
@@ -246,8 +290,12 @@ def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, ki
     settings = fake_settings(target_spacing=[5.0, 2.5, 2.5])
     cfg = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 16}
     (tmp_path / "model").mkdir()
-    a = predict_case("k", kits_path, tmp_path / "model", tmp_path / "a.nii.gz", cfg, predictor=(threshold_model, settings))
-    b = predict_case("r", ras_path, tmp_path / "model", tmp_path / "b.nii.gz", cfg, predictor=(threshold_model, settings))
+    a = predict_case(
+        "k", kits_path, tmp_path / "model", tmp_path / "a.nii.gz", cfg, predictor=(threshold_model, settings)
+    )
+    b = predict_case(
+        "r", ras_path, tmp_path / "model", tmp_path / "b.nii.gz", cfg, predictor=(threshold_model, settings)
+    )
     assert a.shape == label.shape and b.shape == ras.shape
     np.testing.assert_array_equal(np.flip(b, axis=(0, 1, 2)).transpose(2, 1, 0), a)
     assert (a[label == 1] == 1).mean() > 0.5
@@ -266,7 +314,9 @@ def sigmoid_threshold_model(x):
 def test_sigmoid_scores_threshold_and_sum_rule():
     from kidney_seg.inference import class_scores, sigmoid_scores
 
-    logits = np.array([[-3.0, -1.0], [0.5, -1.0], [0.5, 2.0], [3.0, 1.0], [0.0, 0.0], [-0.1, 0.2], [1e-3, -20.0]], np.float32)
+    logits = np.array(
+        [[-3.0, -1.0], [0.5, -1.0], [0.5, 2.0], [3.0, 1.0], [0.0, 0.0], [-0.1, 0.2], [1e-3, -20.0]], np.float32
+    )
     scores = sigmoid_scores(logits)
     assert scores.shape == (7, 3) and scores.dtype == np.float32
     fg = 1 / (1 + np.exp(-logits.astype(np.float64)))
@@ -298,19 +348,29 @@ def test_sigmoid_model_finds_the_block():
 
     image = body_phantom()
     for tta in (False, True):
-        labels = predict_volume(image, (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "sigmoid"}, sigmoid_threshold_model,
-                                {**CFG, "mirror_tta": tta})
+        labels = predict_volume(
+            image,
+            (2.5, 1.0, 1.0),
+            {**fake_settings(), "output_activation": "sigmoid"},
+            sigmoid_threshold_model,
+            {**CFG, "mirror_tta": tta},
+        )
         bright = image > 200
         assert (labels[bright] == 1).mean() > 0.7 and (labels[~bright] == 1).mean() < 0.05 and not (labels == 2).any()
-    probs = predict_probabilities(np.zeros((2, 20, 20), np.float32), sigmoid_constant_model(1.0, -1.0), 3, (16, 16),
-                                  output_activation="sigmoid")
+    probs = predict_probabilities(
+        np.zeros((2, 20, 20), np.float32), sigmoid_constant_model(1.0, -1.0), 3, (16, 16), output_activation="sigmoid"
+    )
     assert probs.shape == (3, 2, 20, 20)
-    np.testing.assert_allclose(probs[:, 0, 0, 0], [1 - 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))], rtol=1e-5)
+    np.testing.assert_allclose(
+        probs[:, 0, 0, 0], [1 - 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(-1)), 1 / (1 + np.exp(1))], rtol=1e-5
+    )
 
 
 def test_unknown_output_activation_is_refused():
     with pytest.raises(ValueError, match="output_activation"):
-        predict_volume(body_phantom(), (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "tanh"}, constant_model, CFG)
+        predict_volume(
+            body_phantom(), (2.5, 1.0, 1.0), {**fake_settings(), "output_activation": "tanh"}, constant_model, CFG
+        )
 
 
 def logit_model(logits):
@@ -384,10 +444,19 @@ def test_predict_case_applies_a_postprocessing_decision(tmp_path):
     predictor = ([threshold_model], fake_settings(target_spacing=None))
     raw = predict_case("scan", tmp_path / "scan.nii.gz", None, tmp_path / "raw.nii.gz", CFG, predictor=predictor)
     assert raw[3, 10:13, 30:33].any()
-    decision = {"apply": ["foreground"], "settings": {"enabled": True, "keep_largest": 1, "min_component_ml": 0.0,
-                                                       "min_tumor_ml": 0.0}}
-    kept = predict_case("scan", tmp_path / "scan.nii.gz", None, tmp_path / "pp.nii.gz", CFG, predictor=predictor,
-                        postprocess=decided_steps(decision))
+    decision = {
+        "apply": ["foreground"],
+        "settings": {"enabled": True, "keep_largest": 1, "min_component_ml": 0.0, "min_tumor_ml": 0.0},
+    }
+    kept = predict_case(
+        "scan",
+        tmp_path / "scan.nii.gz",
+        None,
+        tmp_path / "pp.nii.gz",
+        CFG,
+        predictor=predictor,
+        postprocess=decided_steps(decision),
+    )
     assert decided_steps({**decision, "apply": []}) is None
     assert not kept[3, 10:13, 30:33].any()
     np.testing.assert_array_equal(kept[2:5, 25:35, 30:40], raw[2:5, 25:35, 30:40])

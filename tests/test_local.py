@@ -34,9 +34,13 @@ def test_root_layout_mixed(root):
     cfg = {"source": "local", "root": str(root)}
     cases = list_cases(cfg)
     assert cases == [
-        Case("case_00000", str(root / "case_00000" / "imaging.nii.gz"), str(root / "case_00000" / "segmentation.nii.gz")),
+        Case(
+            "case_00000", str(root / "case_00000" / "imaging.nii.gz"), str(root / "case_00000" / "segmentation.nii.gz")
+        ),
         Case("case_00001", str(root / "case_00001" / "imaging.nii.gz"), None),
-        Case("case_00002", str(root / "case_00002" / "imaging.nii.gz"), str(root / "case_00002" / "segmentation.nii.gz")),
+        Case(
+            "case_00002", str(root / "case_00002" / "imaging.nii.gz"), str(root / "case_00002" / "segmentation.nii.gz")
+        ),
     ]
     labelled, unlabelled = select(cases, {**cfg, "unlabelled_cases": "all"})
     assert _ids(labelled) == ["case_00000", "case_00002"] and _ids(unlabelled) == ["case_00001"]
@@ -106,9 +110,21 @@ def test_manifest_extra_columns_bom_and_relative_manifest_path(tmp_path, monkeyp
     [
         ("case_id,image\ncase_00001,x.nii.gz\n", ValueError, r"missing column.*label"),
         ("case_id,image,label\ncase_1,x.nii.gz,\n", ValueError, r"line 2.*'case_1'.*case_XXXXX"),
-        ("case_id,image,label\ncase_00001,x.nii.gz,\ncase_00001,x.nii.gz,\n", ValueError, r"case_00001.*twice.*lines 2 and 3"),
-        ("case_id,image,label\ncase_00001,missing.nii.gz,\n", CaseDataError, r"case_00001.*missing\.nii\.gz.*not found.*line 2"),
-        ("case_id,image,label\ncase_00001,x.nii.gz,nolabel.nii.gz\n", CaseDataError, r"case_00001.*nolabel\.nii\.gz.*not found"),
+        (
+            "case_id,image,label\ncase_00001,x.nii.gz,\ncase_00001,x.nii.gz,\n",
+            ValueError,
+            r"case_00001.*twice.*lines 2 and 3",
+        ),
+        (
+            "case_id,image,label\ncase_00001,missing.nii.gz,\n",
+            CaseDataError,
+            r"case_00001.*missing\.nii\.gz.*not found.*line 2",
+        ),
+        (
+            "case_id,image,label\ncase_00001,x.nii.gz,nolabel.nii.gz\n",
+            CaseDataError,
+            r"case_00001.*nolabel\.nii\.gz.*not found",
+        ),
         ("case_id,image,label\ncase_00001,,\n", CaseDataError, r"case_00001.*line 2.*empty image"),
         ("case_id,image,label\n", ValueError, "lists no cases"),
     ],
@@ -138,7 +154,9 @@ def test_manifest_path_outside_the_manifest_folder_is_refused(tmp_path, image):
     outside = _vol(tmp_path / "outside.nii.gz")  # exists, but outside the data folder
     _vol(tmp_path / "data" / "sub" / "x.nii.gz")
     cfg = _manifest_case(tmp_path, image.format(abs=outside))
-    with pytest.raises(CaseDataError, match=r"case_00001.*manifest .*manifest\.csv line 2.*outside the manifest folder") as err:
+    with pytest.raises(
+        CaseDataError, match=r"case_00001.*manifest .*manifest\.csv line 2.*outside the manifest folder"
+    ) as err:
         list_cases(cfg)
     assert image.format(abs=outside) in str(err.value)
 
@@ -178,8 +196,18 @@ def test_manifest_paths_must_lie_in_dataset_root_when_set(tmp_path):
         list_cases(_manifest_case(tmp_path, "b.nii.gz", root=str(scans)))
 
 
-@pytest.mark.parametrize("case_id", ["../../x", "case_00001/../../x", "/tmp/case_00001", "case_0000\u0661", "case_000011",
-                                     " case_00001x", "CASE_00001"])
+@pytest.mark.parametrize(
+    "case_id",
+    [
+        "../../x",
+        "case_00001/../../x",
+        "/tmp/case_00001",
+        "case_0000\u0661",
+        "case_000011",
+        " case_00001x",
+        "CASE_00001",
+    ],
+)
 def test_manifest_case_ids_that_could_be_paths_are_refused(tmp_path, case_id):
     _vol(tmp_path / "x.nii.gz")
     manifest = _write_manifest(tmp_path / "manifest.csv", f"case_id,image,label\n{case_id},x.nii.gz,\n")
@@ -190,7 +218,9 @@ def test_manifest_case_ids_that_could_be_paths_are_refused(tmp_path, case_id):
 def test_root_layout_symlinks_leading_outside_are_refused(tmp_path, root):
     elsewhere = _vol(tmp_path / "elsewhere" / "case_00009" / "imaging.nii.gz").parent
     (root / "case_00009").symlink_to(elsewhere, target_is_directory=True)
-    with pytest.raises(CaseDataError, match=r"case_00009.*imaging\.nii\.gz.*outside dataset\.root.*resolves to .*elsewhere"):
+    with pytest.raises(
+        CaseDataError, match=r"case_00009.*imaging\.nii\.gz.*outside dataset\.root.*resolves to .*elsewhere"
+    ):
         list_cases({"source": "local", "root": str(root)})
     (root / "case_00009").unlink()
     _vol(root / "case_00009" / "imaging.nii.gz")

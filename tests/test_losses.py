@@ -74,7 +74,9 @@ def test_sigmoid_dice_bce_matches_numpy():
     assert got == pytest.approx(reference_sigmoid_loss(labels, logits.astype(np.float64)), rel=1e-4)
     got_channel = float(keras.ops.convert_to_numpy(loss(labels[..., None], logits)))
     assert got_channel == pytest.approx(got, rel=1e-6)
-    half = float(keras.ops.convert_to_numpy(loss(labels, logits.astype(np.float16))))  # mixed precision: computed in float32
+    half = float(
+        keras.ops.convert_to_numpy(loss(labels, logits.astype(np.float16)))
+    )  # mixed precision: computed in float32
     assert half == pytest.approx(got, rel=1e-2)
 
 

@@ -9,7 +9,9 @@ from tests.conftest import REPO
 
 def test_the_repos_config_builds_the_papers_12_3m_parameter_model():
     cfg = load_config(REPO / "config.yaml")  # the paper's setup, as the workflow reads it
-    model = build_from_config(cfg["model"], len(labels_of(cfg["dataset"]["source"])), cfg["training"]["output_activation"])
+    model = build_from_config(
+        cfg["model"], len(labels_of(cfg["dataset"]["source"])), cfg["training"]["output_activation"]
+    )
     assert 12.2e6 < model.count_params() < 12.4e6
 
 
@@ -22,7 +24,11 @@ def test_small_unet_shapes(upsampling, order):
         assert out.shape == shape[:3] + (3,)
     names = [layer.name for layer in model.layers]
     first = [n for n in names if n.startswith("enc0_0")]
-    expected = ["enc0_0_conv", "enc0_0_act", "enc0_0_bn"] if order == "conv_act_norm" else ["enc0_0_conv", "enc0_0_bn", "enc0_0_act"]
+    expected = (
+        ["enc0_0_conv", "enc0_0_act", "enc0_0_bn"]
+        if order == "conv_act_norm"
+        else ["enc0_0_conv", "enc0_0_bn", "enc0_0_act"]
+    )
     assert first == expected
 
 
@@ -45,7 +51,6 @@ def test_bilinear_upsampling_matches_resize():
 
 
 def test_saved_model_round_trip(tmp_path):
-    import keras
 
     model = build_unet(num_classes=3, base_filters=4, levels=3)
     x = np.random.default_rng(1).normal(size=(1, 16, 24, 1)).astype(np.float32)

@@ -6,8 +6,16 @@ import numpy as np
 import pytest
 
 from kidney_seg.config import deep_merge, load_config
-from kidney_seg.plan import (PLAN_NAME, build_plan, check_plan, make_plan, plan_digest, plan_inputs, read_plan,
-                             write_plan)
+from kidney_seg.plan import (
+    PLAN_NAME,
+    build_plan,
+    check_plan,
+    make_plan,
+    plan_digest,
+    plan_inputs,
+    read_plan,
+    write_plan,
+)
 from tests.conftest import REPO, kits_affine, write_nifti
 
 FINGERPRINT = {"percentile_00_5": -60.0, "percentile_99_5": 310.0, "mean": 120.0, "std": 80.0}
@@ -26,17 +34,28 @@ def with_overrides(config: dict, overrides: dict) -> dict:
 def test_the_paper_configs_plan(tmp_path):
     plan = build_plan(plan_inputs(paper()), None, tmp_path / PLAN_NAME)
     assert plan == {
-        "labels": [0, 1, 2], "class_names": ["background", "kidney", "tumor"], "num_classes": 3, "patch_size": [224, 224],
+        "labels": [0, 1, 2],
+        "class_names": ["background", "kidney", "tumor"],
+        "num_classes": 3,
+        "patch_size": [224, 224],
         "output_activation": "softmax",
-        "preprocessing": {"target_spacing": [3.0, 0.7816, 0.7816], "clip": [-75.76, 349.49], "normalization": "zscore_slice",
-                          "mean": None, "std": None, "crop_to_body": True},
+        "preprocessing": {
+            "target_spacing": [3.0, 0.7816, 0.7816],
+            "clip": [-75.76, 349.49],
+            "normalization": "zscore_slice",
+            "mean": None,
+            "std": None,
+            "crop_to_body": True,
+        },
     }
     assert json.loads((tmp_path / PLAN_NAME).read_text()) == plan == read_plan(tmp_path / PLAN_NAME)
     assert make_plan(paper(), None) == plan, "a whole config and its plan inputs give the same plan"
 
 
 def test_kits21_plans_four_classes():
-    plan = make_plan(with_overrides(paper(), {"dataset": {"source": "kits21"}, "training": {"output_activation": "sigmoid"}}), None)
+    plan = make_plan(
+        with_overrides(paper(), {"dataset": {"source": "kits21"}, "training": {"output_activation": "sigmoid"}}), None
+    )
     assert plan["labels"] == [0, 1, 2, 3] and plan["class_names"][-1] == "cyst" and plan["num_classes"] == 4
     assert plan["output_activation"] == "sigmoid"
 
@@ -56,9 +75,13 @@ def test_the_fingerprint_is_folded_in_where_the_config_needs_it(tmp_path):
 
 def test_a_plan_is_checked_where_it_is_read(tmp_path):
     plan = make_plan(paper(), None)
-    for broken, message in [({**plan, "num_classes": 4}, "num_classes"), ({**plan, "output_activation": "tanh"}, "tanh"),
-                            ({**plan, "extra": 1}, "unknown keys"), ({**plan, "patch_size": [224]}, "patch_size"),
-                            ({**plan, "preprocessing": {**plan["preprocessing"], "clip": "auto"}}, "unresolved")]:
+    for broken, message in [
+        ({**plan, "num_classes": 4}, "num_classes"),
+        ({**plan, "output_activation": "tanh"}, "tanh"),
+        ({**plan, "extra": 1}, "unknown keys"),
+        ({**plan, "patch_size": [224]}, "patch_size"),
+        ({**plan, "preprocessing": {**plan["preprocessing"], "clip": "auto"}}, "unresolved"),
+    ]:
         (tmp_path / PLAN_NAME).write_text(json.dumps(broken))
         with pytest.raises(ValueError, match=message):
             read_plan(tmp_path / PLAN_NAME)
@@ -87,13 +110,26 @@ def test_preprocess_and_predict_apply_the_same_plan(tmp_path):
     affine = kits_affine((2.5, 0.9, 0.9))
     img, lab = write_nifti(tmp_path / "img.nii.gz", image, affine), write_nifti(tmp_path / "lab.nii.gz", label, affine)
     compute_fingerprint([("case_00000", str(img), str(lab))], tmp_path / "fingerprint.json")
-    config = with_overrides(paper(), {"dataset": {"source": "phantom"}, "training": {"patch_size": [32, 32]},
-                                      "model": {"levels": 4},
-                                      "preprocessing": {"clip": "auto", "normalization": "dataset", "target_spacing": [3.0, 1.5, 1.5]}})
+    config = with_overrides(
+        paper(),
+        {
+            "dataset": {"source": "phantom"},
+            "training": {"patch_size": [32, 32]},
+            "model": {"levels": 4},
+            "preprocessing": {"clip": "auto", "normalization": "dataset", "target_spacing": [3.0, 1.5, 1.5]},
+        },
+    )
     plan = build_plan(plan_inputs(config), tmp_path / "fingerprint.json", tmp_path / PLAN_NAME)
     plan = read_plan(tmp_path / PLAN_NAME)
-    meta = preprocess_case("case_00000", img, lab, tmp_path / "pre", plan["preprocessing"], tuple(plan["labels"]),
-                           plan_digest=plan_digest(plan))
+    meta = preprocess_case(
+        "case_00000",
+        img,
+        lab,
+        tmp_path / "pre",
+        plan["preprocessing"],
+        tuple(plan["labels"]),
+        plan_digest=plan_digest(plan),
+    )
     assert meta["plan_digest"] == plan_digest(plan) and "settings" not in meta
     assert meta["num_classes"] == plan["num_classes"]
     # what predict runs on a scan (inference.predict_volume) is what the slice cache holds

@@ -134,7 +134,7 @@ def test_small_tumours_relabelled_by_what_they_touch():
     assert np.all(out[6:11, 9:14, 6:11] == ev.TUMOR)  # big -> kept
     assert not np.any(out[15:17, 0:2, 36:38])  # small, isolated -> background
     assert out[12, 35, 35] == 0  # corner contact is not face contact -> background
-    unchanged = (pred != ev.TUMOR)
+    unchanged = pred != ev.TUMOR
     np.testing.assert_array_equal(out[unchanged], pred[unchanged])
 
 
@@ -401,8 +401,9 @@ def test_decide_from_files_list_lengths_must_match(tmp_path):
 
 def test_decide_from_files_disabled_writes_reason_without_reading(tmp_path):
     out = tmp_path / "d.json"
-    decision = pp.decide_from_files(["a"], [tmp_path / "missing.nii.gz"], [tmp_path / "x.nii.gz"],
-                                    _settings(enabled=False), out)
+    decision = pp.decide_from_files(
+        ["a"], [tmp_path / "missing.nii.gz"], [tmp_path / "x.nii.gz"], _settings(enabled=False), out
+    )
     assert decision["apply"] == [] and decision["enabled"] is False and "disabled" in decision["reason"]
     assert pp.read_decision(out)["validation_cases"] == ["a"]
 

@@ -6,14 +6,27 @@ import pytest
 from scipy import ndimage
 
 import kidney_seg.preprocessing as pre
-from kidney_seg.errors import CaseDataError
 from kidney_seg import volume
-from kidney_seg.preprocessing import (body_box, clip_hu, compute_fingerprint, needs_fingerprint, nearest_indices,
-                                      normalize, preprocess_case, preprocess_image,
-                                      resample_image, resample_label, resampled_shape, resolve_preprocessing,
-                                      slice_index, zscore_slices)
 from kidney_seg.config import with_defaults
+from kidney_seg.errors import CaseDataError
+from kidney_seg.preprocessing import (
+    body_box,
+    clip_hu,
+    compute_fingerprint,
+    nearest_indices,
+    needs_fingerprint,
+    normalize,
+    preprocess_case,
+    preprocess_image,
+    resample_image,
+    resample_label,
+    resampled_shape,
+    resolve_preprocessing,
+    slice_index,
+    zscore_slices,
+)
 from tests.conftest import kits_affine, write_nifti
+
 
 def small_chunks(monkeypatch, nbytes: int) -> None:
     """Stream in blocks of ``nbytes``: many chunks, along each layout's slowest axis."""
@@ -21,8 +34,12 @@ def small_chunks(monkeypatch, nbytes: int) -> None:
     monkeypatch.setattr(pre, "CHUNK_BYTES", nbytes)
 
 
-CFG = {"target_spacing": [3.0, 0.7816, 0.7816], "clip": [-75.76, 349.49], "normalization": "zscore_slice",
-       "crop_to_body": True}
+CFG = {
+    "target_spacing": [3.0, 0.7816, 0.7816],
+    "clip": [-75.76, 349.49],
+    "normalization": "zscore_slice",
+    "crop_to_body": True,
+}
 FP = {"percentile_00_5": -50.0, "percentile_99_5": 300.0, "mean": 100.0, "std": 50.0}
 
 
@@ -35,8 +52,14 @@ def settings(**overrides):
 
 def test_resolve_explicit_settings():
     s = resolve_preprocessing(CFG, None)
-    assert s == {"target_spacing": [3.0, 0.7816, 0.7816], "clip": [-75.76, 349.49], "normalization": "zscore_slice",
-                 "mean": None, "std": None, "crop_to_body": True}
+    assert s == {
+        "target_spacing": [3.0, 0.7816, 0.7816],
+        "clip": [-75.76, 349.49],
+        "normalization": "zscore_slice",
+        "mean": None,
+        "std": None,
+        "crop_to_body": True,
+    }
     assert not needs_fingerprint(CFG)
     json.dumps(s)  # JSON-serialisable
 
@@ -66,9 +89,18 @@ def test_resolve_needs_fingerprint(cfg):
         resolve_preprocessing(cfg, {"n_cases": 3})
 
 
-@pytest.mark.parametrize("bad", [{"clip": [300, -50]}, {"clip": [1, 2, 3]}, {"clip": "manual"},
-                                 {"normalization": "minmax"}, {"target_spacing": [1.0, 0.0, 1.0]},
-                                 {"target_spacing": [1.0, 1.0]}, {"crop_to_body": "yes"}])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"clip": [300, -50]},
+        {"clip": [1, 2, 3]},
+        {"clip": "manual"},
+        {"normalization": "minmax"},
+        {"target_spacing": [1.0, 0.0, 1.0]},
+        {"target_spacing": [1.0, 1.0]},
+        {"crop_to_body": "yes"},
+    ],
+)
 def test_resolve_rejects_invalid_values(bad):
     with pytest.raises(ValueError):
         resolve_preprocessing({**CFG, **bad}, FP)
@@ -138,7 +170,7 @@ def test_fingerprint_uses_only_foreground_and_matches_numpy(tmp_path):
     cases = fingerprint_cases(tmp_path)
     fp = compute_fingerprint(cases, tmp_path / "fp.json", seed=1, samples_per_case=10_000)
     values = []
-    for case_id, ip, lp in cases:
+    for _case_id, ip, lp in cases:
         img, lab = np.asanyarray(nib.load(ip).dataobj), np.asanyarray(nib.load(lp).dataobj)
         values.append(img[lab > 0].astype(np.float64))
     pooled = np.concatenate(values)
@@ -155,7 +187,7 @@ def test_fingerprint_sampling_is_seeded_and_order_independent(tmp_path):
     a = compute_fingerprint(cases, tmp_path / "a.json", seed=7, samples_per_case=50)
     b = compute_fingerprint(cases[::-1], tmp_path / "b.json", seed=7, samples_per_case=50)
     c = compute_fingerprint(cases, tmp_path / "c.json", seed=8, samples_per_case=50)
-    assert (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
+    assert a == b and (tmp_path / "a.json").read_bytes() == (tmp_path / "b.json").read_bytes()
     assert a["n_voxels"] == 150 and a["n_foreground_voxels"] > 150
     assert (a["mean"], a["std"]) != (c["mean"], c["std"])
     resolved = resolve_preprocessing({**CFG, "clip": "auto", "normalization": "dataset"}, a)
@@ -225,8 +257,14 @@ def old_zoom(array, shape, order):
     """The former implementation's full-volume zoom."""
     if tuple(array.shape) == tuple(shape):
         return array
-    return ndimage.zoom(array, [n / o for n, o in zip(shape, array.shape)], order=order, mode="nearest", grid_mode=True,
-                        prefilter=order > 1)
+    return ndimage.zoom(
+        array,
+        [n / o for n, o in zip(shape, array.shape)],
+        order=order,
+        mode="nearest",
+        grid_mode=True,
+        prefilter=order > 1,
+    )
 
 
 def old_resample_image(image, shape):
@@ -317,8 +355,12 @@ def test_preprocess_case_writes_cache(tmp_path):
     affine = kits_affine((4.0, 0.8, 0.8))
     ip = write_nifti(tmp_path / "raw" / "imaging.nii.gz", image, affine)
     lp = write_nifti(tmp_path / "raw" / "segmentation.nii.gz", label, affine)
-    s = resolve_preprocessing(with_defaults("preprocessing", {"target_spacing": [2.0, 1.6, 1.6], "clip": [-75.76, 349.49],
-                                                              "crop_to_body": False}), None)
+    s = resolve_preprocessing(
+        with_defaults(
+            "preprocessing", {"target_spacing": [2.0, 1.6, 1.6], "clip": [-75.76, 349.49], "crop_to_body": False}
+        ),
+        None,
+    )
     meta = preprocess_case("case_00004", ip, lp, tmp_path / "pre", s, (0, 1, 2))
     img, lab = np.load(tmp_path / "pre" / "image.npy"), np.load(tmp_path / "pre" / "label.npy")
     assert img.shape == lab.shape == (12, 16, 20) == tuple(meta["shape"])

@@ -67,8 +67,10 @@ def _split(tmp_path):
 def _benchmark(tmp_path):
     path = tmp_path / "benchmarks" / "train" / "model.tsv"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                    "3723.5\t1:02:03\t20480.25\t40960.5\t1\t1\t0\t0\t95.2\t3600\n")
+    path.write_text(
+        "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+        "3723.5\t1:02:03\t20480.25\t40960.5\t1\t1\t0\t0\t95.2\t3600\n"
+    )
     return path
 
 
@@ -161,8 +163,10 @@ def test_all_nan_metrics_and_zero_cases(tmp_path):
     pd.DataFrame(columns=["case_id", *ev.METRIC_COLUMNS]).to_csv(per_case_csv, index=False)
     summary_csv = tmp_path / "summary.csv"
     pd.DataFrame(
-        [{"metric": m, "n": 0, "mean": np.nan, "median": np.nan, "std": np.nan, "min": np.nan, "max": np.nan}
-         for m in ev.NUMERIC_METRICS]
+        [
+            {"metric": m, "n": 0, "mean": np.nan, "median": np.nan, "std": np.nan, "min": np.nan, "max": np.nan}
+            for m in ev.NUMERIC_METRICS
+        ]
     ).to_csv(summary_csv, index=False)
     out = tmp_path / "r.html"
     build_report(out, per_case_csv, summary_csv, None, None, {}, None)
@@ -207,10 +211,10 @@ SPACING = (3.0, 0.8, 0.75)  # internal (I, P, L) mm
 SHAPE = (12, 64, 80)
 #: case -> (tumour centre slice or None, prediction shift in columns, predicted false tumour)
 SCAN_CASES = {
-    "case_00003": (None, 0, True),   # no tumour; a false tumour is predicted: TU Dice 0, TU HD95 NaN
-    "case_00010": (3, 0, False),     # perfect: best by TU Dice
-    "case_00021": (8, 1, False),     # median
-    "case_00034": (4, 3, False),     # worst among the cases with a tumour
+    "case_00003": (None, 0, True),  # no tumour; a false tumour is predicted: TU Dice 0, TU HD95 NaN
+    "case_00010": (3, 0, False),  # perfect: best by TU Dice
+    "case_00021": (8, 1, False),  # median
+    "case_00034": (4, 3, False),  # worst among the cases with a tumour
 }
 KIDNEY_CENTRE_SLICE = 6
 
@@ -239,9 +243,11 @@ def make_scans(tmp_path):
     scans, rows, slices = {}, [], {}
     for case, (tumour_slice, shift, false_tumour) in SCAN_CASES.items():
         ct, truth, pred = _volumes(tumour_slice, shift, false_tumour, rng)
-        scans[case] = (write_nifti(tmp_path / "data" / case / "imaging.nii.gz", ct, affine),
-                       write_nifti(tmp_path / "data" / case / "segmentation.nii.gz", truth, affine),
-                       write_nifti(tmp_path / "predictions" / f"{case}.nii.gz", pred, affine))
+        scans[case] = (
+            write_nifti(tmp_path / "data" / case / "imaging.nii.gz", ct, affine),
+            write_nifti(tmp_path / "data" / case / "segmentation.nii.gz", truth, affine),
+            write_nifti(tmp_path / "predictions" / f"{case}.nii.gz", pred, affine),
+        )
         rows.append({"case_id": case, **ev.case_metrics(pred, truth, SPACING)})
         slices[case] = KIDNEY_CENTRE_SLICE if tumour_slice is None else tumour_slice
     per_case = pd.DataFrame(rows)[["case_id", *ev.METRIC_COLUMNS]]
@@ -250,10 +256,18 @@ def make_scans(tmp_path):
 
 def write_environment_json(path, **overrides):
     """A training environment.json as kidney_seg.environment writes it, with a GPU."""
-    env = {"hostname": "gpu-node-7", "cpu_model": "Test CPU <Xeon> & co", "cpu_count": 32, "cpus_usable": 16,
-           "memory_gb": 251.5, "python": "CPython 3.11.9", "platform": "Linux-test", "keras_backend": "jax",
-           "packages": {"keras": "3.99.0-test", "jax": "0.4.99-test", "numpy": "2.0.0"},
-           "accelerators": [{"name": "NVIDIA H200", "kind": "GPU", "id": "0"}]}
+    env = {
+        "hostname": "gpu-node-7",
+        "cpu_model": "Test CPU <Xeon> & co",
+        "cpu_count": 32,
+        "cpus_usable": 16,
+        "memory_gb": 251.5,
+        "python": "CPython 3.11.9",
+        "platform": "Linux-test",
+        "keras_backend": "jax",
+        "packages": {"keras": "3.99.0-test", "jax": "0.4.99-test", "numpy": "2.0.0"},
+        "accelerators": [{"name": "NVIDIA H200", "kind": "GPU", "id": "0"}],
+    }
     env.update(overrides)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(env))
@@ -270,17 +284,45 @@ def full_inputs(tmp_path):
     bench = results / "benchmarks"
     for rel, s in (("train/fold_0.tsv", 100.0), ("train/fold_1.tsv", 50.5), ("evaluate.tsv", 2.0)):
         (bench / rel).parent.mkdir(parents=True, exist_ok=True)
-        (bench / rel).write_text("s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
-                                 f"{s}\t0:00:{int(s) % 60:02d}\t{s * 10}\t{s * 20}\t1\t1\t0\t0\t95.2\t{s}\n")
+        (bench / rel).write_text(
+            "s\th:m:s\tmax_rss\tmax_vms\tmax_uss\tmax_pss\tio_in\tio_out\tmean_load\tcpu_time\n"
+            f"{s}\t0:00:{int(s) % 60:02d}\t{s * 10}\t{s * 20}\t1\t1\t0\t0\t95.2\t{s}\n"
+        )
     decision = results / "model" / "postprocessing.json"
     decision.parent.mkdir(parents=True, exist_ok=True)
-    decision.write_text(json.dumps({
-        "enabled": True, "settings": {"keep_largest": 2}, "validation_cases": ["case_00001"], "apply": ["foreground"],
-        "steps": [{"name": "foreground", "region": "tk", "dice_before": 0.80, "dice_after": 0.85, "other_region": "tu",
-                   "other_before": 0.30, "other_after": 0.30, "applied": True}]}))
+    decision.write_text(
+        json.dumps(
+            {
+                "enabled": True,
+                "settings": {"keep_largest": 2},
+                "validation_cases": ["case_00001"],
+                "apply": ["foreground"],
+                "steps": [
+                    {
+                        "name": "foreground",
+                        "region": "tk",
+                        "dice_before": 0.80,
+                        "dice_after": 0.85,
+                        "other_region": "tu",
+                        "other_before": 0.30,
+                        "other_after": 0.30,
+                        "applied": True,
+                    }
+                ],
+            }
+        )
+    )
     failures = tmp_path / "failures.csv"
-    pd.DataFrame([{"case_id": "case_00099", "stage": "preprocess", "reason": "corrupt gzip <b>stream</b> & more",
-                   "log": "logs/preprocess/case_00099.log"}]).to_csv(failures, index=False)
+    pd.DataFrame(
+        [
+            {
+                "case_id": "case_00099",
+                "stage": "preprocess",
+                "reason": "corrupt gzip <b>stream</b> & more",
+                "log": "logs/preprocess/case_00099.log",
+            }
+        ]
+    ).to_csv(failures, index=False)
     env0 = write_environment_json(results / "model" / "fold_0" / "environment.json")
     return dict(
         out_html=tmp_path / "out" / "report.html",
@@ -356,7 +398,8 @@ def test_distribution_plot_for_every_metric_with_nan_counts(tmp_path):
             plotted.add(m)
     assert plotted == set(ev.NUMERIC_METRICS)  # every numeric per-case metric, has_tumor is not one
     assert {"tk_dice", "tumor_precision", "tk_surface_dice"} <= set(
-        re.search(r'data-unit="score" data-metrics="([^"]*)"', section).group(1).split())
+        re.search(r'data-unit="score" data-metrics="([^"]*)"', section).group(1).split()
+    )
     assert re.search(r'data-unit="mm" data-metrics="tk_hd95 tu_hd95"', section)
     assert 'data-unit="ml-scatter"' in section  # predicted vs true volume
     assert '<tr data-metric="tumor_precision" data-plotted="2" data-skipped="1">' in section
@@ -367,13 +410,21 @@ def test_distribution_plot_for_every_metric_with_nan_counts(tmp_path):
 
 
 def test_distribution_values_skip_nan_and_count_them():
-    df = pd.DataFrame({"case_id": ["a", "b", "c", "d"], "tu_hd95": [1.0, np.nan, 3.0, np.inf],
-                       "has_tumor": [True, False, True, True], "note": ["x", "y", "z", "w"]})
+    df = pd.DataFrame(
+        {
+            "case_id": ["a", "b", "c", "d"],
+            "tu_hd95": [1.0, np.nan, 3.0, np.inf],
+            "has_tumor": [True, False, True, True],
+            "note": ["x", "y", "z", "w"],
+        }
+    )
     values, rows, skipped = rdist.metric_values(df, "tu_hd95")
     assert values.tolist() == [1.0, 3.0] and rows.tolist() == [0, 2] and skipped == 2
     assert rdist.numeric_metric_columns(df) == ["tu_hd95"]  # ids, flags and text are not metrics
-    assert [rdist.metric_unit(m) for m in ("tk_dice", "kidney_recall", "masses_surface_dice", "tu_hd95", "pred_cyst_ml",
-                                            "seconds")] == ["score", "score", "score", "mm", "ml", "other"]
+    assert [
+        rdist.metric_unit(m)
+        for m in ("tk_dice", "kidney_recall", "masses_surface_dice", "tu_hd95", "pred_cyst_ml", "seconds")
+    ] == ["score", "score", "score", "mm", "ml", "other"]
 
 
 def test_all_nan_metric_is_stated(tmp_path):
@@ -392,12 +443,14 @@ def test_all_nan_metric_is_stated(tmp_path):
 
 
 def test_pick_cases_ranks_tumour_cases_by_tu_dice():
-    df = pd.DataFrame({
-        "case_id": ["c_free", "c_a", "c_b", "c_c", "c_d", "c_e", "c_nan"],
-        "tu_dice": [1.0, 0.9, 0.2, 0.5, 0.7, 0.05, np.nan],
-        "tk_dice": [0.99, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
-        "has_tumor": [False, True, True, True, True, True, True],
-    })
+    df = pd.DataFrame(
+        {
+            "case_id": ["c_free", "c_a", "c_b", "c_c", "c_d", "c_e", "c_nan"],
+            "tu_dice": [1.0, 0.9, 0.2, 0.5, 0.7, 0.05, np.nan],
+            "tk_dice": [0.99, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6],
+            "has_tumor": [False, True, True, True, True, True, True],
+        }
+    )
     picks, metric = roverlays.pick_cases(df)
     assert metric == "tu_dice"
     # c_free (tumour-free, TU Dice 1.0) and c_nan are not ranked; order 0.9, 0.7, 0.5, 0.2, 0.05
@@ -406,8 +459,14 @@ def test_pick_cases_ranks_tumour_cases_by_tu_dice():
 
 
 def test_pick_cases_falls_back_to_tk_dice_without_tumours():
-    df = pd.DataFrame({"case_id": ["x", "y", "z", "w"], "tu_dice": [1.0, 1.0, 0.0, 1.0],
-                       "tk_dice": [0.5, 0.9, 0.7, 0.7], "has_tumor": [False] * 4})
+    df = pd.DataFrame(
+        {
+            "case_id": ["x", "y", "z", "w"],
+            "tu_dice": [1.0, 1.0, 0.0, 1.0],
+            "tk_dice": [0.5, 0.9, 0.7, 0.7],
+            "has_tumor": [False] * 4,
+        }
+    )
     picks, metric = roverlays.pick_cases(df)
     assert metric == "tk_dice"
     # 0.9 y; ties at 0.7 by case id: w before z; then 0.5 x. Median of 4 = the better middle one.
@@ -418,18 +477,20 @@ def test_pick_cases_merges_roles_with_few_cases():
     one = pd.DataFrame({"case_id": ["only"], "tu_dice": [0.3], "tk_dice": [0.8], "has_tumor": [True]})
     assert [(p["case_id"], p["roles"]) for p in roverlays.pick_cases(one)[0]] == [("only", ["best", "median", "worst"])]
     two = pd.DataFrame({"case_id": ["p", "q"], "tu_dice": [0.3, 0.6], "tk_dice": [0.8, 0.8], "has_tumor": [True, True]})
-    assert [(p["case_id"], p["roles"]) for p in roverlays.pick_cases(two)[0]] == [("q", ["best", "median"]),
-                                                                                  ("p", ["worst"])]
+    assert [(p["case_id"], p["roles"]) for p in roverlays.pick_cases(two)[0]] == [
+        ("q", ["best", "median"]),
+        ("p", ["worst"]),
+    ]
     assert roverlays.pick_cases(None) == ([], None)
     assert roverlays.pick_cases(pd.DataFrame(columns=["case_id", "tu_dice"])) == ([], None)
 
 
 def test_choose_slice_largest_tumour_then_largest_foreground():
     label = np.zeros((6, 10, 10), np.uint8)
-    label[1, :8, :8] = 1    # the largest kidney cross-section
-    label[2, :3, :3] = 2    # tumour area 9
-    label[4, :4, :4] = 2    # tumour area 16: the largest
-    label[5, :4, :4] = 2    # a tie: the first one wins
+    label[1, :8, :8] = 1  # the largest kidney cross-section
+    label[2, :3, :3] = 2  # tumour area 9
+    label[4, :4, :4] = 2  # tumour area 16: the largest
+    label[5, :4, :4] = 2  # a tie: the first one wins
     assert roverlays.choose_slice(label)[0] == 4
     assert "tumour" in roverlays.choose_slice(label)[1]
     label[label == 2] = 1
@@ -442,9 +503,15 @@ def test_choose_slice_largest_tumour_then_largest_foreground():
 def test_overlays_show_best_median_worst_at_the_largest_tumour_slice(tmp_path):
     page = _build_full(tmp_path)
     section = _section(page, "overlays")
-    figures = re.findall(r'<figure class="overlay" data-case="([^"]+)" data-roles="([^"]+)" data-slice="(\d+)"', section)
+    figures = re.findall(
+        r'<figure class="overlay" data-case="([^"]+)" data-roles="([^"]+)" data-slice="(\d+)"', section
+    )
     # case_00003 has no tumour and TU Dice 0: by TU Dice over the tumour cases it is not ranked
-    assert [(c, r) for c, r, _ in figures] == [("case_00010", "best"), ("case_00021", "median"), ("case_00034", "worst")]
+    assert [(c, r) for c, r, _ in figures] == [
+        ("case_00010", "best"),
+        ("case_00021", "median"),
+        ("case_00034", "worst"),
+    ]
     _, per_case, slices = make_scans(tmp_path / "again")
     assert {c: int(s) for c, _, s in figures} == {c: slices[c] for c, _, _ in figures}
     pngs = _pngs(section)
@@ -463,8 +530,9 @@ def test_overlay_uses_the_largest_kidney_slice_when_no_case_has_a_tumour(tmp_pat
     build_report(**kwargs)
     section = _section(kwargs["out_html"].read_text(), "overlays")
     assert "TK Dice (no test case has a tumour)" in section
-    assert re.search(rf'data-case="case_00003" data-roles="best median worst" data-slice="{KIDNEY_CENTRE_SLICE}"',
-                     section)
+    assert re.search(
+        rf'data-case="case_00003" data-roles="best median worst" data-slice="{KIDNEY_CENTRE_SLICE}"', section
+    )
 
 
 def test_overlay_png_stays_small_for_a_full_noisy_slice():
@@ -514,8 +582,23 @@ def _git_repo(path):
     if git is None:
         pytest.skip("git is not installed")
     path.mkdir(parents=True, exist_ok=True)
-    run = lambda *a: subprocess.run([git, "-C", str(path), "-c", "user.name=t", "-c", "user.email=t@t",  # noqa: E731
-                                     "-c", "commit.gpgsign=false", *a], check=True, capture_output=True, text=True)
+    run = lambda *a: subprocess.run(
+        [
+            git,
+            "-C",
+            str(path),
+            "-c",
+            "user.name=t",
+            "-c",
+            "user.email=t@t",  # noqa: E731
+            "-c",
+            "commit.gpgsign=false",
+            *a,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     (path / "Snakefile").write_text("rule all:\n")
     run("init", "-q")
     run("add", "Snakefile")
@@ -576,7 +659,11 @@ def test_failures_are_rendered_and_escaped(tmp_path):
     section = _section(page, "failures")
     row = re.search(r'<tr class="failure" data-case="case_00099">(.*?)</tr>', section).group(1)
     assert re.findall(r"<td class=txt>(.*?)</td>", row) == [
-        "case_00099", "preprocess", "corrupt gzip &lt;b&gt;stream&lt;/b&gt; &amp; more", "logs/preprocess/case_00099.log"]
+        "case_00099",
+        "preprocess",
+        "corrupt gzip &lt;b&gt;stream&lt;/b&gt; &amp; more",
+        "logs/preprocess/case_00099.log",
+    ]
     assert "<b>stream</b>" not in page
 
 
@@ -592,7 +679,8 @@ def test_no_failures(tmp_path, kind):
 def test_hostile_failure_case_id(tmp_path):
     failures = tmp_path / "failures.csv"
     pd.DataFrame([{"case_id": '"><script>alert(1)</script>', "stage": "train", "reason": "x", "log": ""}]).to_csv(
-        failures, index=False)
+        failures, index=False
+    )
     page = _build(tmp_path, failures=failures)
     assert "<script>alert(1)</script>" not in page
     assert 'data-case="&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in page
@@ -651,8 +739,10 @@ def test_scans_by_case_groups_three_paths_per_case():
     from kidney_seg.report import scans_by_case
 
     flat = ["a/img", "a/lab", "a/pred", "b/img", "b/lab", "b/pred"]
-    assert scans_by_case(["case_a", "case_b"], flat) == {"case_a": ("a/img", "a/lab", "a/pred"),
-                                                        "case_b": ("b/img", "b/lab", "b/pred")}
+    assert scans_by_case(["case_a", "case_b"], flat) == {
+        "case_a": ("a/img", "a/lab", "a/pred"),
+        "case_b": ("b/img", "b/lab", "b/pred"),
+    }
     assert scans_by_case([], []) == {}
     with pytest.raises(ValueError, match="3 paths"):
         scans_by_case(["case_a"], flat)

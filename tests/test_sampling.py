@@ -4,8 +4,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from kidney_seg.sampling import (batch_stream, choose_slices, crop_or_pad, load_case, make_batch, make_transform,
-                                 slice_table, validation_set)
+from kidney_seg.sampling import (
+    batch_stream,
+    choose_slices,
+    crop_or_pad,
+    load_case,
+    make_batch,
+    make_transform,
+    slice_table,
+    validation_set,
+)
 
 
 @pytest.fixture

@@ -26,30 +26,42 @@ from tests.conftest import REPO, dotted_name, kits_affine, write_nifti
 
 LIBRARY = REPO / "kidney_seg"
 PHANTOM = {"n_cases": 3, "field_of_view_mm": [120, 125], "z_extent_mm": [80, 85], "slice_spacing_mm": [4.0, 5.0]}
-PATH_LIKE_IDS = ["../../x", "case_00001/../../x", "/etc/passwd", "..", "case_00001/", "case_0000\u0661", "case_00001\n", ""]
+PATH_LIKE_IDS = [
+    "../../x",
+    "case_00001/../../x",
+    "/etc/passwd",
+    "..",
+    "case_00001/",
+    "case_0000\u0661",
+    "case_00001\n",
+    "",
+]
 
 
 # ----------------------------------------------------------------------------- 1. https only
 
 
-@pytest.mark.parametrize("url, allow_http, problem", [
-    ("https://huggingface.co/x/case_00001.nii.gz", False, None),
-    ("HTTPS://Example.org/x", False, None),
-    ("https://127.0.0.1:8443/x", False, None),
-    ("http://127.0.0.1:8000/x", True, None),
-    ("http://localhost/x", True, None),
-    ("http://[::1]:8000/x", True, None),
-    ("http://127.0.0.1:8000/x", False, "plain http refused"),
-    ("http://example.com/x", False, "plain http refused"),
-    ("http://example.com/x", True, "only to a loopback host"),
-    ("http://127.0.0.1.example.com/x", True, "only to a loopback host"),
-    ("http://127.0.0.1@example.com/x", True, "only to a loopback host"),
-    ("http://10.0.0.1/x", True, "only to a loopback host"),
-    ("file:///etc/passwd", True, "scheme 'file'"),
-    ("ftp://127.0.0.1/x", True, "scheme 'ftp'"),
-    ("127.0.0.1/x", True, "scheme ''"),
-    ("https:///x", False, "without a host"),
-])
+@pytest.mark.parametrize(
+    "url, allow_http, problem",
+    [
+        ("https://huggingface.co/x/case_00001.nii.gz", False, None),
+        ("HTTPS://Example.org/x", False, None),
+        ("https://127.0.0.1:8443/x", False, None),
+        ("http://127.0.0.1:8000/x", True, None),
+        ("http://localhost/x", True, None),
+        ("http://[::1]:8000/x", True, None),
+        ("http://127.0.0.1:8000/x", False, "plain http refused"),
+        ("http://example.com/x", False, "plain http refused"),
+        ("http://example.com/x", True, "only to a loopback host"),
+        ("http://127.0.0.1.example.com/x", True, "only to a loopback host"),
+        ("http://127.0.0.1@example.com/x", True, "only to a loopback host"),
+        ("http://10.0.0.1/x", True, "only to a loopback host"),
+        ("file:///etc/passwd", True, "scheme 'file'"),
+        ("ftp://127.0.0.1/x", True, "scheme 'ftp'"),
+        ("127.0.0.1/x", True, "scheme ''"),
+        ("https:///x", False, "without a host"),
+    ],
+)
 def test_url_policy(url, allow_http, problem):
     found = kits.url_problem(url, allow_http)
     if problem is None:
@@ -62,17 +74,20 @@ def test_url_policy(url, allow_http, problem):
         assert "case_00001" in str(err.value) and url in str(err.value)
 
 
-@pytest.mark.parametrize("source, target, allow_http, refused", [
-    ("https://a.example/x", "https://cdn.example/y", False, None),
-    ("https://a.example/x", "http://cdn.example/y", False, "plain http refused"),
-    ("https://a.example/x", "http://cdn.example/y", True, "only to a loopback host"),
-    ("https://a.example/x", "http://127.0.0.1/y", True, "redirect from https to plain http refused"),
-    ("https://127.0.0.1/x", "http://localhost/y", True, "redirect from https to plain http refused"),
-    ("http://127.0.0.1/x", "http://localhost:8000/y", True, None),
-    ("http://127.0.0.1/x", "https://cdn.example/y", True, None),
-    ("http://127.0.0.1/x", "http://example.invalid/y", True, "only to a loopback host"),
-    ("https://a.example/x", "file:///etc/passwd", True, "scheme 'file'"),
-])
+@pytest.mark.parametrize(
+    "source, target, allow_http, refused",
+    [
+        ("https://a.example/x", "https://cdn.example/y", False, None),
+        ("https://a.example/x", "http://cdn.example/y", False, "plain http refused"),
+        ("https://a.example/x", "http://cdn.example/y", True, "only to a loopback host"),
+        ("https://a.example/x", "http://127.0.0.1/y", True, "redirect from https to plain http refused"),
+        ("https://127.0.0.1/x", "http://localhost/y", True, "redirect from https to plain http refused"),
+        ("http://127.0.0.1/x", "http://localhost:8000/y", True, None),
+        ("http://127.0.0.1/x", "https://cdn.example/y", True, None),
+        ("http://127.0.0.1/x", "http://example.invalid/y", True, "only to a loopback host"),
+        ("https://a.example/x", "file:///etc/passwd", True, "scheme 'file'"),
+    ],
+)
 def test_redirect_policy(source, target, allow_http, refused):
     if refused is None:
         kits.check_redirect(source, target, "case_00001", allow_http)
@@ -89,7 +104,9 @@ def test_the_downloaders_redirect_handler_checks_every_redirect():
     handler = redirects[0]
     fp = io.BytesIO(b"")
     request = urllib.request.Request("https://a.example/case_00001.nii.gz")
-    with pytest.raises(CaseDataError, match=r"case_00001.*https://a\.example.*redirected to http://127\.0\.0\.1/y.*https to plain http"):
+    with pytest.raises(
+        CaseDataError, match=r"case_00001.*https://a\.example.*redirected to http://127\.0\.0\.1/y.*https to plain http"
+    ):
         handler.redirect_request(request, fp, 302, "Found", {}, "http://127.0.0.1/y")
     assert fp.closed
     followed = handler.redirect_request(request, io.BytesIO(b""), 302, "Found", {}, "https://cdn.example/y")
@@ -97,18 +114,20 @@ def test_the_downloaders_redirect_handler_checks_every_redirect():
 
 
 def test_default_urls_of_every_source_are_https():
-    for name, src in kits.SOURCES.items():
+    for name in kits.SOURCES:
         for url in (kits.image_url("case_00001", {"source": name}), kits.label_url("case_00001", {"source": name})):
             assert kits.url_problem(url) is None, url
             assert url.startswith("https://"), url
 
 
 def test_allow_http_is_read_from_the_config_not_a_param():
-    """Toggling dataset.allow_http must not rerun (re-download) anything: it is no rule param, and not in DOWNLOAD_SETTINGS."""
+    """Toggling dataset.allow_http must not rerun (re-download) anything: no rule param, not in DOWNLOAD_SETTINGS."""
     rule = (REPO / "rules" / "download.smk").read_text()
     params = re.findall(r"params:\n((?:\s+\w+=.*\n)+)", rule)
     assert params and all("allow_http" not in p for p in params)
-    fetch_keys = re.search(r"^DOWNLOAD_SETTINGS = .*$", (REPO / "rules" / "common.smk").read_text(), flags=re.M).group(0)
+    fetch_keys = re.search(r"^DOWNLOAD_SETTINGS = .*$", (REPO / "rules" / "common.smk").read_text(), flags=re.M).group(
+        0
+    )
     assert "allow_http" not in fetch_keys
     script = (REPO / "workflow_scripts" / "download.py").read_text()
     assert 'snakemake.config["dataset"]["allow_http"]' in script and "allow_http=allow_http" in script
@@ -156,7 +175,9 @@ def test_training_loader_refuses_a_pickled_slice_cache(tmp_path):
     with pytest.raises(ValueError, match=r"(?i)pickle|python objects|object arrays|object dtype"):
         load_case(case_dir)
     assert not marker.exists()
-    np.save(case_dir / "image.npy", np.zeros((1, 4, 4), np.float32), allow_pickle=False)  # the same folder, without pickle, loads
+    np.save(
+        case_dir / "image.npy", np.zeros((1, 4, 4), np.float32), allow_pickle=False
+    )  # the same folder, without pickle, loads
     assert load_case(case_dir).image.shape == (1, 4, 4)
 
 
@@ -199,8 +220,9 @@ def test_no_pickle_in_the_library():
         for node in ast.walk(tree):
             if isinstance(node, (ast.Import, ast.ImportFrom)):
                 names = [a.name for a in node.names] + ([node.module] if isinstance(node, ast.ImportFrom) else [])
-                assert not {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve"} & {str(n).split(".")[0] for n in names}, (
-                    f"{path.relative_to(REPO)}:{node.lineno}")
+                assert not {"pickle", "cPickle", "dill", "joblib", "marshal", "shelve"} & {
+                    str(n).split(".")[0] for n in names
+                }, f"{path.relative_to(REPO)}:{node.lineno}"
 
 
 # ----------------------------------------------------------------------------- 3. Keras safe mode
@@ -218,8 +240,10 @@ def lambda_model(tmp_path_factory) -> Path:
     outputs = keras.layers.Lambda(lambda x: x * 2.0, name="code")(keras.layers.Conv2D(2, 1)(inputs))
     folder = tmp_path_factory.mktemp("lambda_model")
     keras.Model(inputs, outputs).save(folder / "model.keras")
-    write_plan(fake_plan({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300]}, patch_size=[8, 8]),
-               folder / "inference.json")  # a valid plan: only the model's Lambda layer is wrong
+    write_plan(
+        fake_plan({"target_spacing": [3.0, 1.5, 1.5], "clip": [-100, 300]}, patch_size=[8, 8]),
+        folder / "inference.json",
+    )  # a valid plan: only the model's Lambda layer is wrong
     return folder
 
 
@@ -290,7 +314,7 @@ def test_case_ids_of_every_source_are_plain_case_ids(tmp_path):
 @pytest.mark.parametrize("case_id", PATH_LIKE_IDS)
 def test_path_like_case_ids_are_refused_by_the_selection_of_every_source(tmp_path, case_id):
     """No case id with path characters can reach {results_dir}/.../{case}: select refuses it for every source."""
-    for name, cfg in _configs(tmp_path).items():
+    for cfg in _configs(tmp_path).values():
         cases = list_cases(cfg)
         with pytest.raises(ValueError, match=r"dataset\.cases names invalid case ids"):
             select(cases, {**cfg, "cases": ["case_00000", case_id]})
@@ -302,7 +326,7 @@ def test_path_like_case_ids_are_refused_by_the_selection_of_every_source(tmp_pat
 
 @pytest.mark.parametrize("case_id", PATH_LIKE_IDS)
 def test_path_like_case_ids_are_refused_by_fetching_for_every_source(tmp_path, case_id):
-    for name, cfg in _configs(tmp_path).items():
+    for cfg in _configs(tmp_path).values():
         for fetch, file in [(fetch_image, "imaging.nii.gz"), (fetch_label, "segmentation.nii.gz")]:
             out = os.path.join(cfg["root"], case_id, file)
             with pytest.raises(CaseDataError, match="invalid case id"):

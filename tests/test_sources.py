@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from kidney_seg.vocabulary import SOURCE_LABELS as LABELS
 from kidney_seg.data import kits
 from kidney_seg.data.sources import Case, fetch_image, fetch_label, labels_of, list_cases, raw_root, select
 from kidney_seg.errors import CaseDataError
+from kidney_seg.vocabulary import SOURCE_LABELS as LABELS
 from kidney_seg.volume import read_image, read_label
 
 SMALL_PHANTOM = {"n_cases": 3, "field_of_view_mm": [120, 125], "z_extent_mm": [80, 85], "slice_spacing_mm": [4.0, 5.0]}
@@ -21,7 +21,9 @@ def test_kits_case_counts():
         assert (len(labelled), len(unlabelled)) == (n_labelled, n_unlabelled), source
         assert ids(cases) == sorted(ids(cases))
     kits19 = list_cases({"source": "kits19"})
-    assert kits19[209] == Case("case_00209", "data/kits19/case_00209/imaging.nii.gz", "data/kits19/case_00209/segmentation.nii.gz")
+    assert kits19[209] == Case(
+        "case_00209", "data/kits19/case_00209/imaging.nii.gz", "data/kits19/case_00209/segmentation.nii.gz"
+    )
     assert kits19[210] == Case("case_00210", "data/kits19/case_00210/imaging.nii.gz", None)
     kits23 = ids(list_cases({"source": "kits23"}))
     assert "case_00299" in kits23 and "case_00300" not in kits23 and "case_00399" not in kits23
@@ -92,7 +94,9 @@ def test_kits_urls_from_table_and_config():
     assert kits.label_url("case_00400", {"source": "kits23", "kits_labels_url": None}) == (
         "https://raw.githubusercontent.com/neheller/kits23/main/dataset/case_00400/segmentation.nii.gz"
     )
-    assert kits.label_url("case_00001", {"source": "kits21"}).endswith("/kits21/data/case_00001/aggregated_MAJ_seg.nii.gz")
+    assert kits.label_url("case_00001", {"source": "kits21"}).endswith(
+        "/kits21/data/case_00001/aggregated_MAJ_seg.nii.gz"
+    )
     cfg = {"source": "kits23", "kits_imaging_url": "https://mirror/img/", "kits_labels_url": "https://mirror/lab"}
     assert kits.image_url("case_00400", cfg) == "https://mirror/img/case_00400.nii.gz"
     assert kits.label_url("case_00400", cfg) == "https://mirror/lab/case_00400/segmentation.nii.gz"

@@ -12,8 +12,19 @@ from kidney_seg.plan import make_plan
 from kidney_seg.training import compile_model, make_strategy, precision_policy, train
 
 MODEL = with_defaults("model", {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "bn_momentum": 0.9})
-TRAIN = with_defaults("training", {"epochs": 2, "steps_per_epoch": 2, "batch_size": 3, "foreground_per_batch": 2,
-                                   "tumor_per_batch": 1, "patch_size": [16, 16], "learning_rate": 1e-3, "val_slices": 4})
+TRAIN = with_defaults(
+    "training",
+    {
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "batch_size": 3,
+        "foreground_per_batch": 2,
+        "tumor_per_batch": 1,
+        "patch_size": [16, 16],
+        "learning_rate": 1e-3,
+        "val_slices": 4,
+    },
+)
 PRE = with_defaults("preprocessing", {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49]})
 
 
@@ -54,7 +65,14 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
     history = run(cache, tmp_path / "model")
     assert list(history["epoch"]) == [1, 2]
     assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
-    for name in ("model.keras", "history.csv", "inference.json", "curves.png", "checkpoint/last.keras", "checkpoint/best.keras"):
+    for name in (
+        "model.keras",
+        "history.csv",
+        "inference.json",
+        "curves.png",
+        "checkpoint/last.keras",
+        "checkpoint/best.keras",
+    ):
         assert (tmp_path / "model" / name).is_file(), name
     assert (tmp_path / "model" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list((tmp_path / "model").glob(".curves.png.*")), "temporary file left behind"
@@ -86,7 +104,9 @@ def test_changed_settings_start_afresh(cache, tmp_path):
 
 def test_a_plan_that_disagrees_with_the_training_config_is_refused(cache, tmp_path):
     with pytest.raises(ValueError, match="training.patch_size"):
-        train(cache[:2], cache[2:], tmp_path / "model", MODEL, TRAIN, plan_for({**TRAIN, "patch_size": [32, 32]}), seed=1)
+        train(
+            cache[:2], cache[2:], tmp_path / "model", MODEL, TRAIN, plan_for({**TRAIN, "patch_size": [32, 32]}), seed=1
+        )
 
 
 def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
@@ -142,15 +162,19 @@ def test_bfloat16_policy_computes_convs_in_bfloat16_with_float32_logits():
 
 
 def cpu_has_bfloat16() -> bool:
-    """Whether the CPU has bfloat16 instructions (x86 AVX512_BF16 or AMX_BF16; Arm BF16), which TensorFlow's oneDNN kernels use."""
+    """Whether the CPU has bfloat16 instructions (x86 AVX512_BF16 or AMX_BF16; Arm BF16), used by oneDNN kernels."""
     try:
-        flags = {word for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")) for word in line.split()}
+        flags = {
+            word for line in open("/proc/cpuinfo") if line.startswith(("flags", "Features")) for word in line.split()
+        }
     except OSError:
         return False
     return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
-@pytest.mark.skipif(not cpu_has_bfloat16(), reason="the CPU has no bfloat16 instructions (avx512_bf16, amx_bf16 or bf16)")
+@pytest.mark.skipif(
+    not cpu_has_bfloat16(), reason="the CPU has no bfloat16 instructions (avx512_bf16, amx_bf16 or bf16)"
+)
 def test_one_epoch_under_mixed_bfloat16(cache, tmp_path):
     import keras
 
@@ -234,9 +258,15 @@ def test_enable_makes_tensorflow_deterministic_and_single_threaded():
 
     from tests.conftest import REPO
 
-    env = {**os.environ, "KERAS_BACKEND": "tensorflow", "TF_CPP_MIN_LOG_LEVEL": "3", "XLA_FLAGS": "--xla_dump_to=/dev/null"}
-    proc = subprocess.run([sys.executable, "-c", DETERMINISM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=300)
+    env = {
+        **os.environ,
+        "KERAS_BACKEND": "tensorflow",
+        "TF_CPP_MIN_LOG_LEVEL": "3",
+        "XLA_FLAGS": "--xla_dump_to=/dev/null",
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", DETERMINISM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["backend"] == "tensorflow" and result["op_determinism"] is True

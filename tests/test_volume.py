@@ -8,11 +8,19 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from kidney_seg.errors import CaseDataError
-from kidney_seg.atomic import OutputWriteError, atomic_path
 from kidney_seg import volume
-from kidney_seg.volume import (INTERNAL_AXCODES, from_internal, geometry_of, internal_affine, read_geometry,
-                               read_image, read_label, save_like)
+from kidney_seg.atomic import OutputWriteError, atomic_path
+from kidney_seg.errors import CaseDataError
+from kidney_seg.volume import (
+    INTERNAL_AXCODES,
+    from_internal,
+    geometry_of,
+    internal_affine,
+    read_geometry,
+    read_image,
+    read_label,
+    save_like,
+)
 from tests.conftest import kits_affine, write_nifti
 
 
@@ -238,7 +246,7 @@ def _with_header(path, **fields):
     header = img.header.copy()
     for key, value in fields.items():
         header[key] = value
-    blob = header.binaryblock + path.read_bytes()[len(header.binaryblock):]
+    blob = header.binaryblock + path.read_bytes()[len(header.binaryblock) :]
     path.write_bytes(blob)
     return path
 
@@ -247,8 +255,11 @@ def _with_header(path, **fields):
 def test_degenerate_affine_names_the_file(tmp_path, srow):
     """A zero, NaN or rank-deficient sform used to escape as nibabel's bare 'Unable to find out axis'."""
     path = write_nifti(tmp_path / "img.nii", np.zeros((2, 3, 4), np.int16), kits_affine())
-    rows = {"zero": np.zeros((3, 4)), "nan": np.full((3, 4), np.nan),
-            "rank2": np.array([[0, 0, -0.8, 0], [0, 0, -0.8, 0], [-3.0, 0, 0, 0]])}[srow]
+    rows = {
+        "zero": np.zeros((3, 4)),
+        "nan": np.full((3, 4), np.nan),
+        "rank2": np.array([[0, 0, -0.8, 0], [0, 0, -0.8, 0], [-3.0, 0, 0, 0]]),
+    }[srow]
     _with_header(path, qform_code=0, sform_code=1, srow_x=rows[0], srow_y=rows[1], srow_z=rows[2])
     with pytest.raises(CaseDataError, match=r"case_00004.*img\.nii.*(degenerate|NaN|not a readable)"):
         read_image(path, "case_00004")
@@ -310,8 +321,11 @@ def test_internal_affine_has_the_internal_axis_codes():
 # ----------------------------------------------------------------------------- write errors name the output
 
 
-@pytest.mark.parametrize("code", [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO],
-                         ids=["ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EIO"])
+@pytest.mark.parametrize(
+    "code",
+    [errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EIO],
+    ids=["ENOSPC", "EDQUOT", "EROFS", "EFBIG", "EIO"],
+)
 def test_write_error_names_the_output_keeps_errno_and_cause(tmp_path, code):
     target = tmp_path / "out" / "metrics.json"
     original = OSError(code, os.strerror(code))

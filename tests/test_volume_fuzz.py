@@ -238,7 +238,9 @@ def test_mutated_files_load_or_raise_case_data_error_naming_the_file(tmp_path):
             if problem:
                 failures.append(f"{name}({path.name}) [{what}]: {problem}")
     assert not failures, f"{len(failures)} of {len(files)} files broke the readers:\n" + "\n".join(failures[:15])
-    assert 0.05 * len(files) < loaded < 0.95 * len(files), f"{loaded} of {len(files)} loaded: mutations too mild or harsh"
+    assert 0.05 * len(files) < loaded < 0.95 * len(files), (
+        f"{loaded} of {len(files)} loaded: mutations too mild or harsh"
+    )
 
 
 def test_bases_load_exactly(tmp_path):

@@ -24,8 +24,9 @@ pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not inst
 
 
 def test_lint_is_clean():
-    proc = subprocess.run([SNAKEMAKE, "--lint"], cwd=REPO, env=snakemake_env(), capture_output=True, text=True,
-                          timeout=300)
+    proc = subprocess.run(
+        [SNAKEMAKE, "--lint"], cwd=REPO, env=snakemake_env(), capture_output=True, text=True, timeout=300
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
@@ -38,7 +39,9 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     assert (results / "model" / "fold_0" / "model.keras").stat().st_size > 0
     assert not (results / "model" / "fold_1").exists()
     history = pd.read_csv(results / "model" / "fold_0" / "history.csv")
-    assert len(history) == 2 and {"epoch", "lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor"} <= set(history.columns)
+    assert len(history) == 2 and {"epoch", "lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor"} <= set(
+        history.columns
+    )
     test_cases = split.loc[split.subset == "test", "case_id"].tolist()
     for case in test_cases:
         pred = nib.load(str(results / "predictions" / f"{case}.nii.gz"))
@@ -48,8 +51,15 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
         assert set(np.unique(np.asanyarray(pred.dataobj))) <= {0, 1, 2}
     per_case = pd.read_csv(results / "metrics" / "per_case.csv")
     assert per_case["case_id"].tolist() == test_cases
-    assert {"tk_dice", "tu_dice", "kidney_dice", "kidney_precision", "kidney_recall", "tumor_precision",
-            "tumor_recall"} <= set(per_case.columns)
+    assert {
+        "tk_dice",
+        "tu_dice",
+        "kidney_dice",
+        "kidney_precision",
+        "kidney_recall",
+        "tumor_precision",
+        "tumor_recall",
+    } <= set(per_case.columns)
     assert per_case["tk_dice"].between(0, 1).all()
     summary = pd.read_csv(results / "metrics" / "summary.csv")
     assert list(summary.columns) == ["metric", "n", "mean", "median", "std", "min", "max"]
@@ -84,16 +94,32 @@ def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
     scan.parent.mkdir()
     shutil.copyfile(data / case / "imaging.nii.gz", scan)
     kidney_seg = Path(sys.executable).parent / "kidney-seg"
-    proc = subprocess.run([str(kidney_seg), "predict", str(results / "model"), str(scan.parent), "-o", str(tmp_path / "out")],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    proc = subprocess.run(
+        [str(kidney_seg), "predict", str(results / "model"), str(scan.parent), "-o", str(tmp_path / "out")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "segmenting" in proc.stderr and "1 model(s)" in proc.stderr  # progress bar and what was loaded
     out = nib.load(str(tmp_path / "out" / "new_scan.nii.gz"))
     workflow_pred = nib.load(str(results / "predictions" / f"{case}.nii.gz"))
     np.testing.assert_allclose(out.affine, nib.load(str(scan)).affine)
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), np.asanyarray(workflow_pred.dataobj))
-    bad = subprocess.run([str(kidney_seg), "predict", str(results / "model"), str(tmp_path / "missing.nii.gz"), "-o",
-                          str(tmp_path / "out")], capture_output=True, text=True, timeout=300)
+    bad = subprocess.run(
+        [
+            str(kidney_seg),
+            "predict",
+            str(results / "model"),
+            str(tmp_path / "missing.nii.gz"),
+            "-o",
+            str(tmp_path / "out"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "missing.nii.gz" in bad.stderr
 
 
@@ -113,8 +139,16 @@ def test_snakemake_report_holds_the_tagged_outputs(tiny_run, tmp_path):
 def test_rerun_train_plans_everything_downstream(tiny_run):
     cfg, snakefile = tiny_run.config, tiny_run.snakefile
     assert planned_jobs(cfg, snakefile=snakefile) == set()
-    assert planned_jobs(cfg, "-R", "train", snakefile=snakefile) == {"train", "predict", "decide_postprocessing", "postprocess", "evaluate_case",
-                                                "evaluate", "report", "all"}
+    assert planned_jobs(cfg, "-R", "train", snakefile=snakefile) == {
+        "train",
+        "predict",
+        "decide_postprocessing",
+        "postprocess",
+        "evaluate_case",
+        "evaluate",
+        "report",
+        "all",
+    }
 
 
 @pytest.mark.workflow
@@ -125,8 +159,14 @@ def test_editing_a_library_module_triggers_its_rules(tiny_run):
     try:  # Snakemake >= 9.18 compares checksums, so the content must really change
         module.write_bytes(original + b"\n# edited by test_editing_a_library_module_triggers_its_rules\n")
         # post-processing is decided and applied with evaluation's Dice, so it reruns too
-        assert planned_jobs(cfg, snakefile=snakefile) == {"decide_postprocessing", "postprocess", "evaluate_case",
-                                                          "evaluate", "report", "all"}
+        assert planned_jobs(cfg, snakefile=snakefile) == {
+            "decide_postprocessing",
+            "postprocess",
+            "evaluate_case",
+            "evaluate",
+            "report",
+            "all",
+        }
     finally:
         module.write_bytes(original)
         os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))

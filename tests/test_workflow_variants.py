@@ -62,7 +62,8 @@ def test_keep_going_finishes_the_good_cases(tmp_path):
     assert proc.returncode != 0
     assert Path(targets[0]).is_file() and Path(targets[2]).is_file()
     assert not (tmp_path / "results" / "preprocessed" / "case_00001").exists() or not any(
-        (tmp_path / "results" / "preprocessed" / "case_00001").iterdir())
+        (tmp_path / "results" / "preprocessed" / "case_00001").iterdir()
+    )
     log = (tmp_path / "results" / "logs" / "check_case" / "case_00001.log").read_text()
     assert "case_00001" in log and str(broken) in log and "truncated" in log
 
@@ -93,7 +94,7 @@ def test_a_bad_case_is_left_out_listed_and_the_run_finishes(tmp_path):
     assert json.loads((results / "preprocessed" / bad / "meta.json").read_text())["excluded"] is True  # its record
     assert not list((results / "preprocessed" / bad).glob("*.npy"))  # and no slice cache
     html = (results / "report.html").read_text()
-    failures_section = html[html.index('id="failures"'):]
+    failures_section = html[html.index('id="failures"') :]
     assert bad in failures_section and "truncated" in failures_section
     # with on_bad_case: fail the check itself fails, naming the case and the file; the others still finish
     strict = _tiny_config(tmp_path / "strict", dataset={"on_bad_case": "fail", "root": str(tmp_path / "data")})
@@ -125,9 +126,15 @@ def kits_server(tmp_path):
 
 def test_kits19_through_the_real_rules_against_a_local_server(tmp_path, kits_server):
     cfg = tiny_config(tmp_path)
-    cfg["dataset"] = {"source": "kits19", "root": str(tmp_path / "kits19"), "cases": 6, "unlabelled_cases": 1,
-                      "kits_imaging_url": f"{kits_server}/img", "kits_labels_url": f"{kits_server}/lab",
-                      "allow_http": True}  # the local test server speaks plain http
+    cfg["dataset"] = {
+        "source": "kits19",
+        "root": str(tmp_path / "kits19"),
+        "cases": 6,
+        "unlabelled_cases": 1,
+        "kits_imaging_url": f"{kits_server}/img",
+        "kits_labels_url": f"{kits_server}/lab",
+        "allow_http": True,
+    }  # the local test server speaks plain http
     cfg["preprocessing"].update({"clip": "auto", "normalization": "dataset"})
     cfg_path = write_config(tmp_path, cfg)
     snakemake(cfg_path, "--cores", "2")

@@ -84,15 +84,31 @@ def snakemake_env(snakefile: Path = SNAKEFILE) -> dict:
 
 def snakemake_command(config: Path, *args: str, snakefile: Path = SNAKEFILE) -> list[str]:
     """The command line of a run of ``config`` in its own folder (``args`` first: targets go there)."""
-    return [SNAKEMAKE, *args, "--snakefile", str(snakefile), "--directory", str(config.parent),
-            "--configfile", str(snakefile.parent / "config.yaml"), str(config)]
+    return [
+        SNAKEMAKE,
+        *args,
+        "--snakefile",
+        str(snakefile),
+        "--directory",
+        str(config.parent),
+        "--configfile",
+        str(snakefile.parent / "config.yaml"),
+        str(config),
+    ]
 
 
-def snakemake(config: Path, *args: str, check: bool = True, snakefile: Path = SNAKEFILE,
-              timeout: float = 900) -> subprocess.CompletedProcess:
+def snakemake(
+    config: Path, *args: str, check: bool = True, snakefile: Path = SNAKEFILE, timeout: float = 900
+) -> subprocess.CompletedProcess:
     """Run snakemake on ``config`` in its own working directory; raise with its output if ``check`` and it fails."""
-    proc = subprocess.run(snakemake_command(config, *args, snakefile=snakefile), cwd=config.parent,
-                          env=snakemake_env(snakefile), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        snakemake_command(config, *args, snakefile=snakefile),
+        cwd=config.parent,
+        env=snakemake_env(snakefile),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if check and proc.returncode != 0:
         raise AssertionError(f"snakemake {' '.join(args)} failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-8000:]}")
     return proc
@@ -101,8 +117,14 @@ def snakemake(config: Path, *args: str, check: bool = True, snakefile: Path = SN
 def start_snakemake(config: Path, *args: str, log: Path) -> subprocess.Popen:
     """Start snakemake on ``config`` in the background, in its own process group, output to ``log``."""
     with open(log, "w") as out:
-        return subprocess.Popen(snakemake_command(config, *args), cwd=config.parent, env=snakemake_env(),
-                                stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        return subprocess.Popen(
+            snakemake_command(config, *args),
+            cwd=config.parent,
+            env=snakemake_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
 
 def kill_group(proc: subprocess.Popen) -> None:
@@ -167,7 +189,9 @@ def keras_weights(path: Path) -> dict[str, np.ndarray]:
 
     arrays: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as archive, h5py.File(io.BytesIO(archive.read("model.weights.h5")), "r") as weights:
-        weights.visititems(lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None)
+        weights.visititems(
+            lambda name, item: arrays.__setitem__(name, item[()]) if isinstance(item, h5py.Dataset) else None
+        )
     return arrays
 
 
@@ -308,8 +332,12 @@ def make_interrupted_run(root: Path) -> InterruptedRun:
 
     first = start_snakemake(config, *args, log=root / "killed-in-training.log")
     try:
-        wait_for(lambda: history_rows(fold / "checkpoint" / "history.csv") >= 2, first, "two epochs of training",
-                 root / "killed-in-training.log")
+        wait_for(
+            lambda: history_rows(fold / "checkpoint" / "history.csv") >= 2,
+            first,
+            "two epochs of training",
+            root / "killed-in-training.log",
+        )
     finally:
         kill_group(first)
     run.epoch_at_training_kill = checkpoint_epoch(last)
@@ -323,8 +351,12 @@ def make_interrupted_run(root: Path) -> InterruptedRun:
     log = root / "resumed.log"
     resumed = start_snakemake(config, *args, log=log)
     try:
-        wait_for(lambda: holds_lock(config) and train_log.is_file() and resumed_from in train_log.read_text(),
-                 resumed, "resumed training", log)
+        wait_for(
+            lambda: holds_lock(config) and train_log.is_file() and resumed_from in train_log.read_text(),
+            resumed,
+            "resumed training",
+            log,
+        )
         start = time.monotonic()
         second = start_snakemake(config, *args, log=root / "second.log")
         try:

@@ -1,4 +1,5 @@
 """Snakemake script: gather the case checks into checks.csv and failures.csv."""
+
 from kidney_seg.data.checks import collect_checks
 from kidney_seg.logs import log_to
 

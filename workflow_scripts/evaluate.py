@@ -1,4 +1,5 @@
 """Snakemake script: per-case table and summary statistics of the cases not excluded."""
+
 from kidney_seg.data.checks import usable_records
 from kidney_seg.evaluation import summarize
 from kidney_seg.logs import log_to

@@ -1,9 +1,19 @@
 """Snakemake script: metrics of one predicted case (an excluded case: its record)."""
+
 from kidney_seg.data.checks import run_unless_excluded
 from kidney_seg.evaluation import evaluate_case
 from kidney_seg.logs import log_to
 
 with log_to(snakemake.log[0]):
     out = snakemake.output[0]
-    run_unless_excluded(snakemake.input.check, out, {"metrics": out}, evaluate_case, snakemake.wildcards.case,
-                        snakemake.params.prediction, snakemake.input.label, out, tuple(snakemake.params.labels))
+    run_unless_excluded(
+        snakemake.input.check,
+        out,
+        {"metrics": out},
+        evaluate_case,
+        snakemake.wildcards.case,
+        snakemake.params.prediction,
+        snakemake.input.label,
+        out,
+        tuple(snakemake.params.labels),
+    )

@@ -1,4 +1,5 @@
 """Snakemake script: write the plan (plans.json) that preprocess, train and predict share."""
+
 from kidney_seg.logs import log_to
 from kidney_seg.plan import build_plan
 

@@ -1,4 +1,5 @@
-"""Snakemake script: segment one case on its original grid (one model, or the folds' ensemble); an excluded case: its record."""
+"""Snakemake script: segment a case on its original grid (one model or a fold ensemble); excluded case: its record."""
+
 from pathlib import Path
 
 if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX starts
@@ -16,7 +17,15 @@ with log_to(snakemake.log[0]):
         from kidney_seg.determinism import enable
 
         enable(snakemake.params.seed)
-    run_unless_excluded(snakemake.input.check, snakemake.output[0], {"prediction": snakemake.params.prediction},
-                        predict_case, snakemake.wildcards.case, snakemake.input.image,
-                        [Path(m).parent for m in snakemake.input.models], snakemake.params.prediction,
-                        snakemake.params.inference, plan=read_plan(snakemake.input.plan))
+    run_unless_excluded(
+        snakemake.input.check,
+        snakemake.output[0],
+        {"prediction": snakemake.params.prediction},
+        predict_case,
+        snakemake.wildcards.case,
+        snakemake.input.image,
+        [Path(m).parent for m in snakemake.input.models],
+        snakemake.params.prediction,
+        snakemake.params.inference,
+        plan=read_plan(snakemake.input.plan),
+    )

@@ -1,4 +1,5 @@
 """Snakemake script: write split.csv (the split the workflow made when it was parsed)."""
+
 import pandas as pd
 
 from kidney_seg.logs import log_to

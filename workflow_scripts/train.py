@@ -1,4 +1,5 @@
 """Snakemake script: train (or resume) the U-Net."""
+
 from pathlib import Path
 
 if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX starts
@@ -13,7 +14,15 @@ from kidney_seg.training import train
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
-    train([Path(m).parent for m in usable_records(snakemake.input.train)],
-          [Path(m).parent for m in usable_records(snakemake.input.val)],
-          Path(snakemake.output.model).parent, p.model, p.training, read_plan(snakemake.input.plan), p.seed,
-          checkpoint_dir=p.checkpoint_dir, threads=snakemake.threads, deterministic=p.deterministic)
+    train(
+        [Path(m).parent for m in usable_records(snakemake.input.train)],
+        [Path(m).parent for m in usable_records(snakemake.input.val)],
+        Path(snakemake.output.model).parent,
+        p.model,
+        p.training,
+        read_plan(snakemake.input.plan),
+        p.seed,
+        checkpoint_dir=p.checkpoint_dir,
+        threads=snakemake.threads,
+        deterministic=p.deterministic,
+    )

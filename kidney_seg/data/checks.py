@@ -43,8 +43,9 @@ FAILURE_COLUMNS: tuple[str, ...] = ("case_id", "stage", "reason", "log")
 ON_BAD_CASE: tuple[str, ...] = ("skip", "fail")
 
 
-def check_case(case_id: str, image_path: str | os.PathLike, label_path: str | os.PathLike | None,
-               labels: tuple[int, ...]) -> dict:
+def check_case(
+    case_id: str, image_path: str | os.PathLike, label_path: str | os.PathLike | None, labels: tuple[int, ...]
+) -> dict:
     """Read a case as the pipeline will and return its check record (ok, or the failure and its reason)."""
     try:
         image, geometry = read_image(image_path, case_id)
@@ -57,8 +58,15 @@ def check_case(case_id: str, image_path: str | os.PathLike, label_path: str | os
     return {"case_id": case_id, "ok": True, "stage": "check", "file": "", "reason": ""}
 
 
-def run_check(case_id: str, image_path, label_path, labels: tuple[int, ...], out_json: str | os.PathLike,
-              log_path: str | os.PathLike | None, on_bad_case: str) -> dict:
+def run_check(
+    case_id: str,
+    image_path,
+    label_path,
+    labels: tuple[int, ...],
+    out_json: str | os.PathLike,
+    log_path: str | os.PathLike | None,
+    on_bad_case: str,
+) -> dict:
     """Check one case and write its record atomically; with ``on_bad_case='fail'`` a bad case raises."""
     if on_bad_case not in ON_BAD_CASE:
         raise ValueError(f"on_bad_case must be one of {ON_BAD_CASE}, got {on_bad_case!r}")
@@ -92,12 +100,21 @@ def is_excluded(record: Mapping) -> bool:
 
 def exclusion_record(check: Mapping) -> dict:
     """The record a per-case step writes instead of its result for a case that failed its check."""
-    return {"case_id": check["case_id"], "excluded": True,
-            **{key: check.get(key, "") for key in ("stage", "file", "reason", "log")}}
+    return {
+        "case_id": check["case_id"],
+        "excluded": True,
+        **{key: check.get(key, "") for key in ("stage", "file", "reason", "log")},
+    }
 
 
-def run_unless_excluded(check_json: str | os.PathLike, record_json: str | os.PathLike,
-                        outputs: Mapping[str, str | os.PathLike], step: Callable, *args, **kwargs) -> dict:
+def run_unless_excluded(
+    check_json: str | os.PathLike,
+    record_json: str | os.PathLike,
+    outputs: Mapping[str, str | os.PathLike],
+    step: Callable,
+    *args,
+    **kwargs,
+) -> dict:
     """Run one per-case step for a case that passed its check; record its exclusion for one that failed.
 
     ``outputs`` names the files ``step(*args, **kwargs)`` writes. For a usable case the step
@@ -115,8 +132,9 @@ def run_unless_excluded(check_json: str | os.PathLike, record_json: str | os.Pat
             if path != record_json:
                 path.unlink(missing_ok=True)
         record = exclusion_record(check)
-        log.warning("%s: left out: it failed its input check (%s: %s)", record["case_id"], record["file"],
-                    record["reason"])
+        log.warning(
+            "%s: left out: it failed its input check (%s: %s)", record["case_id"], record["file"], record["reason"]
+        )
         write_json_atomic(record_json, record)
         return record
     step(*args, **kwargs)
@@ -130,8 +148,10 @@ def run_unless_excluded(check_json: str | os.PathLike, record_json: str | os.Pat
 def usable_inputs(record_jsons: Sequence, *columns: Sequence) -> tuple[list, ...]:
     """The items of each list parallel to ``record_jsons`` whose case's record is not an exclusion."""
     if any(len(column) != len(record_jsons) for column in columns):
-        raise ValueError(f"usable_inputs: {len(record_jsons)} records but lists of lengths "
-                         f"{[len(c) for c in columns]}; they must run parallel")
+        raise ValueError(
+            f"usable_inputs: {len(record_jsons)} records but lists of lengths "
+            f"{[len(c) for c in columns]}; they must run parallel"
+        )
     keep = [not is_excluded(read_record(p)) for p in record_jsons]
     return tuple([item for item, k in zip(column, keep) if k] for column in columns)
 
@@ -149,7 +169,7 @@ def usable_predictions(record_jsons: Sequence, label_paths: Sequence) -> tuple[l
 
 
 def usable_scans(scans: Mapping[str, Sequence]) -> dict[str, tuple[str, str, str]]:
-    """{case: (image, label, prediction file)} from {case: (image, label, prediction record)}, excluded cases left out."""
+    """{case: (image, label, prediction file)} from {case: (image, label, prediction record)}, minus excluded cases."""
     kept = {}
     for case, (image, label, record_json) in scans.items():
         record = read_record(record_json)
@@ -169,8 +189,12 @@ def collect_checks(check_jsons: list, out_csv: str | os.PathLike, failures_csv: 
     with atomic_path(failures_csv) as tmp:
         failed.to_csv(tmp, index=False)
     if len(failed):
-        log.warning("%d of %d cases failed their input checks and are left out: %s", len(failed), len(table),
-                    ", ".join(failed["case_id"]))
+        log.warning(
+            "%d of %d cases failed their input checks and are left out: %s",
+            len(failed),
+            len(table),
+            ", ".join(failed["case_id"]),
+        )
     return table
 
 

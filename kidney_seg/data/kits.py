@@ -2,8 +2,9 @@
 
 Facts about each source live in :data:`SOURCES`, one small table per source: which case
 numbers are labelled or imaging-only, the public hosts and the name of the label file in
-the source's repository (label values and file names: :mod:`kidney_seg.vocabulary`). Whatever the remote names, a case is stored
-locally as ``<root>/<case>/imaging.nii.gz`` and ``<root>/<case>/segmentation.nii.gz``.
+the source's repository (label values and file names: :mod:`kidney_seg.vocabulary`).
+Whatever the remote names, a case is stored locally as ``<root>/<case>/imaging.nii.gz``
+and ``<root>/<case>/segmentation.nii.gz``.
 
 Imaging of every source comes from the KiTS imaging dataset on Hugging Face
 (``{imaging_url}/case_XXXXX.nii.gz``). It holds the KiTS19 imaging, cases 0-299, which
@@ -30,14 +31,14 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from tqdm import tqdm
 
-from kidney_seg.errors import CaseDataError
 from kidney_seg.atomic import OutputWriteError
+from kidney_seg.errors import CaseDataError
 from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, SOURCE_LABELS, case_id_of, is_case_id
 from kidney_seg.volume import check_same_grid, read_geometry, read_image, read_label
 
@@ -48,6 +49,7 @@ CHUNK = 1 << 20
 MAX_BACKOFF_S = 60.0
 RETRY_HTTP = frozenset({408, 425, 429})  # 4xx codes that mean "try again later"
 LOOPBACK = frozenset({"127.0.0.1", "localhost", "::1"})
+
 
 def check_case_id(case_id: object, where: object = "case id") -> None:
     """Raise unless ``case_id`` is a valid case id, so that it can never act as a path."""
@@ -138,7 +140,9 @@ def _checked_out(case_id: str, dataset_cfg: dict, name: str, out: str | os.PathL
     actual = os.path.abspath(out)
     if actual == os.path.abspath(expected) or (not os.path.isabs(root) and actual.endswith(os.sep + expected)):
         return destination(case_id, dataset_cfg, name, root=Path(actual).parent.parent)
-    raise CaseDataError(case_id, out, f"a downloaded {name} can only be written to {expected} (dataset root / case / file)")
+    raise CaseDataError(
+        case_id, out, f"a downloaded {name} can only be written to {expected} (dataset root / case / file)"
+    )
 
 
 def source_of(dataset_cfg: dict) -> KitsSource:
@@ -292,11 +296,15 @@ def url_problem(url: str, allow_http: bool = False, redirected_from: str | None 
     if scheme == "https":
         return None
     if not allow_http:
-        return ("plain http refused: downloads must use https (dataset.allow_http admits http to a loopback "
-                "test server only)")
+        return (
+            "plain http refused: downloads must use https (dataset.allow_http admits http to a loopback "
+            "test server only)"
+        )
     if host not in LOOPBACK:
-        return (f"plain http to {host!r} refused: dataset.allow_http admits http only to a loopback host "
-                "(127.0.0.1, ::1, localhost)")
+        return (
+            f"plain http to {host!r} refused: dataset.allow_http admits http only to a loopback host "
+            "(127.0.0.1, ::1, localhost)"
+        )
     if redirected_from is not None and urllib.parse.urlsplit(redirected_from).scheme.lower() != "http":
         return "redirect from https to plain http refused"
     return None
@@ -337,8 +345,9 @@ def _opener(case_id: str, allow_http: bool) -> urllib.request.OpenerDirector:
     return urllib.request.build_opener(_SafeRedirects(case_id, allow_http))
 
 
-def _transfer(url: str, part: Path, case_id: str, retries: int, backoff: float, timeout: float,
-              allow_http: bool = False) -> None:
+def _transfer(
+    url: str, part: Path, case_id: str, retries: int, backoff: float, timeout: float, allow_http: bool = False
+) -> None:
     """Fill ``part`` with the whole body, retrying transient failures; attempts that progress are free."""
     failures = 0
     while True:
@@ -424,8 +433,15 @@ def _copy(resp, part: Path, mode: str, offset: int, total: int | None, case_id: 
     """Stream the body in 1 MiB chunks with a progress bar; return the bytes written."""
     received = 0
     bar = tqdm(
-        total=total, initial=offset, unit="B", unit_scale=True, unit_divisor=1024,
-        desc=f"{case_id} {part.name.removesuffix('.part')}", file=_LogStream(), mininterval=10.0, ascii=True,
+        total=total,
+        initial=offset,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc=f"{case_id} {part.name.removesuffix('.part')}",
+        file=_LogStream(),
+        mininterval=10.0,
+        ascii=True,
     )
     try:
         with bar, open(part, mode) as fh:
@@ -437,7 +453,9 @@ def _copy(resp, part: Path, mode: str, offset: int, total: int | None, case_id: 
         if isinstance(exc, (ConnectionError, TimeoutError)) or exc.errno is None:
             raise  # a network problem: retried by the caller
         # disk full, quota, read-only: name the file; the .part stays for a resume once there is room
-        raise OutputWriteError(part.with_name(part.name.removesuffix(".part")), exc, f"downloading into {part.name}") from exc
+        raise OutputWriteError(
+            part.with_name(part.name.removesuffix(".part")), exc, f"downloading into {part.name}"
+        ) from exc
     return received
 
 

@@ -137,7 +137,9 @@ def _check_inside(path: Path, base: Path, case_id: str, where: str, what: str | 
         return
     via = f" (it resolves to {real})" if real != Path(os.path.abspath(path)) else ""
     raise CaseDataError(
-        case_id, path, f"{what + ': ' if what else ''}outside {where}{via}; refused: files must lie inside the data folder"
+        case_id,
+        path,
+        f"{what + ': ' if what else ''}outside {where}{via}; refused: files must lie inside the data folder",
     )
 
 
@@ -153,5 +155,7 @@ def _check_unique(entries: list[tuple[str, str, str | None, int]], path: Path) -
 def missing_file(case_id: str, out: str | os.PathLike, what: str) -> CaseDataError:
     """The error for a local file the workflow asked for but the user does not have."""
     return CaseDataError(
-        case_id, out, f"{what} file not found; source 'local' only reads existing files (see dataset.root, dataset.manifest)"
+        case_id,
+        out,
+        f"{what} file not found; source 'local' only reads existing files (see dataset.root, dataset.manifest)",
     )

@@ -54,9 +54,9 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from collections.abc import Sequence
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
@@ -126,7 +126,7 @@ class PhantomParams:
             raise ValueError(f"phantom.noise_hu must be >= 0, got {self.noise_hu}")
 
     @classmethod
-    def from_config(cls, d: dict | None) -> "PhantomParams":
+    def from_config(cls, d: dict | None) -> PhantomParams:
         """Build from ``dataset.phantom`` (missing keys take the schema's defaults); ``n_cases`` is ignored."""
         settings = phantom_settings(d)
         return cls(**{f.name: settings[f.name] for f in fields(cls)})
@@ -262,7 +262,7 @@ class _Ellipsoid:
         """World position of a point given in normalised local coordinates."""
         return self.centre + self.rot @ (np.asarray(local, dtype=float) * self.axes)
 
-    def grown(self, add_mm: float) -> "_Ellipsoid":
+    def grown(self, add_mm: float) -> _Ellipsoid:
         """The same ellipsoid with every semi-axis grown by ``add_mm``."""
         return _Ellipsoid(self.centre, self.axes + add_mm, self.rot)
 
@@ -432,9 +432,7 @@ def _paint_body(rng: np.random.Generator, grid: _Grid, lay: _Layout) -> _Canvas:
     return _Canvas(img, np.zeros(shape, np.uint8), body, cavity, np.zeros(shape, bool))
 
 
-def _paint_blob(
-    rng: np.random.Generator, grid: _Grid, canvas: _Canvas, ell: _Ellipsoid, hu: float, tex: float
-) -> None:
+def _paint_blob(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, ell: _Ellipsoid, hu: float, tex: float) -> None:
     """A textured ellipsoidal organ, confined to the abdominal cavity."""
     field = _field(rng, ell.bounds(), (15.0, 10.0, 10.0))
     box, u = _local(grid, ell)
@@ -680,9 +678,7 @@ def _snap_to_kidney(grid: _Grid, canvas: _Canvas, kid: _Ellipsoid, site: np.ndar
     return np.array([z1[k], y1[j], x1[i]], dtype=float)
 
 
-def _paint_tumour(
-    rng: np.random.Generator, grid: _Grid, canvas: _Canvas, kid: _Ellipsoid, radius: float
-) -> None:
+def _paint_tumour(rng: np.random.Generator, grid: _Grid, canvas: _Canvas, kid: _Ellipsoid, radius: float) -> None:
     """An irregular, heterogeneous ellipsoidal lesion (label 2) that spares bone and aorta."""
     site = _tumour_site(rng, kid, bulging=bool(rng.random() < 0.5))
     axes, rot = radius * rng.uniform(0.8, 1.2, 3), _random_rotation(rng)

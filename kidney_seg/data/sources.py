@@ -16,8 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kidney_seg.data import kits, local
 from kidney_seg import vocabulary
+from kidney_seg.data import kits, local
 from kidney_seg.errors import CaseDataError
 from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, case_id_of, is_case_id
 from kidney_seg.volume import save_nifti

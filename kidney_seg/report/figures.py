@@ -96,11 +96,23 @@ def strip_figure(per_case: pd.DataFrame, cols: list[str], unit: str, ylabel: str
         if v.size:
             ax.hlines(np.median(v), i - 0.3, i + 0.3, colors="k", linewidth=1.6, zorder=4)
         ticks.append(col)
-        ax.text(i, 1.01, f"n={v.size}" + (f"\n{skipped} NaN\nskipped" if skipped else ""), ha="center", va="bottom",
-                fontsize=7, color="firebrick" if skipped else "0.3", transform=ax.get_xaxis_transform())
+        ax.text(
+            i,
+            1.01,
+            f"n={v.size}" + (f"\n{skipped} NaN\nskipped" if skipped else ""),
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            color="firebrick" if skipped else "0.3",
+            transform=ax.get_xaxis_transform(),
+        )
     ax.set_xticks(range(len(cols)))
-    ax.set_xticklabels([mpl_text(t) for t in ticks], rotation=30 if len(cols) > 3 else 0,
-                       ha="right" if len(cols) > 3 else "center", fontsize=8)
+    ax.set_xticklabels(
+        [mpl_text(t) for t in ticks],
+        rotation=30 if len(cols) > 3 else 0,
+        ha="right" if len(cols) > 3 else "center",
+        fontsize=8,
+    )
     ax.set_xlim(-0.6, len(cols) - 0.4)
     if unit == "score":
         ax.set_ylim(-0.03, 1.03)
@@ -110,10 +122,24 @@ def strip_figure(per_case: pd.DataFrame, cols: list[str], unit: str, ylabel: str
     ax.set_ylabel(f"{ylabel} (bar = median)")
     ax.grid(axis="y", alpha=0.3)
     if flags is not None:
-        ax.legend(handles=[Line2D([], [], marker="o", linestyle="", color="C0", label="case with tumour"),
-                           Line2D([], [], marker="o", linestyle="", markerfacecolor="none", markeredgecolor="C1",
-                                  label="case without tumour")],
-                  fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
+        ax.legend(
+            handles=[
+                Line2D([], [], marker="o", linestyle="", color="C0", label="case with tumour"),
+                Line2D(
+                    [],
+                    [],
+                    marker="o",
+                    linestyle="",
+                    markerfacecolor="none",
+                    markeredgecolor="C1",
+                    label="case without tumour",
+                ),
+            ],
+            fontsize=7,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            frameon=False,
+        )
     fig.tight_layout()
     return fig
 
@@ -172,33 +198,45 @@ def distributions_section(per_case: pd.DataFrame | None) -> str:
     counts = distribution_counts(per_case)
     if not counts:
         return note("The per-case table holds no numeric metric columns.")
-    parts = ['<p class="muted">One point per test case, jittered sideways; the black bar is the median. '
-             "Hollow points are cases without a tumour in the ground truth. NaN values are not plotted; "
-             "their count is given above each strip and in the table below.</p>"]
+    parts = [
+        '<p class="muted">One point per test case, jittered sideways; the black bar is the median. '
+        "Hollow points are cases without a tumour in the ground truth. NaN values are not plotted; "
+        "their count is given above each strip and in the table below.</p>"
+    ]
     for unit, heading, ylabel in UNITS:
         cols = [r["metric"] for r in counts if r["unit"] == unit]
         if not cols:
             continue
         fig = strip_figure(per_case, cols, unit, ylabel)
-        parts.append(f'<figure class="dist" data-unit="{unit}" data-metrics="{esc(" ".join(cols))}">'
-                     f"{img(png_data_uri(fig, dpi=100), heading)}<figcaption>{esc(heading)}</figcaption></figure>")
+        parts.append(
+            f'<figure class="dist" data-unit="{unit}" data-metrics="{esc(" ".join(cols))}">'
+            f"{img(png_data_uri(fig, dpi=100), heading)}<figcaption>{esc(heading)}</figcaption></figure>"
+        )
         if unit == "ml":
             scatter = volume_scatter(per_case)
             if scatter is not None:
-                parts.append('<figure class="dist" data-unit="ml-scatter">'
-                             f"{img(png_data_uri(scatter, dpi=100), 'Predicted vs true volume')}"
-                             "<figcaption>Predicted vs true volume per case (dashed: identity)</figcaption></figure>")
+                parts.append(
+                    '<figure class="dist" data-unit="ml-scatter">'
+                    f"{img(png_data_uri(scatter, dpi=100), 'Predicted vs true volume')}"
+                    "<figcaption>Predicted vs true volume per case (dashed: identity)</figcaption></figure>"
+                )
     skipped = [r for r in counts if r["skipped"]]
     n = len(per_case)
-    summary = ("NaN values skipped: " + "; ".join(f"{r['metric']}: {r['skipped']} of {n}" for r in skipped) + "."
-               if skipped else f"No NaN values: every metric has a value for all {n} case(s).")
+    summary = (
+        "NaN values skipped: " + "; ".join(f"{r['metric']}: {r['skipped']} of {n}" for r in skipped) + "."
+        if skipped
+        else f"No NaN values: every metric has a value for all {n} case(s)."
+    )
     rows = "".join(
         f'<tr data-metric="{esc(r["metric"])}" data-plotted="{r["plotted"]}" data-skipped="{r["skipped"]}">'
-        f'<td class=txt>{esc(r["metric"])}</td><td class=txt>{esc(UNIT_TEXT[r["unit"]])}</td><td>{r["plotted"]}</td>'
-        f'<td>{r["skipped"]}</td></tr>'
-        for r in counts)
+        f"<td class=txt>{esc(r['metric'])}</td><td class=txt>{esc(UNIT_TEXT[r['unit']])}</td><td>{r['plotted']}</td>"
+        f"<td>{r['skipped']}</td></tr>"
+        for r in counts
+    )
     parts.append(f'<p class="nan-summary">{esc(summary)}</p>')
-    parts.append(f"<details><summary>Values plotted and skipped per metric ({len(counts)})</summary>"
-                 '<table class="dist-counts"><thead><tr><th class=txt>Metric</th><th class=txt>Unit</th>'
-                 f"<th>Values plotted</th><th>NaN skipped</th></tr></thead><tbody>{rows}</tbody></table></details>")
+    parts.append(
+        f"<details><summary>Values plotted and skipped per metric ({len(counts)})</summary>"
+        '<table class="dist-counts"><thead><tr><th class=txt>Metric</th><th class=txt>Unit</th>'
+        f"<th>Values plotted</th><th>NaN skipped</th></tr></thead><tbody>{rows}</tbody></table></details>"
+    )
     return "\n".join(parts)

@@ -28,13 +28,32 @@ from kidney_seg.report.common import DASH, esc, fmt, img, note, png_data_uri, re
 from kidney_seg.report.common import is_missing as _is_missing
 from kidney_seg.report.figures import distributions_section
 from kidney_seg.report.overlays import overlays_section
-from kidney_seg.report.provenance import (benchmark_row, benchmarks_table, config_text, dataset_source,
-                                          find_benchmarks, provenance_section, split_sizes)
+from kidney_seg.report.provenance import (
+    benchmark_row,
+    benchmarks_table,
+    config_text,
+    dataset_source,
+    find_benchmarks,
+    provenance_section,
+    split_sizes,
+)
 
 __all__ = [
-    "DASH", "benchmark_row", "benchmarks_table", "build_report", "config_text", "dataset_source", "esc",
-    "failures_section", "fmt", "headline_table", "per_case_table", "postprocessing_section",
-    "render_html", "split_sizes", "training_curves",
+    "DASH",
+    "benchmark_row",
+    "benchmarks_table",
+    "build_report",
+    "config_text",
+    "dataset_source",
+    "esc",
+    "failures_section",
+    "fmt",
+    "headline_table",
+    "per_case_table",
+    "postprocessing_section",
+    "render_html",
+    "split_sizes",
+    "training_curves",
 ]
 
 #: Paper (Chen & Jin 2019), Table 1: 2D U-Net on the local 0.8/0.1/0.1 test split.
@@ -107,7 +126,10 @@ SORT_JS = """
   var tables = document.querySelectorAll('table.sortable');
   for (var t = 0; t < tables.length; t++) { setup(tables[t]); }
   document.documentElement.setAttribute('data-sort-ready', String(tables.length));
-  function key(cell){ var v = cell ? cell.getAttribute('data-v') : null; return v === null ? (cell ? cell.textContent : '') : v; }
+  function key(cell){
+    var v = cell ? cell.getAttribute('data-v') : null;
+    return v === null ? (cell ? cell.textContent : '') : v;
+  }
   function setup(table){
     var heads = table.querySelectorAll('thead th');
     for (var i = 0; i < heads.length; i++) { bind(table, heads, i); }
@@ -173,7 +195,7 @@ def headline_table(summary: pd.DataFrame | None) -> str:
             f"<td>{fmt(PAPER_LEADERBOARD.get(key))}</td>",
             f"<td>{fmt(KITS19_WINNER.get(key))}</td>",
         ]
-        body.append(f"<tr data-metric=\"{esc(key)}\">{''.join(cells)}</tr>")
+        body.append(f'<tr data-metric="{esc(key)}">{"".join(cells)}</tr>')
     return f'<table class="headline">{head}<tbody>{"".join(body)}</tbody></table>'
 
 
@@ -187,7 +209,7 @@ def summary_full_table(summary: pd.DataFrame | None) -> str:
 def _table_body(df: pd.DataFrame, text_col: str, row_class: str | None = None) -> str:
     """<thead> and <tbody> of a sortable table; ``text_col`` holds text, ``row_class`` tags rows by it."""
     cols = list(df.columns)
-    head = "".join(f"<th{' class=txt' if c == text_col else ''} data-col=\"{esc(c)}\">{esc(c)}</th>" for c in cols)
+    head = "".join(f'<th{" class=txt" if c == text_col else ""} data-col="{esc(c)}">{esc(c)}</th>' for c in cols)
     rows = []
     for rec in df.to_dict("records"):
         cells = "".join(_cell(rec[c], text=(c == text_col)) for c in cols)
@@ -214,7 +236,8 @@ def per_case_table(per_case: pd.DataFrame | None) -> str:
     if per_case is None or per_case.empty or "case_id" not in per_case.columns:
         return note("No per-case metrics available (zero evaluated cases).")
     return (
-        f'<div class="scroll"><table class="sortable per-case">{_table_body(per_case, "case_id", "case-row")}</table></div>'
+        '<div class="scroll"><table class="sortable per-case">'
+        f"{_table_body(per_case, 'case_id', 'case-row')}</table></div>"
         '<p class="muted">Click a column header to sort (missing values stay last). HD95 in mm, volumes in ml.</p>'
     )
 
@@ -251,7 +274,7 @@ def _delta(before: object, after: object) -> str:
 
 
 def postprocessing_section(decision_json: str | os.PathLike | None) -> str:
-    """The post-processing decision: each step's validation Dice without and with it, the change, and whether it was applied."""
+    """Post-processing decision: per step, validation Dice without and with it, the change, whether it was applied."""
     decision = None
     if decision_json is not None and Path(decision_json).is_file():
         try:
@@ -261,10 +284,12 @@ def postprocessing_section(decision_json: str | os.PathLike | None) -> str:
     if not decision or not isinstance(decision, dict):
         return note("No post-processing decision available.")
     applied = ", ".join(str(a) for a in decision.get("apply") or []) or "none"
-    head = (f"<p>Applied to every prediction: <b>{esc(applied)}</b>. Decided on "
-            f"{len(decision.get('validation_cases') or [])} validation case(s); a step is kept only when it raises "
-            "its region's mean validation Dice without lowering the other region's. Settings "
-            f"<code>{esc(json.dumps(decision.get('settings', {})))}</code>.</p>")
+    head = (
+        f"<p>Applied to every prediction: <b>{esc(applied)}</b>. Decided on "
+        f"{len(decision.get('validation_cases') or [])} validation case(s); a step is kept only when it raises "
+        "its region's mean validation Dice without lowering the other region's. Settings "
+        f"<code>{esc(json.dumps(decision.get('settings', {})))}</code>.</p>"
+    )
     steps = decision.get("steps") or []
     if not steps:
         return head + note(str(decision.get("reason", "No step was evaluated.")))
@@ -275,11 +300,15 @@ def postprocessing_section(decision_json: str | os.PathLike | None) -> str:
         f"<td class=txt>{esc(st.get('other_region'))}</td><td>{fmt(st.get('other_before'), 4)}</td>"
         f"<td>{fmt(st.get('other_after'), 4)}</td><td>{_delta(st.get('other_before'), st.get('other_after'))}</td>"
         f"<td class=txt>{'yes' if st.get('applied') else 'no'}</td></tr>"
-        for st in steps if isinstance(st, dict))
-    return head + ('<table class="postprocessing"><thead><tr><th class=txt>Step</th><th class=txt>Region</th>'
-                   "<th>Val Dice without</th><th>Val Dice with</th><th>Change</th><th class=txt>Other region</th>"
-                   "<th>Its Dice without</th><th>Its Dice with</th><th>Change</th><th class=txt>Applied</th></tr></thead>"
-                   f"<tbody>{rows}</tbody></table>")
+        for st in steps
+        if isinstance(st, dict)
+    )
+    return head + (
+        '<table class="postprocessing"><thead><tr><th class=txt>Step</th><th class=txt>Region</th>'
+        "<th>Val Dice without</th><th>Val Dice with</th><th>Change</th><th class=txt>Other region</th>"
+        "<th>Its Dice without</th><th>Its Dice with</th><th>Change</th><th class=txt>Applied</th></tr></thead>"
+        f"<tbody>{rows}</tbody></table>"
+    )
 
 
 # ---------------------------------------------------------------- failures
@@ -302,12 +331,16 @@ def failures_section(failures_csv: str | os.PathLike | None) -> str:
     head = "".join(f"<th class=txt>{esc(c)}</th>" for c in cols)
     body = "".join(
         f'<tr class="failure" data-case="{esc(r.get("case_id", ""))}">'
-        + "".join(f"<td class=txt>{esc(r.get(c, '')) or DASH}</td>" for c in cols) + "</tr>"
-        for r in df.to_dict("records"))
+        + "".join(f"<td class=txt>{esc(r.get(c, '')) or DASH}</td>" for c in cols)
+        + "</tr>"
+        for r in df.to_dict("records")
+    )
     n_cases = df["case_id"].nunique() if "case_id" in df.columns else len(df)
-    return (f"<p><b>{len(df)}</b> failure(s) in {n_cases} case(s); these cases are missing from the results above.</p>"
-            f'<div class="scroll"><table class="sortable failures"><thead><tr>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table></div>")
+    return (
+        f"<p><b>{len(df)}</b> failure(s) in {n_cases} case(s); these cases are missing from the results above.</p>"
+        f'<div class="scroll"><table class="sortable failures"><thead><tr>{head}</tr></thead>'
+        f"<tbody>{body}</tbody></table></div>"
+    )
 
 
 # ---------------------------------------------------------------- page
@@ -324,9 +357,15 @@ CONVENTIONS = (
 )
 
 SECTIONS: tuple[tuple[str, str], ...] = (
-    ("headline", "Headline"), ("per-case", "Per-case metrics"), ("distributions", "Distributions"),
-    ("overlays", "Overlays"), ("summary", "Summary statistics"), ("training", "Training curves"),
-    ("postprocessing", "Post-processing"), ("failures", "Failures"), ("provenance", "Provenance"),
+    ("headline", "Headline"),
+    ("per-case", "Per-case metrics"),
+    ("distributions", "Distributions"),
+    ("overlays", "Overlays"),
+    ("summary", "Summary statistics"),
+    ("training", "Training curves"),
+    ("postprocessing", "Post-processing"),
+    ("failures", "Failures"),
+    ("provenance", "Provenance"),
 )
 
 
@@ -380,9 +419,16 @@ def render_html(
         _h2("failures", "Failures"),
         failures_section(failures),
         _h2("provenance", "Provenance"),
-        provenance_section(config, per_case, split_csv, benchmark_files, benchmark_root=benchmark_root,
-                           environment_files=environment_files, workflow_dir=workflow_dir,
-                           host_environment=host_environment),
+        provenance_section(
+            config,
+            per_case,
+            split_csv,
+            benchmark_files,
+            benchmark_root=benchmark_root,
+            environment_files=environment_files,
+            workflow_dir=workflow_dir,
+            host_environment=host_environment,
+        ),
         f"<script>{SORT_JS}</script>",
         "</body></html>",
     ]
@@ -393,7 +439,9 @@ def scans_by_case(case_ids: Sequence[str], paths: Sequence[str]) -> dict[str, tu
     """{case: (image, label, prediction)} from a flat list holding those three paths per case, in case order."""
     paths = [str(p) for p in paths]
     if len(paths) != 3 * len(case_ids):
-        raise ValueError(f"expected 3 paths (image, label, prediction) per case for {len(case_ids)} cases, got {len(paths)}")
+        raise ValueError(
+            f"expected 3 paths (image, label, prediction) per case for {len(case_ids)} cases, got {len(paths)}"
+        )
     return {c: tuple(paths[3 * i : 3 * i + 3]) for i, c in enumerate(case_ids)}
 
 

@@ -103,7 +103,7 @@ def choose_slice(label: np.ndarray) -> tuple[int, str]:
 
 
 def crop_box(mask: np.ndarray, spacing: tuple[float, float], margin_mm: float = MARGIN_MM) -> tuple[slice, slice]:
-    """Row and column slices around the nonzero pixels of a 2D mask, ``margin_mm`` wider on each side; whole slice if empty."""
+    """Row and column slices around a 2D mask's nonzero pixels, ``margin_mm`` wider each side; whole slice if empty."""
     if not mask.any():
         return slice(0, mask.shape[0]), slice(0, mask.shape[1])
     out = []
@@ -118,13 +118,25 @@ def _contours(ax, mask: np.ndarray, color: str, style: str) -> None:
     """Draw the outline of a 2D mask (nothing for an empty mask)."""
     if mask.any() and not mask.all():
         # padded by one pixel so that outlines touching the crop edge close; x = column, y = row index
-        ax.contour(np.arange(-1, mask.shape[1] + 1), np.arange(-1, mask.shape[0] + 1),
-                   np.pad(mask.astype(np.float32), 1), levels=[0.5], colors=[color], linestyles=[style],
-                   linewidths=1.5)
+        ax.contour(
+            np.arange(-1, mask.shape[1] + 1),
+            np.arange(-1, mask.shape[0] + 1),
+            np.pad(mask.astype(np.float32), 1),
+            levels=[0.5],
+            colors=[color],
+            linestyles=[style],
+            linewidths=1.5,
+        )
 
 
-def overlay_figure(ct: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing: tuple[float, float], title: str,
-                   classes: tuple[int, ...] = (KIDNEY, TUMOR)) -> Figure:
+def overlay_figure(
+    ct: np.ndarray,
+    truth: np.ndarray,
+    pred: np.ndarray,
+    spacing: tuple[float, float],
+    title: str,
+    classes: tuple[int, ...] = (KIDNEY, TUMOR),
+) -> Figure:
     """A windowed CT slice with truth (solid) and prediction (dashed) contours per class, a legend and a title.
 
     ``spacing`` is the (row, column) pixel size in mm; it sets the aspect ratio.
@@ -137,15 +149,23 @@ def overlay_figure(ct: np.ndarray, truth: np.ndarray, pred: np.ndarray, spacing:
     fig_h = min(6.5, max(2.4, fig_w * height_mm / max(width_mm, 1e-6)))
     fig = Figure(figsize=(fig_w, fig_h + 0.9))
     ax = fig.add_subplot(1, 1, 1)
-    ax.imshow(np.asarray(ct, dtype=np.float32), cmap="gray", vmin=level - width / 2, vmax=level + width / 2,
-              aspect=float(spacing[0]) / float(spacing[1]), interpolation="antialiased")
+    ax.imshow(
+        np.asarray(ct, dtype=np.float32),
+        cmap="gray",
+        vmin=level - width / 2,
+        vmax=level + width / 2,
+        aspect=float(spacing[0]) / float(spacing[1]),
+        interpolation="antialiased",
+    )
     handles = []
     for value in classes:
         name, truth_colour, pred_colour = CLASS_STYLE[value]
         _contours(ax, truth == value, truth_colour, "solid")
         _contours(ax, pred == value, pred_colour, "dashed")
-        handles += [Line2D([], [], color=truth_colour, linestyle="solid", linewidth=1.5, label=f"truth {name}"),
-                    Line2D([], [], color=pred_colour, linestyle="dashed", linewidth=1.5, label=f"prediction {name}")]
+        handles += [
+            Line2D([], [], color=truth_colour, linestyle="solid", linewidth=1.5, label=f"truth {name}"),
+            Line2D([], [], color=pred_colour, linestyle="dashed", linewidth=1.5, label=f"prediction {name}"),
+        ]
     ax.set_xlim(-0.5, ct.shape[1] - 0.5)
     ax.set_ylim(ct.shape[0] - 0.5, -0.5)
     ax.set_xticks([])
@@ -184,26 +204,34 @@ def case_overlay(case_id: str, roles: list[str], paths, metrics: Mapping, label_
         index, why = choose_slice(truth)
         spacing = (float(geometry.spacing[1]), float(geometry.spacing[2]))
         tk, tu = metrics.get("tk_dice"), metrics.get("tu_dice")
-        title = (f"{case_id} ({', '.join(roles)}): TK Dice {fmt(tk)}, TU Dice {fmt(tu)}\n"
-                 f"axial slice {index} of {truth.shape[0]} (superior to inferior), W400/L40")
+        title = (
+            f"{case_id} ({', '.join(roles)}): TK Dice {fmt(tk)}, TU Dice {fmt(tu)}\n"
+            f"axial slice {index} of {truth.shape[0]} (superior to inferior), W400/L40"
+        )
         classes = tuple(v for v in CLASS_STYLE if v in label_values)
-        fig = overlay_figure(np.asarray(ct[index]), np.asarray(truth[index]), np.asarray(pred[index]), spacing, title,
-                             classes)
+        fig = overlay_figure(
+            np.asarray(ct[index]), np.asarray(truth[index]), np.asarray(pred[index]), spacing, title, classes
+        )
         png = small_png(fig)
     except Exception as exc:  # a note, never a crash
         log.warning("overlay of %s skipped: %s", case_id, exc)
         return note(f"Overlay of {case_id} ({', '.join(roles)}) not drawn: {exc}")
-    caption = (f"{case_id} ({', '.join(roles)}): TK Dice {fmt(tk)}, TU Dice {fmt(tu)}; axial slice {index}, {why}. "
-               "Truth solid, prediction dashed; window W400/L40; cropped to the segmentations with a "
-               f"{MARGIN_MM:.0f} mm margin.")
+    caption = (
+        f"{case_id} ({', '.join(roles)}): TK Dice {fmt(tk)}, TU Dice {fmt(tu)}; axial slice {index}, {why}. "
+        "Truth solid, prediction dashed; window W400/L40; cropped to the segmentations with a "
+        f"{MARGIN_MM:.0f} mm margin."
+    )
     roles_attr = " ".join(roles)
-    return (f'<figure class="overlay" data-case="{esc(case_id)}" data-roles="{esc(roles_attr)}" data-slice="{index}" '
-            f'data-bytes="{len(png)}">{img(data_uri(png), f"Overlay of {case_id}")}'
-            f"<figcaption>{esc(caption).replace(chr(10), ' ')}</figcaption></figure>")
+    return (
+        f'<figure class="overlay" data-case="{esc(case_id)}" data-roles="{esc(roles_attr)}" data-slice="{index}" '
+        f'data-bytes="{len(png)}">{img(data_uri(png), f"Overlay of {case_id}")}'
+        f"<figcaption>{esc(caption).replace(chr(10), ' ')}</figcaption></figure>"
+    )
 
 
-def overlays_section(per_case: pd.DataFrame | None, scans: Mapping | None,
-                     label_values: tuple[int, ...] = KITS19_LABELS) -> str:
+def overlays_section(
+    per_case: pd.DataFrame | None, scans: Mapping | None, label_values: tuple[int, ...] = KITS19_LABELS
+) -> str:
     """Overlays of the best, median and worst test case; ``scans`` maps case id -> (image, label, prediction) paths."""
     picks, metric = pick_cases(per_case)
     if not picks:
@@ -211,8 +239,9 @@ def overlays_section(per_case: pd.DataFrame | None, scans: Mapping | None,
     if not scans:
         return note("No scans were given for the overlays.")
     by_case = {str(r["case_id"]): r for r in per_case.to_dict("records")}
-    ranked_by = ("TU Dice over the test cases with a tumour" if metric == "tu_dice"
-                 else "TK Dice (no test case has a tumour)")
+    ranked_by = (
+        "TU Dice over the test cases with a tumour" if metric == "tu_dice" else "TK Dice (no test case has a tumour)"
+    )
     parts = [f'<p class="muted">Best, median and worst test case by {esc(ranked_by)}.</p>', '<div class="overlays">']
     for pick in picks:
         case = pick["case_id"]
@@ -237,7 +266,6 @@ def extract_overlay(report_html: str | os.PathLike, role: str = "median") -> byt
         if role in roles and found:
             return base64.b64decode(found.group(1))
     raise ValueError(f"{report_html}: no {role} overlay in this report")
-
 
 
 def write_overlay_png(report_html: str | os.PathLike, out_png: str | os.PathLike, role: str = "median") -> int:

@@ -6,7 +6,7 @@ import json
 import os
 import re
 from collections import Counter
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -98,8 +98,7 @@ def benchmark_job(path: str | os.PathLike, root: str | os.PathLike | None = None
 def benchmark_row(path: str | os.PathLike, root: str | os.PathLike | None = None) -> dict:
     """Rule, job, run time (s, h:m:s) and peak RSS/VMS (MB) from one Snakemake benchmark TSV."""
     rule, label = benchmark_job(path, root)
-    row = {"rule": rule, "label": label, "s": np.nan, "hms": "", "max_rss": np.nan, "max_vms": np.nan,
-           "repeats": 0}
+    row = {"rule": rule, "label": label, "s": np.nan, "hms": "", "max_rss": np.nan, "max_vms": np.nan, "repeats": 0}
     try:
         df = pd.read_csv(path, sep="\t")
     except Exception:
@@ -124,13 +123,15 @@ def rule_totals(rows: list[dict]) -> list[dict]:
         mine = [r for r in rows if r["rule"] == rule]
         s = np.array([r["s"] for r in mine], float)
         rss = np.array([r["max_rss"] for r in mine], float)
-        out.append({
-            "rule": rule,
-            "jobs": len(mine),
-            "total_s": float(np.nansum(s)) if np.isfinite(s).any() else np.nan,
-            "max_s": float(np.nanmax(s)) if np.isfinite(s).any() else np.nan,
-            "max_rss": float(np.nanmax(rss)) if np.isfinite(rss).any() else np.nan,
-        })
+        out.append(
+            {
+                "rule": rule,
+                "jobs": len(mine),
+                "total_s": float(np.nansum(s)) if np.isfinite(s).any() else np.nan,
+                "max_s": float(np.nanmax(s)) if np.isfinite(s).any() else np.nan,
+                "max_rss": float(np.nanmax(rss)) if np.isfinite(rss).any() else np.nan,
+            }
+        )
     return out
 
 
@@ -142,11 +143,12 @@ def benchmarks_table(benchmark_files, root: str | os.PathLike | None = None) -> 
     totals = rule_totals(rows)
     agg = "".join(
         f'<tr data-rule="{esc(t["rule"])}"><td class=txt>{esc(t["rule"])}</td><td>{t["jobs"]}</td>'
-        f'<td>{fmt(t["total_s"], 1)}</td><td>{fmt(t["max_s"], 1)}</td><td>{fmt(t["max_rss"], 1)}</td></tr>'
-        for t in totals)
+        f"<td>{fmt(t['total_s'], 1)}</td><td>{fmt(t['max_s'], 1)}</td><td>{fmt(t['max_rss'], 1)}</td></tr>"
+        for t in totals
+    )
     body = "".join(
-        f'<tr><td class=txt>{esc(r["label"])}</td><td>{fmt(r["s"], 1)}</td><td class=txt>{esc(r["hms"])}</td>'
-        f'<td>{fmt(r["max_rss"], 1)}</td><td>{fmt(r["max_vms"], 1)}</td><td>{r["repeats"]}</td></tr>'
+        f"<tr><td class=txt>{esc(r['label'])}</td><td>{fmt(r['s'], 1)}</td><td class=txt>{esc(r['hms'])}</td>"
+        f"<td>{fmt(r['max_rss'], 1)}</td><td>{fmt(r['max_vms'], 1)}</td><td>{r['repeats']}</td></tr>"
         for r in rows
     )
     total = float(np.nansum([r["s"] for r in rows])) if rows else 0.0
@@ -210,24 +212,34 @@ def hardware_table(envs: list[tuple[str, str, dict | None]]) -> str:
     rows = []
     for role, source, env in envs:
         if env is None:
-            rows.append(f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td>'
-                        f'<td class=txt colspan=7>not recorded ({esc(source)} missing)</td></tr>')
+            rows.append(
+                f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td>'
+                f"<td class=txt colspan=7>not recorded ({esc(source)} missing)</td></tr>"
+            )
             continue
         if "error" in env:
-            rows.append(f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td>'
-                        f'<td class=txt colspan=7>{esc(env["error"])}</td></tr>')
+            rows.append(
+                f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td>'
+                f"<td class=txt colspan=7>{esc(env['error'])}</td></tr>"
+            )
             continue
         mem = env.get("memory_gb")
         rows.append(
-            f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td><td class=txt>{esc(env.get("hostname", ""))}</td>'
-            f'<td class=txt>{esc(env.get("cpu_model", ""))}</td><td>{DASH if env.get("cpu_count") is None else esc(_cpus(env))}</td>'
-            f"<td>{fmt(mem, 1)}</td><td class=\"txt accel\">{esc(accelerators_text(env))}</td>"
-            f'<td class=txt>{esc(env.get("keras_backend", ""))}</td>'
-            f'<td class=txt>{esc(env.get("python", ""))}<br><span class=muted>{esc(env.get("platform", ""))}</span></td>'
-            "</tr>")
-    return ('<table class="hardware"><thead><tr><th class=txt>Where</th><th class=txt>Host</th><th class=txt>CPU</th>'
-            "<th>CPUs</th><th>Memory (GB)</th><th class=txt>Accelerators</th><th class=txt>Keras backend</th>"
-            f'<th class=txt>Python, platform</th></tr></thead><tbody>{"".join(rows)}</tbody></table>')
+            f'<tr data-role="{esc(role)}"><td class=txt>{esc(role)}</td>'
+            f"<td class=txt>{esc(env.get('hostname', ''))}</td>"
+            f"<td class=txt>{esc(env.get('cpu_model', ''))}</td>"
+            f"<td>{DASH if env.get('cpu_count') is None else esc(_cpus(env))}</td>"
+            f'<td>{fmt(mem, 1)}</td><td class="txt accel">{esc(accelerators_text(env))}</td>'
+            f"<td class=txt>{esc(env.get('keras_backend', ''))}</td>"
+            f"<td class=txt>{esc(env.get('python', ''))}<br>"
+            f"<span class=muted>{esc(env.get('platform', ''))}</span></td>"
+            "</tr>"
+        )
+    return (
+        '<table class="hardware"><thead><tr><th class=txt>Where</th><th class=txt>Host</th><th class=txt>CPU</th>'
+        "<th>CPUs</th><th>Memory (GB)</th><th class=txt>Accelerators</th><th class=txt>Keras backend</th>"
+        f"<th class=txt>Python, platform</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+    )
 
 
 def packages_table(envs: list[tuple[str, str, dict | None]]) -> str:
@@ -240,10 +252,13 @@ def packages_table(envs: list[tuple[str, str, dict | None]]) -> str:
     head = "".join(f"<th class=txt>{esc(role)}</th>" for role, _ in have)
     body = "".join(
         f'<tr data-package="{esc(p)}"><td class=txt>{esc(p)}</td>'
-        + "".join(f"<td class=txt>{esc(env['packages'].get(p, '')) or DASH}</td>" for _, env in have) + "</tr>"
-        for p in names)
-    return (f'<table class="packages"><thead><tr><th class=txt>Package</th>{head}</tr></thead>'
-            f"<tbody>{body}</tbody></table>")
+        + "".join(f"<td class=txt>{esc(env['packages'].get(p, '')) or DASH}</td>" for _, env in have)
+        + "</tr>"
+        for p in names
+    )
+    return (
+        f'<table class="packages"><thead><tr><th class=txt>Package</th>{head}</tr></thead><tbody>{body}</tbody></table>'
+    )
 
 
 def git_text(workflow_dir: str | os.PathLike | None) -> str:
@@ -252,13 +267,17 @@ def git_text(workflow_dir: str | os.PathLike | None) -> str:
         return '<li class="git">Workflow git commit: not recorded (no workflow directory given)</li>'
     info = git_commit(workflow_dir)
     if info is None:
-        return (f'<li class="git">Workflow git commit: none (<code>{esc(workflow_dir)}</code> is not a git '
-                "work tree, or git is not installed)</li>")
+        return (
+            f'<li class="git">Workflow git commit: none (<code>{esc(workflow_dir)}</code> is not a git '
+            "work tree, or git is not installed)</li>"
+        )
     state = {True: "modified (uncommitted changes to tracked files)", False: "clean", None: "unknown"}[info["dirty"]]
     branch = f" on branch <code>{esc(info['branch'])}</code>" if info.get("branch") else ""
-    return (f'<li class="git" data-commit="{esc(info["commit"])}" data-dirty="{str(info["dirty"]).lower()}">'
-            f"Workflow git commit: <code>{esc(info['commit'])}</code>{branch}; working tree: <b>{esc(state)}</b> "
-            f"(<code>{esc(workflow_dir)}</code>)</li>")
+    return (
+        f'<li class="git" data-commit="{esc(info["commit"])}" data-dirty="{str(info["dirty"]).lower()}">'
+        f"Workflow git commit: <code>{esc(info['commit'])}</code>{branch}; working tree: <b>{esc(state)}</b> "
+        f"(<code>{esc(workflow_dir)}</code>)</li>"
+    )
 
 
 def environments(environment_files, host: dict | None = None) -> list[tuple[str, str, dict | None]]:
@@ -269,9 +288,17 @@ def environments(environment_files, host: dict | None = None) -> list[tuple[str,
     return out
 
 
-def provenance_section(config: dict, per_case: pd.DataFrame | None, split_csv, benchmark_files, *,
-                       benchmark_root=None, environment_files=None, workflow_dir=None,
-                       host_environment: dict | None = None) -> str:
+def provenance_section(
+    config: dict,
+    per_case: pd.DataFrame | None,
+    split_csv,
+    benchmark_files,
+    *,
+    benchmark_root=None,
+    environment_files=None,
+    workflow_dir=None,
+    host_environment: dict | None = None,
+) -> str:
     """Dataset, split sizes, git commit, hardware, package versions, benchmarks, version, date and the config."""
     n_eval = 0 if per_case is None else len(per_case)
     sizes = split_sizes(split_csv)
@@ -281,18 +308,22 @@ def provenance_section(config: dict, per_case: pd.DataFrame | None, split_csv, b
     else:
         cells = "".join(f"<tr><td class=txt>{esc(k)}</td><td>{v}</td></tr>" for k, v in sizes.items())
         cells += f"<tr><td class=txt><b>total</b></td><td><b>{sum(sizes.values())}</b></td></tr>"
-        split_html = f'<table class="split"><thead><tr><th class=txt>Subset</th><th>Cases</th></tr></thead><tbody>{cells}</tbody></table>'
+        split_html = (
+            '<table class="split"><thead><tr><th class=txt>Subset</th><th>Cases</th></tr></thead>'
+            f"<tbody>{cells}</tbody></table>"
+        )
         if folds:
             split_html += f"<p>{folds}-fold cross-validation over the train and val cases.</p>"
     ds = config.get("dataset") if isinstance(config.get("dataset"), dict) else {}
     root = ds.get("root")
-    date = datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    date = datetime.now(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     facts = (
         "<ul>"
         f"<li>Dataset source: <code>{esc(dataset_source(config))}</code>"
-        + (f", root <code>{esc(root)}</code>" if root else "") + "</li>"
-        f"<li>Labelled cases in the split: {'unknown' if sizes is None else sum(sizes.values())}; evaluated test cases: "
-        f"{n_eval}</li>"
+        + (f", root <code>{esc(root)}</code>" if root else "")
+        + "</li>"
+        f"<li>Labelled cases in the split: {'unknown' if sizes is None else sum(sizes.values())}; "
+        f"evaluated test cases: {n_eval}</li>"
         f"<li>kidney_seg version: <code>{esc(getattr(kidney_seg, '__version__', 'unknown'))}</code></li>"
         f"{git_text(workflow_dir)}"
         f"<li>Report generated: {esc(date)}</li>"
@@ -300,8 +331,11 @@ def provenance_section(config: dict, per_case: pd.DataFrame | None, split_csv, b
     )
     envs = environments(environment_files, host_environment)
     training = [e for e in envs[1:] if e[2] and "error" not in e[2]]
-    hw_note = ("" if training else note("No training environment recorded (model/fold_K/environment.json): the "
-                                        "training hardware is unknown."))
+    hw_note = (
+        ""
+        if training
+        else note("No training environment recorded (model/fold_K/environment.json): the training hardware is unknown.")
+    )
     return (
         f"{facts}<h3>Split</h3>{split_html}"
         f"<h3>Hardware</h3>{hw_note}{hardware_table(envs)}"

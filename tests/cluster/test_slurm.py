@@ -40,8 +40,10 @@ from tests.conftest import REPO
 PROFILE = REPO / "profiles" / "slurm" / "config.yaml"
 VENV_BIN = Path(sys.executable).parent
 SNAKEMAKE = shutil.which("snakemake", path=str(VENV_BIN)) or shutil.which("snakemake")
-HOW = ("run it with `make cluster-test` (as root: installs and starts a one-node SLURM with "
-       "tests/cluster/setup_slurm.sh, then runs pytest tests/cluster with KIDNEY_SEG_CLUSTER_TEST=1)")
+HOW = (
+    "run it with `make cluster-test` (as root: installs and starts a one-node SLURM with "
+    "tests/cluster/setup_slurm.sh, then runs pytest tests/cluster with KIDNEY_SEG_CLUSTER_TEST=1)"
+)
 LOCAL_CORES = 2
 
 
@@ -116,11 +118,13 @@ def ci_profile(profile: dict) -> dict:
             resources["mem_mb"] = min(int(resources["mem_mb"]), mem_mb // max(cpus, 1))
     # the same CPU threads as the local run (train: --cores 2 // 1 fold), within the node
     out["set-threads"] = {rule: min(int(n), cores) for rule, n in out.get("set-threads", {}).items()}
-    out.update({
-        "slurm-status-command": "squeue",  # no slurmdbd, so sacct has no records
-        "slurm-init-seconds-before-status-checks": 2,  # poll every 2 s (+10 s while nothing ends)
-        "slurm-keep-successful-logs": True,
-    })
+    out.update(
+        {
+            "slurm-status-command": "squeue",  # no slurmdbd, so sacct has no records
+            "slurm-init-seconds-before-status-checks": 2,  # poll every 2 s (+10 s while nothing ends)
+            "slurm-keep-successful-logs": True,
+        }
+    )
     return out
 
 
@@ -152,8 +156,18 @@ def runs(slurm, tmp_path_factory):
     profile_dir.mkdir()
     (profile_dir / "config.yaml").write_text(yaml.safe_dump(ci_profile(yaml.safe_load(PROFILE.read_text()))))
     slurm_logs = root / "slurm_logs"
-    cluster, cluster_s = run([SNAKEMAKE, "--workflow-profile", str(profile_dir), "--configfile", str(slurm_cfg),
-                              "--slurm-logdir", str(slurm_logs)], timeout=1500)
+    cluster, cluster_s = run(
+        [
+            SNAKEMAKE,
+            "--workflow-profile",
+            str(profile_dir),
+            "--configfile",
+            str(slurm_cfg),
+            "--slurm-logdir",
+            str(slurm_logs),
+        ],
+        timeout=1500,
+    )
     print(f"\n[cluster-test] local run (--cores {LOCAL_CORES}): {local_s:.0f} s; SLURM run: {cluster_s:.0f} s")
     if cluster.returncode != 0:
         logs = "\n".join(f"--- {p}\n{p.read_text()[-3000:]}" for p in sorted(slurm_logs.rglob("*.log"))[-3:])
@@ -178,24 +192,46 @@ def test_profile_gives_gpus_to_train_and_predict_only():
 
 
 def rule_names() -> list[str]:
-    proc, _ = run([SNAKEMAKE, "--list-rules", "--configfile", str(REPO / "tests" / "configs" / "tiny.yaml"),
-                   "--config", "results_dir=/tmp/kidney-seg-list-rules"], timeout=120)
+    proc, _ = run(
+        [
+            SNAKEMAKE,
+            "--list-rules",
+            "--configfile",
+            str(REPO / "tests" / "configs" / "tiny.yaml"),
+            "--config",
+            "results_dir=/tmp/kidney-seg-list-rules",
+        ],
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout.split()
 
 
 def squeue_jobs(run_id: str) -> list[dict]:
     """SLURM's own record of the run's jobs (finished ones stay listed for MinJobAge)."""
-    out = subprocess.run(["squeue", "--states=all", "--noheader", "--name", run_id, "-o", "%i|%T|%k|%b"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["squeue", "--states=all", "--noheader", "--name", run_id, "-o", "%i|%T|%k|%b"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     jobs = []
     for line in out.splitlines():
         job_id, state, comment, gres = line.split("|")
         rule = comment.removeprefix("rule_").split("_wildcards_")[0]
         script = subprocess.run(["scontrol", "write", "batch_script", job_id, "-"], capture_output=True, text=True)
-        jobs.append({"id": job_id, "state": state, "rule": rule, "gres": gres,
-                     "tres": subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True,
-                                            text=True).stdout, "script": script.stdout})
+        jobs.append(
+            {
+                "id": job_id,
+                "state": state,
+                "rule": rule,
+                "gres": gres,
+                "tres": subprocess.run(
+                    ["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True
+                ).stdout,
+                "script": script.stdout,
+            }
+        )
     return jobs
 
 
@@ -248,8 +284,14 @@ def test_outputs_match_a_local_run(runs):
             np.testing.assert_array_equal(a.affine, b.affine)
             # CPU training with the same thread count repeats bit for bit (two local runs agree),
             # so a difference means the SLURM job ran differently (threads, environment, code)
-            np.testing.assert_array_equal(np.asanyarray(a.dataobj), np.asanyarray(b.dataobj),
-                                          err_msg=f"{folder}/{name}: labels differ from the local run")
+            np.testing.assert_array_equal(
+                np.asanyarray(a.dataobj),
+                np.asanyarray(b.dataobj),
+                err_msg=f"{folder}/{name}: labels differ from the local run",
+            )
 
-    pd.testing.assert_frame_equal(pd.read_csv(cluster / "metrics" / "per_case.csv"),
-                                  pd.read_csv(local / "metrics" / "per_case.csv"), check_exact=True)
+    pd.testing.assert_frame_equal(
+        pd.read_csv(cluster / "metrics" / "per_case.csv"),
+        pd.read_csv(local / "metrics" / "per_case.csv"),
+        check_exact=True,
+    )
