@@ -27,9 +27,10 @@ run: install
 	@echo "Report: $(abspath results/demo/report.html)"
 
 # Tests run on $(TEST_WORKERS) pytest-xdist workers, a file at a time: the tests that share one
-# whole-workflow run live in one file (tests/conftest.py), so that run is made once.
+# whole-workflow run live in one file (tests/conftest.py), so that run is made once. Files are
+# handed out in collection order, whole-workflow tests first (conftest.py), not by test count.
 TEST_WORKERS ?= 2
-PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST := $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 
 test: install
 	$(PYTEST)

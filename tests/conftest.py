@@ -101,3 +101,8 @@ def server():
 
     with serve() as running:
         yield running
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Whole-workflow tests first (a stable sort): under pytest-xdist the slowest files start at once, not last."""
+    items.sort(key=lambda item: item.get_closest_marker("workflow") is None)

@@ -78,7 +78,7 @@ def test_two_deterministic_runs_are_bitwise_identical(deterministic_reference, i
     # one core there, two in the reference: deterministic runs use one compute thread whatever --cores says
     results = interrupted_run.results
     assert differences(deterministic_reference, results) == []
-    for log in ("train/fold_0.log", *(f"predict/{p.name[:-7]}.log" for p in (results / "raw_predictions").iterdir())):
+    for log in ("train/fold_0.log", *(f"predict/{p.stem}.log" for p in (results / "raw_predictions").glob("*.json"))):
         assert "deterministic: seed 42, backend tensorflow" in (results / "logs" / log).read_text(), log
 
 

@@ -19,7 +19,7 @@ from tests.workflow_runs import SNAKEMAKE, planned_jobs, snakemake, snakemake_en
 
 # The tests on the session's tiny run all live in this file, so that `--dist loadfile` runs them on
 # one pytest-xdist worker (a session fixture is made once per worker). Runs of other configs:
-# tests/test_workflow_variants.py.
+# tests/test_workflow_folds.py, test_workflow_bad_cases.py and test_workflow_kits19.py.
 pytestmark = pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")
 
 

@@ -1,5 +1,5 @@
-"""The whole workflow on variants of the tiny config: two folds, a broken case (with --keep-going,
-left out, or failing the run), and the KiTS19 source served by a local HTTP server.
+"""The whole workflow with a broken case: --keep-going finishes the others; a bad case is left out
+and listed, or (on_bad_case: fail) fails its check naming the case and the file.
 
 Each test makes its own run, in its own working directory (tests/workflow_runs.py).
 """
@@ -9,37 +9,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import nibabel as nib
 import numpy as np
 import pandas as pd
 import pytest
-import yaml
 
-from tests.workflow_runs import SNAKEMAKE, planned_jobs, snakemake, tiny_config, write_config
+from tests.workflow_runs import SNAKEMAKE, snakemake, tiny_config, write_config
 
 pytestmark = [pytest.mark.workflow, pytest.mark.skipif(SNAKEMAKE is None, reason="snakemake is not installed")]
-
-
-def test_two_folds_train_separately_and_predict_as_an_ensemble(tmp_path):
-    cfg = tiny_config(tmp_path)
-    cfg["split"] = {"folds": 2}
-    cfg_path = write_config(tmp_path, cfg)
-    dry = snakemake(cfg_path, "-n", "--cores", "4", "--resources", "gpu=2").stdout
-    assert "fold_0/model.keras" in dry and "fold_1/model.keras" in dry
-    snakemake(cfg_path, "--cores", "2")
-    results = tmp_path / "results"
-    split = pd.read_csv(results / "split.csv", dtype=str, keep_default_na=False)
-    development = split.loc[split.subset != "test", "case_id"].tolist()
-    for fold in ("0", "1"):
-        log = (results / "logs" / "train" / f"fold_{fold}.log").read_text()
-        held_out = split.loc[split.fold == fold, "case_id"].tolist()
-        assert f"{len(development) - len(held_out)} train cases, {len(held_out)} val cases" in log
-    decision = json.loads((results / "model" / "postprocessing.json").read_text())
-    assert sorted(decision["validation_cases"]) == sorted(development)  # out-of-fold predictions of every case
-    test_case = split.loc[split.subset == "test", "case_id"].item()
-    assert "loaded 2 model(s)" in (results / "logs" / "predict" / f"{test_case}.log").read_text()
-    assert "loaded 1 model(s)" in (results / "logs" / "predict" / f"{development[0]}.log").read_text()
-    assert (results / "predictions" / f"{test_case}.nii.gz").is_file()
 
 
 def test_keep_going_finishes_the_good_cases(tmp_path):
@@ -103,48 +79,3 @@ def test_a_bad_case_is_left_out_listed_and_the_run_finishes(tmp_path):
     log = (tmp_path / "strict" / "results" / "logs" / "check_case" / f"{bad}.log").read_text()
     assert bad in log and str(broken) in log and "truncated" in log
     assert len(list((tmp_path / "strict" / "results" / "checks").glob("*.json"))) == 5
-
-
-@pytest.fixture
-def kits_server(tmp_path):
-    """The loopback test server (tests/http_server.py) standing in for the KiTS imaging host and label repository."""
-    from kidney_seg.data.phantom import PhantomParams, generate_case
-    from kidney_seg.volume import save_nifti
-    from tests.http_server import serve
-
-    root = tmp_path / "www"
-    params = PhantomParams(field_of_view_mm=(120.0, 130.0), z_extent_mm=(80.0, 90.0))
-    for index in (0, 1, 2, 3, 4, 5, 210):
-        case = generate_case(index, 7, params)
-        save_nifti(root / "img" / f"case_{index:05d}.nii.gz", case.image, case.affine)
-        if index < 210:
-            save_nifti(root / "lab" / f"case_{index:05d}" / "segmentation.nii.gz", case.label, case.affine)
-    files = {f"/{p.relative_to(root).as_posix()}": p.read_bytes() for p in root.rglob("*.nii.gz")}
-    with serve(files) as (base, _):
-        yield base
-
-
-def test_kits19_through_the_real_rules_against_a_local_server(tmp_path, kits_server):
-    cfg = tiny_config(tmp_path)
-    cfg["dataset"] = {
-        "source": "kits19",
-        "root": str(tmp_path / "kits19"),
-        "cases": 6,
-        "unlabelled_cases": 1,
-        "kits_imaging_url": f"{kits_server}/img",
-        "kits_labels_url": f"{kits_server}/lab",
-        "allow_http": True,
-    }  # the local test server speaks plain http
-    cfg["preprocessing"].update({"clip": "auto", "normalization": "dataset"})
-    cfg_path = write_config(tmp_path, cfg)
-    snakemake(cfg_path, "--cores", "2")
-    results = tmp_path / "results"
-    assert (tmp_path / "kits19" / "case_00210" / "imaging.nii.gz").is_file()
-    assert not (tmp_path / "kits19" / "case_00210" / "segmentation.nii.gz").exists()
-    pred = nib.load(str(results / "predictions" / "case_00210.nii.gz"))
-    assert pred.shape == nib.load(str(tmp_path / "kits19" / "case_00210" / "imaging.nii.gz")).shape
-    assert "case_00210" not in pd.read_csv(results / "split.csv")["case_id"].tolist()
-    assert "case_00210" not in pd.read_csv(results / "metrics" / "per_case.csv")["case_id"].tolist()
-    fingerprint = yaml.safe_load((results / "fingerprint.json").read_text())
-    assert fingerprint["percentile_00_5"] < fingerprint["percentile_99_5"]
-    assert planned_jobs(cfg_path) == set()  # a second run downloads nothing
