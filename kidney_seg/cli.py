@@ -10,7 +10,7 @@ from pathlib import Path
 from kidney_seg import __version__
 from kidney_seg.config import with_defaults
 from kidney_seg.errors import CaseDataError
-from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME
+from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, SOURCE_LABELS, surface_tolerances, tolerance_challenge
 
 
 def nifti_inputs(paths: list[str]) -> list[Path]:
@@ -79,8 +79,14 @@ def cmd_predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def tolerance_note(source: str) -> str:
+    """Which surface-Dice tolerances score a source, in words (for messages)."""
+    tolerances = ", ".join(f"{region} {mm:.4f}" for region, mm in surface_tolerances(source).items())
+    return f"surface Dice with {tolerance_challenge(source).upper()} tolerances (mm): {tolerances}"
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score predictions against ground truth and write the metrics CSVs."""
+    """Score predictions against ground truth (the workflow's scorer) and write the metrics CSVs."""
     from kidney_seg.evaluation import evaluate_case, summarize
 
     pred_dir, truth_dir, out_dir = Path(args.pred_dir), Path(args.truth_dir), Path(args.output)
@@ -94,12 +100,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if truth is None:
             raise FileNotFoundError(f"no ground truth for {name} in {truth_dir}")
         out = out_dir / "cases" / f"{name}.json"
-        evaluate_case(name, pred, truth, out)
+        evaluate_case(name, pred, truth, out, args.source)
         jsons.append(out)
     if not jsons:
         raise FileNotFoundError(f"no predictions (*.nii.gz) in {pred_dir}")
     summarize(jsons, out_dir / "per_case.csv", out_dir / "summary.csv")
     print(f"wrote {out_dir / 'per_case.csv'} and {out_dir / 'summary.csv'} ({len(jsons)} cases)")
+    print(f"{args.source} labels; {tolerance_note(args.source)}")
     return 0
 
 
@@ -138,11 +145,19 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser(
         "evaluate",
         help="score predictions against ground truth",
-        description="Compute per-case Dice, precision, recall and volumes, and their summary.",
+        description="Compute per-case Dice, precision, recall, HD95, surface Dice (DeepMind's surface-distance, "
+        "as the KiTS21/23 scorer), misses and volumes, and their summary: the workflow's evaluate step.",
     )
     e.add_argument("pred_dir", help="folder of predicted NIfTI files (NAME.nii.gz)")
     e.add_argument("truth_dir", help="folder of ground truth: NAME/segmentation.nii.gz or NAME.nii.gz")
     e.add_argument("-o", "--output", default="metrics", help="output folder (default: metrics)")
+    e.add_argument(
+        "--source",
+        required=True,
+        choices=sorted(SOURCE_LABELS),
+        help="dataset source, as dataset.source in the config: its labels (kits21/kits23 add cyst = 3) and "
+        "surface-Dice tolerances (KiTS21's for kits21, KiTS23's for every other source)",
+    )
     e.set_defaults(func=cmd_evaluate)
     return parser
 

@@ -1,27 +1,37 @@
-"""Sliding-window inference (Gaussian-weighted tiles, mirror TTA; after nnU-Net), mapped back to each scan's own grid.
+"""Sliding-window inference and fold ensembles (as nnU-Net v2 does them), mapped back to each scan's own grid.
 
 Per slice: tiles of the training patch size, a step of ``step * patch`` with the tiles
 spread so that the last one ends flush with the edge; each tile's logits are weighted by
 a Gaussian importance map (sigma = patch / 8) or a constant and summed, then divided by
-the summed weights. Slices smaller than a tile are padded and the padding removed.
-Mirror test-time augmentation averages the logits of the 4 mirrorings over both in-plane
-axes, each flipped back. The scan is first cropped to the body and preprocessed exactly as
-in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from the model's
-inference.json, a copy of the plan it was trained with: :mod:`kidney_seg.plan`). The class
-scores (softmax probabilities, or for a sigmoid model the foreground sigmoids with
-background 1 - their maximum, see :func:`sigmoid_scores`) are resampled (linearly) to the
-cropped region's original shape a slab of slices at a time, one class after the other, keeping a
-running argmax, and pasted into a full-size label volume that is 0 outside the crop box:
-at the original resolution only the uint8 labels and a few slab-sized arrays exist.
+the summed weights. Slices smaller than a tile are padded and the padding removed; the
+padding is the slice's :func:`kidney_seg.preprocessing.padding_value` (what normalised
+background reads as, the value training and validation crops pad with too; nnU-Net pads
+with 0). Mirror test-time augmentation averages the logits of the 4 mirrorings over both
+in-plane axes, each flipped back. The scan is first cropped to the body and preprocessed
+exactly as in training (:func:`kidney_seg.preprocessing.preprocess_image`, settings from
+the model's inference.json, a copy of the plan it was trained with: :mod:`kidney_seg.plan`).
+
+A fold ensemble (``results/model/fold_*``) predicts each slab with every fold and averages
+their logits, as nnU-Net v2 does; the averaged logits become class scores once (softmax
+probabilities, or for a sigmoid model the foreground sigmoids with background 1 - their
+maximum, see :func:`sigmoid_scores`).
+
+Two grids come out. On the plan's grid (the crop box at the target spacing,
+:class:`PlanGrid`) the labels are the argmax of the class scores, no resampling
+(:func:`scores_to_labels`; the workflow scores them as the ``plan_grid_*`` metrics). On
+the scan's own grid the class scores are resampled to the cropped region's original shape
+(:func:`probabilities_to_labels`: linear in-plane, and linear across slices, where
+nnU-Net resamples its scores with nearest neighbour; linear was chosen on the round-trip
+ceiling of the real KiTS19 labels, docs/metrics.md) a slab of slices at a time, one class
+after the other, keeping a running argmax, and pasted into a full-size label volume that
+is 0 outside the crop box: at the original resolution only the uint8 labels and a few
+slab-sized arrays exist.
 
 Memory stays bounded: tiles are built a slab of slices at a time (about one batch), the
 class scores are float32 at the preprocessed resolution only, and no full-size float64 or
-4D array at the original resolution is ever made.
-
-A fold ensemble (``results/model/fold_*``) predicts each slab with every fold and
-averages their class scores (softmax probabilities; nnU-Net v2 averages logits instead); the decided
-post-processing (``results/model/postprocessing.json``) is applied by the workflow's
-``postprocess`` rule, or by the command line (:func:`predict_case` takes the steps as a function).
+4D array at the original resolution is ever made. The decided post-processing
+(``results/model/postprocessing.json``) is applied by the workflow's ``postprocess`` rule
+(to both grids), or by the command line (:func:`predict_case` takes the steps as a function).
 """
 
 from __future__ import annotations
@@ -30,19 +40,30 @@ import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from nibabel import orientations as ornt
 from scipy import ndimage
 
 from kidney_seg.plan import read_plan
-from kidney_seg.preprocessing import preprocess_image
-from kidney_seg.volume import from_internal, read_image, save_like
+from kidney_seg.preprocessing import (
+    Box,
+    box_from_list,
+    box_to_list,
+    nearest_indices,
+    padding_value,
+    preprocess_image,
+)
+from kidney_seg.volume import Geometry, from_internal, read_image, save_like, save_nifti
 
 log = logging.getLogger(__name__)
 
 PredictFn = Callable[[np.ndarray], np.ndarray]
 MIRRORS = ((), (1,), (2,), (1, 2))  # flips of the (B, H, W, C) batch axes
+#: How class scores cross slices on the way back to a scan's grid (chosen on the round-trip ceiling: docs/metrics.md).
+SCORES_ACROSS_SLICES = "linear"
 
 
 def gaussian_importance_map(patch: tuple[int, int], sigma_scale: float = 1 / 8) -> np.ndarray:
@@ -64,10 +85,17 @@ def tile_starts(size: int, patch: int, step: float) -> list[int]:
 
 
 def pad_to(stack: np.ndarray, patch: tuple[int, int]) -> tuple[np.ndarray, tuple[slice, slice]]:
-    """Pad a stack of 2D slices (edge values) to at least ``patch`` in-plane; return the original region."""
+    """Pad a stack of 2D slices to at least ``patch`` in-plane, each slice with its
+    :func:`~kidney_seg.preprocessing.padding_value`; return the padded stack and the original region."""
     pads = [(max(p - s, 0) // 2, max(p - s, 0) - max(p - s, 0) // 2) for s, p in zip(stack.shape[1:], patch)]
-    padded = np.pad(stack, [(0, 0)] + pads, mode="edge")
     region = tuple(slice(lo, lo + s) for (lo, _), s in zip(pads, stack.shape[1:]))
+    if not any(lo or hi for lo, hi in pads):
+        return stack, region
+    shape = (len(stack),) + tuple(s + lo + hi for s, (lo, hi) in zip(stack.shape[1:], pads))
+    padded = np.empty(shape, dtype=stack.dtype)
+    for k, plane in enumerate(stack):
+        padded[k] = padding_value(plane)
+        padded[k][region] = plane
     return padded, region
 
 
@@ -184,17 +212,18 @@ def predict_probabilities(
     softmax: ``predict_fn`` gives C logits, the scores are softmax probabilities; sigmoid:
     it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`.
     Logits are averaged over tiles and mirrors before either conversion. A sequence of
-    forward functions is a fold ensemble: their class scores (not logits) are averaged,
-    slab by slab (nnU-Net v2 averages the folds' logits instead).
+    forward functions is a fold ensemble: their aggregated logits are averaged too, slab
+    by slab, and converted once, as nnU-Net v2 does (``predict_logits_from_preprocessed_data``
+    sums the folds' sliding-window logits and divides by their number).
     """
     fns = as_predict_fns(predict_fn)
     channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
     k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
     for z in range(0, volume.shape[0], k):
-        scores = None
+        logits = None
         for fn in fns:
-            logits = predict_slab_logits(
+            fold = predict_slab_logits(
                 volume[z : z + k],
                 fn,
                 channels,
@@ -204,9 +233,8 @@ def predict_probabilities(
                 mirror_tta=mirror_tta,
                 batch_size=batch_size,
             )
-            s = class_scores(logits, output_activation)
-            scores = s if scores is None else scores + s
-        probs[:, z : z + k] = np.moveaxis(scores / len(fns), -1, 0)
+            logits = fold if logits is None else logits + fold
+        probs[:, z : z + k] = np.moveaxis(class_scores(logits / len(fns), output_activation), -1, 0)
     return probs
 
 
@@ -229,14 +257,32 @@ def _zoom_plane_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
     )
 
 
-def resample_linear_slab(volume: np.ndarray, shape: tuple[int, int, int], start: int, stop: int) -> np.ndarray:
-    """Output slices ``start:stop`` of ``volume`` (Z, Y, X) resized linearly to ``shape`` (float32).
+#: How class scores are resampled across slices on the way back to a scan's grid.
+ACROSS_SLICES: tuple[str, ...] = ("linear", "nearest")
+
+
+def slice_weights(n_in: int, n_out: int, across_slices: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lower/upper source slice and weight of the upper one per output slice: linear
+    (:func:`linear_weights`) or nearest (:func:`kidney_seg.preprocessing.nearest_indices`, weight 0)."""
+    if across_slices == "linear":
+        return linear_weights(n_in, n_out)
+    if across_slices == "nearest":
+        idx = nearest_indices(n_in, n_out)
+        return idx, idx, np.zeros(n_out, dtype=np.float32)
+    raise ValueError(f"across_slices must be one of {ACROSS_SLICES}, got {across_slices!r}")
+
+
+def resample_linear_slab(
+    volume: np.ndarray, shape: tuple[int, int, int], start: int, stop: int, across_slices: str = "linear"
+) -> np.ndarray:
+    """Output slices ``start:stop`` of ``volume`` (Z, Y, X) resized to ``shape`` (float32): linear
+    in-plane, linear or nearest (``across_slices``) across slices.
 
     Linear resizing is separable: each needed source slice is resized in-plane, then
     neighbouring slices are blended, which equals a full 3D ``ndimage.zoom(order=1,
     grid_mode=True, mode="nearest")`` but touches only the slab's slices.
     """
-    lo, hi, w = linear_weights(volume.shape[0], shape[0])
+    lo, hi, w = slice_weights(volume.shape[0], shape[0], across_slices)
     lo, hi, w = lo[start:stop], hi[start:stop], w[start:stop, None, None]
     first = int(lo.min())
     planes = np.stack(
@@ -251,9 +297,13 @@ def resample_linear_slab(volume: np.ndarray, shape: tuple[int, int, int], start:
 
 
 def probabilities_to_labels(
-    probs: np.ndarray, shape: tuple[int, int, int], out: np.ndarray | None = None, slab: int = 16
+    probs: np.ndarray,
+    shape: tuple[int, int, int],
+    out: np.ndarray | None = None,
+    slab: int = 16,
+    across_slices: str = SCORES_ACROSS_SLICES,
 ) -> np.ndarray:
-    """Resample each class's probability linearly to ``shape``; keep a running argmax (uint8).
+    """Resample each class's score to ``shape`` (linear in-plane, ``across_slices`` across); running argmax (uint8).
 
     Works ``slab`` output slices at a time, one class after the other, so beyond the
     uint8 labels only a few slab-sized float32 arrays exist at the original resolution.
@@ -268,7 +318,7 @@ def probabilities_to_labels(
         best = None
         chunk = np.zeros((stop - start,) + shape[1:], dtype=np.uint8)
         for c in range(len(probs)):
-            prob = resample_linear_slab(probs[c], shape, start, stop)
+            prob = resample_linear_slab(probs[c], shape, start, stop, across_slices)
             if best is None:
                 best = prob
                 chunk[...] = c
@@ -280,19 +330,64 @@ def probabilities_to_labels(
     return labels
 
 
-def predict_volume(
+def scores_to_labels(probs: np.ndarray) -> np.ndarray:
+    """Argmax (uint8, ties to the lower class) of class scores (C, Z, Y, X) on their own grid."""
+    return np.argmax(probs, axis=0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class PlanGrid:
+    """The grid a model predicts on: the scan's crop box (internal grid), resampled to ``shape`` at ``spacing`` mm."""
+
+    crop_box: Box
+    shape: tuple[int, int, int]
+    spacing: tuple[float, float, float]
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable form (for prediction records)."""
+        return {"crop_box": box_to_list(self.crop_box), "shape": list(self.shape), "spacing": list(self.spacing)}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> PlanGrid:
+        """Inverse of :meth:`to_dict`."""
+        shape, spacing = tuple(int(n) for n in d["shape"]), tuple(float(v) for v in d["spacing"])
+        return cls(box_from_list(d["crop_box"]), shape, spacing)
+
+    def affine(self, geometry: Geometry) -> np.ndarray:
+        """The world affine of an internal-layout array on this grid of the scan of ``geometry``.
+
+        Index j along an axis sits at scan index ``start + (j + 0.5) * r - 0.5``, r the
+        size ratio (the pixel-extent alignment the resampling uses).
+        """
+        file_to_internal = np.asarray(geometry.transform)
+        internal = np.asarray(geometry.affine) @ ornt.inv_ornt_aff(file_to_internal, geometry.shape)
+        scale = np.eye(4)
+        for axis, (sl, n) in enumerate(zip(self.crop_box, self.shape)):
+            ratio = (sl.stop - sl.start) / n
+            scale[axis, axis] = ratio
+            scale[axis, 3] = sl.start + 0.5 * ratio - 0.5
+        return internal @ scale
+
+
+def plan_grid_of(box: Box, shape: tuple[int, ...], spacing) -> PlanGrid:
+    """The plan grid of a scan of ``spacing`` cropped to ``box`` and resampled to ``shape``."""
+    size = [sl.stop - sl.start for sl in box]
+    return PlanGrid(
+        tuple(box), tuple(int(n) for n in shape), tuple(float(m * s / n) for m, s, n in zip(size, spacing, shape))
+    )
+
+
+def predict_scores(
     image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn | Sequence[PredictFn], inference_cfg: dict
-) -> np.ndarray:
-    """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
+) -> tuple[np.ndarray, PlanGrid]:
+    """Class scores (C, Z, Y, X) on the plan's grid of a raw (HU) internal-orientation volume, and that grid.
 
     ``plan`` is the model's plan (its inference.json, checked by
     :func:`kidney_seg.plan.read_plan`): its ``preprocessing``, ``num_classes``,
     ``patch_size`` and ``output_activation``; ``inference_cfg`` is the validated
     ``inference`` config section. The volume is cropped to the body (if
-    ``crop_to_body``), preprocessed and predicted; the probabilities are resampled to
-    the cropped region's original shape and pasted into a volume of ``image.shape``
-    that is 0 (background) outside the crop box. ``predict_fn`` may be a sequence (a fold
-    ensemble, class scores averaged).
+    ``crop_to_body``), preprocessed and predicted. ``predict_fn`` may be a sequence (a
+    fold ensemble, logits averaged).
     """
     volume, box = preprocess_image(image, spacing, plan["preprocessing"])
     probs = predict_probabilities(
@@ -306,11 +401,28 @@ def predict_volume(
         batch_size=inference_cfg["batch_size"],
         output_activation=plan["output_activation"],
     )
-    del volume
-    labels = np.zeros(image.shape, dtype=np.uint8)
-    region = labels[box]
+    return probs, plan_grid_of(box, volume.shape, spacing)
+
+
+def labels_on_scan_grid(probs: np.ndarray, grid: PlanGrid, shape: tuple[int, int, int]) -> np.ndarray:
+    """Labels (uint8) of ``shape``: scores resampled into the crop box (:func:`probabilities_to_labels`), 0 outside."""
+    labels = np.zeros(shape, dtype=np.uint8)
+    region = labels[grid.crop_box]
     probabilities_to_labels(probs, region.shape, out=region)
     return labels
+
+
+def predict_volume(
+    image: np.ndarray, spacing, plan: dict, predict_fn: PredictFn | Sequence[PredictFn], inference_cfg: dict
+) -> np.ndarray:
+    """Labels (uint8) on the full internal grid of a raw (HU) internal-orientation volume.
+
+    :func:`predict_scores`, then the scores resampled to the cropped region's original
+    shape and pasted into a volume of ``image.shape`` that is 0 (background) outside the
+    crop box (:func:`labels_on_scan_grid`).
+    """
+    probs, grid = predict_scores(image, spacing, plan, predict_fn, inference_cfg)
+    return labels_on_scan_grid(probs, grid, image.shape)
 
 
 def model_folders(model_dir: str | os.PathLike) -> list[Path]:
@@ -374,6 +486,34 @@ def load_predictor(
     return fns, shared
 
 
+def _predict_and_write(
+    case_id: str,
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    predictor: tuple[Sequence[PredictFn], dict],
+    inference_cfg: dict,
+    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None,
+    plan_grid_path: str | os.PathLike | None,
+) -> tuple[np.ndarray, PlanGrid]:
+    """Predict one scan, write its labels (with ``plan_grid_path`` the plan-grid ones too); return them and the grid."""
+    predict_fn, model_plan = predictor
+    image, geometry = read_image(image_path, case_id)
+    probs, grid = predict_scores(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
+    if plan_grid_path is not None:
+        plan_labels = scores_to_labels(probs)
+        if postprocess is not None:
+            plan_labels = postprocess(plan_labels, grid.spacing)
+        save_nifti(plan_grid_path, plan_labels, grid.affine(geometry), dtype=np.uint8)
+    labels = labels_on_scan_grid(probs, grid, image.shape)
+    del probs, image
+    if postprocess is not None:
+        labels = postprocess(labels, geometry.spacing)
+    out = from_internal(labels, geometry)
+    save_like(out_path, out, reference=image_path)
+    log.info("%s: predicted %s voxels, labels %s", case_id, out.shape, np.unique(out).tolist())
+    return out, grid
+
+
 def predict_case(
     case_id: str,
     image_path: str | os.PathLike,
@@ -383,20 +523,32 @@ def predict_case(
     predictor: tuple[Sequence[PredictFn], dict] | None = None,
     postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
     plan: dict | None = None,
+    plan_grid_path: str | os.PathLike | None = None,
 ) -> np.ndarray:
-    """Segment one scan and write uint8 labels on its exact input grid.
+    """Segment one scan and write uint8 labels on its exact input grid; return them (file layout).
 
     ``postprocess(labels, spacing)``, given internal-layout labels and their spacing, is
     applied before writing (e.g. :func:`kidney_seg.postprocessing.decided_steps`); None
     writes the raw argmax. ``plan``: the plan the models must have been trained with
-    (see :func:`load_predictor`).
+    (see :func:`load_predictor`). With ``plan_grid_path``, the labels on the plan's grid
+    (the argmax of the class scores there, no round trip; post-processed with that grid's
+    spacing) are written there too, in the internal layout with the affine of that grid
+    (:meth:`PlanGrid.affine`).
     """
-    predict_fn, model_plan = predictor or load_predictor(model_dir, plan)
-    image, geometry = read_image(image_path, case_id)
-    labels = predict_volume(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
-    if postprocess is not None:
-        labels = postprocess(labels, geometry.spacing)
-    out = from_internal(labels, geometry)
-    save_like(out_path, out, reference=image_path)
-    log.info("%s: predicted %s voxels, labels %s", case_id, out.shape, np.unique(out).tolist())
-    return out
+    predictor = predictor or load_predictor(model_dir, plan)
+    return _predict_and_write(case_id, image_path, out_path, predictor, inference_cfg, postprocess, plan_grid_path)[0]
+
+
+def predict_case_on_both_grids(
+    case_id: str,
+    image_path: str | os.PathLike,
+    model_dir,
+    out_path: str | os.PathLike,
+    plan_grid_path: str | os.PathLike,
+    inference_cfg: dict,
+    plan: dict | None = None,
+) -> dict:
+    """:func:`predict_case` writing the plan-grid labels too; returns ``{"plan_grid": grid}`` for the record."""
+    predictor = load_predictor(model_dir, plan)
+    _, grid = _predict_and_write(case_id, image_path, out_path, predictor, inference_cfg, None, plan_grid_path)
+    return {"plan_grid": grid.to_dict()}

@@ -1,4 +1,8 @@
-"""Connected-component post-processing, chosen on the validation split (after nnU-Net's scheme).
+"""Connected-component post-processing, chosen on the validation split.
+
+nnU-Net decides its post-processing the same way (a step is kept only where it improves
+the validation Dice), but its steps differ: it keeps the single largest foreground
+component, then the largest component per class. Ours are below.
 
 Labels: 0 background, 1 kidney, 2 tumour (and 3 cyst for KiTS21/23). Two candidate
 steps, always applied in this order when chosen (``STEPS``):
@@ -41,6 +45,8 @@ import numpy as np
 from scipy import ndimage
 
 from kidney_seg.atomic import write_json_atomic
+from kidney_seg.config import with_defaults
+from kidney_seg.data.checks import read_record
 from kidney_seg.evaluation import dice, voxel_volume_ml
 from kidney_seg.vocabulary import KIDNEY, KITS19_LABELS, TUMOR
 from kidney_seg.volume import from_internal, read_label, save_like
@@ -48,7 +54,7 @@ from kidney_seg.volume import from_internal, read_label, save_like
 STEPS: tuple[str, ...] = ("foreground", "tumor")
 #: The region each step targets and the other region it must not harm.
 STEP_REGIONS: dict[str, tuple[str, str]] = {"foreground": ("tk", "tu"), "tumor": ("tu", "tk")}
-DEFAULT_SETTINGS: dict = {"enabled": True, "keep_largest": 2, "min_component_ml": 5.0, "min_tumor_ml": 0.5}
+SETTING_KEYS: tuple[str, ...] = ("enabled", "keep_largest", "min_component_ml", "min_tumor_ml")
 DECISION_KEYS: tuple[str, ...] = ("enabled", "settings", "validation_cases", "steps", "apply")
 TOLERANCE = 1e-9
 DISABLED = "post-processing disabled (postprocessing.enabled is false)"
@@ -70,12 +76,12 @@ def _as_number(key: str, value: object, integer: bool) -> float | int:
 
 
 def resolve_settings(settings: dict | None) -> dict:
-    """Settings with defaults filled in and values checked; ValueError on unknown keys or bad values."""
+    """Settings with the schema's defaults filled in and values checked; ValueError on unknown keys or bad values."""
     settings = dict(settings or {})
-    unknown = sorted(set(settings) - set(DEFAULT_SETTINGS))
+    unknown = sorted(set(settings) - set(SETTING_KEYS))
     if unknown:
-        raise ValueError(f"unknown postprocessing settings {unknown}; known {sorted(DEFAULT_SETTINGS)}")
-    out = {**DEFAULT_SETTINGS, **settings}
+        raise ValueError(f"unknown postprocessing settings {unknown}; known {sorted(SETTING_KEYS)}")
+    out = with_defaults("postprocessing", settings)
     if not isinstance(out["enabled"], bool):
         raise ValueError(f"postprocessing.enabled must be true or false, got {out['enabled']!r}")
     out["keep_largest"] = _as_number("keep_largest", out["keep_largest"], integer=True)
@@ -326,8 +332,8 @@ def validate_decision(decision: object, source: object = "decision") -> dict:
     if missing:
         raise ValueError(f"{source}: post-processing decision lacks keys {missing}")
     settings = decision["settings"]
-    if not isinstance(settings, dict) or sorted(settings) != sorted(DEFAULT_SETTINGS):
-        raise ValueError(f"{source}: decision settings must have exactly the keys {sorted(DEFAULT_SETTINGS)}")
+    if not isinstance(settings, dict) or sorted(settings) != sorted(SETTING_KEYS):
+        raise ValueError(f"{source}: decision settings must have exactly the keys {sorted(SETTING_KEYS)}")
     apply = decision["apply"]
     if not isinstance(apply, list) or not all(isinstance(s, str) for s in apply):
         raise ValueError(f"{source}: decision 'apply' must be a list of step names")
@@ -367,3 +373,22 @@ def postprocess_file(
     del prediction
     save_like(out_path, out, reference=prediction_path)
     return out
+
+
+def postprocess_prediction(
+    case_id: str,
+    raw_record_json: str | os.PathLike,
+    out_path: str | os.PathLike,
+    plan_grid_out_path: str | os.PathLike,
+    decision: dict,
+    labels: tuple[int, ...] = KITS19_LABELS,
+) -> dict:
+    """Apply a decision to both files of a raw prediction record (scan grid, plan grid); return the plan grid.
+
+    The plan-grid labels are post-processed with their own spacing (the sizes in ml are
+    the same). The returned ``{"plan_grid": ...}`` goes into the post-processed record.
+    """
+    raw = read_record(raw_record_json)
+    postprocess_file(case_id, raw["prediction"], out_path, decision, labels)
+    postprocess_file(case_id, raw["plan_grid_prediction"], plan_grid_out_path, decision, labels)
+    return {"plan_grid": raw["plan_grid"]}

@@ -12,7 +12,8 @@ Steps, shared by training and inference (:func:`preprocess_image`):
 2. clip HU to a window (the paper's [-75.76, 349.49] by default, or the training set's
    foreground 0.5/99.5 percentiles);
 3. normalise: per-slice z-score (the paper) or the training set's foreground mean/std
-   (nnU-Net's CT scheme);
+   (after nnU-Net's CT scheme; our mean and std are those of the clipped foreground,
+   :func:`compute_fingerprint`);
 4. resample to the target spacing, nnU-Net's way for anisotropic data: nearest (order 0)
    across slices, cubic (order 3) in-plane slice by slice. Labels: one-hot per class,
    linear in-plane, nearest across slices, argmax.
@@ -189,7 +190,7 @@ def _foreground_values(image: np.ndarray, label: np.ndarray) -> np.ndarray:
 def compute_fingerprint(
     cases: list[tuple[str, str, str]], out_json: str | os.PathLike, seed: int = 0, samples_per_case: int = 10000
 ) -> dict:
-    """nnU-Net's CT intensity statistics over the foreground of the given (training) cases.
+    """CT intensity statistics over the foreground of the given (training) cases (after nnU-Net's; differences below).
 
     For each (case_id, image_path, label_path), one case at a time: the intensities of
     the voxels with label > 0 (labels 0-3 allowed), of which up to ``samples_per_case``
@@ -283,6 +284,23 @@ def zscore_slices(image: np.ndarray, eps: float = EPS, inplace: bool = False) ->
         s -= np.float32(mean)
         s /= np.float32(max(std, eps))
     return out
+
+
+def padding_value(normalised_slice: np.ndarray) -> float:
+    """What background reads as in one normalised slice: its minimum; every padding uses it.
+
+    CT intensities are clipped before normalising, so air and everything below the clip
+    window's lower bound read as the normalised lower bound, the slice's minimum wherever
+    the slice holds background (any scan slice does: air around the body). With
+    ``normalization: dataset`` that bound is one number, (clip low - mean) / std; with the
+    per-slice z-score it differs from slice to slice, hence a function of the slice.
+    Inference tiles (:func:`kidney_seg.inference.pad_to`), training crops and validation
+    crops (:mod:`kidney_seg.sampling`) all pad with it.
+    """
+    plane = np.asarray(normalised_slice)
+    if plane.size == 0:
+        raise ValueError("padding_value: empty slice")
+    return float(plane.min())
 
 
 def normalize(image: np.ndarray, settings: dict, inplace: bool = False) -> np.ndarray:
@@ -469,6 +487,21 @@ def resample_label(label: np.ndarray, shape: tuple[int, int, int], num_classes: 
             out[k][better] = c
             best[better] = prob[better]
     return out
+
+
+def label_on_plan_grid(label: np.ndarray, box: Box, shape: tuple[int, int, int]) -> np.ndarray:
+    """A label volume (internal orientation) cut to ``box`` and resampled nearest to ``shape`` (uint8).
+
+    Nearest along every axis with the positions :func:`nearest_indices` gives, so along
+    the slice axis it keeps the very slices :func:`preprocess_image` keeps of the scan:
+    the truth a plan-grid prediction is scored against (``plan_grid_*`` metrics).
+    """
+    cropped = np.asarray(label)[tuple(box)]
+    if cropped.ndim != 3 or len(shape) != 3:
+        raise ValueError(f"label_on_plan_grid: needs a 3D label and a 3D shape, got {cropped.shape} -> {shape}")
+    axes = [nearest_indices(n_in, int(n_out)) for n_in, n_out in zip(cropped.shape, shape)]
+    picked = _gather_slices(cropped, axes[0], dtype=np.uint8)
+    return np.ascontiguousarray(picked[:, axes[1][:, None], axes[2][None, :]])
 
 
 def preprocess_image(image: np.ndarray, spacing, settings: dict) -> tuple[np.ndarray, Box]:

@@ -3,6 +3,10 @@
 Batch ``k`` of a run is a pure function of ``(seed, k)``: its slices, crops, scalings
 and flips are drawn from generators seeded with both. A resumed run therefore sees the
 same batches as an uninterrupted one, and worker order cannot change the stream.
+
+Padding: wherever a training crop (random crop, scaling) or a validation crop reaches past
+a slice, it reads :func:`kidney_seg.preprocessing.padding_value` of that slice, what
+normalised background reads as, the value inference pads its tiles with.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from batchgenerators.transforms.abstract_transforms import Compose
 from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from kidney_seg.atomic import load_npy
+from kidney_seg.preprocessing import padding_value
 from kidney_seg.vocabulary import TUMOR
 
 
@@ -78,7 +83,11 @@ def choose_slices(rng: np.random.Generator, tables, batch_size: int, n_fg: int, 
 
 
 def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> Compose:
-    """The paper's augmentation: random crop, rare scaling, mirroring of both axes."""
+    """The paper's augmentation: random crop, rare scaling, mirroring of both axes.
+
+    Data outside the slice reads 0 (``border_mode_data="constant"``; batchgenerators' random
+    crop pads with 0 too): :func:`augment` shifts each slice by its padding value first.
+    """
     patch = tuple(int(p) for p in patch_size)
     return Compose(
         [
@@ -89,7 +98,8 @@ def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> 
                 do_rotation=False,
                 do_scale=p_scale > 0,
                 scale=tuple(scale_range),
-                border_mode_data="nearest",
+                border_mode_data="constant",
+                border_cval_data=0.0,
                 order_data=3,
                 border_mode_seg="constant",
                 border_cval_seg=0,
@@ -103,10 +113,17 @@ def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> 
 
 
 def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the transform to one 2D slice with a given seed."""
+    """Apply the transform to one 2D slice with a given seed; outside the slice reads its padding value.
+
+    The transform pads with 0, so the slice goes through it minus its
+    :func:`~kidney_seg.preprocessing.padding_value` and gets it back after: spline
+    interpolation reproduces constants, so only the padding changes.
+    """
     np.random.seed(seed % 2**32)  # batchgenerators draws from NumPy's global generator
-    out = transform(data=image[None, None].astype(np.float32), seg=label[None, None].astype(np.float32))
-    return out["data"][0, 0], np.rint(out["seg"][0, 0]).astype(np.uint8)
+    pad = np.float32(padding_value(image))
+    data = image[None, None].astype(np.float32) - pad
+    out = transform(data=data, seg=label[None, None].astype(np.float32))
+    return out["data"][0, 0] + pad, np.rint(out["seg"][0, 0]).astype(np.uint8)
 
 
 def make_batch(
@@ -280,6 +297,6 @@ def validation_set(cases: list[CaseSlices], n_slices: int, patch_size, seed: int
         img, lab = np.asarray(cases[c].image[s]), np.asarray(cases[c].label[s])
         where = np.argwhere(lab > 0)
         center = where.mean(axis=0) if len(where) else np.asarray(lab.shape) / 2
-        xs.append(crop_or_pad(img, patch_size, center, float(img.min())))
+        xs.append(crop_or_pad(img, patch_size, center, padding_value(img)))
         ys.append(crop_or_pad(lab, patch_size, center, 0))
     return np.stack(xs)[..., None].astype(np.float32), np.stack(ys).astype(np.uint8)

@@ -13,8 +13,8 @@ rule evaluate_case:
     conda:
         "../envs/core.yaml"
     params:
-        prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
-        labels=LABELS,
+        # the labels and the surface-Dice tolerances (kidney_seg.vocabulary.surface_tolerances)
+        source=config["dataset"]["source"],
     script:
         "../workflow_scripts/evaluate_case.py"
 

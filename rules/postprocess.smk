@@ -18,7 +18,8 @@ rule decide_postprocessing:
         "../workflow_scripts/decide_postprocessing.py"
 
 
-# Records in and out, the NIfTI predictions beside them (rules/check.smk says why).
+# Records in and out, the NIfTI predictions beside them (rules/check.smk says why): the
+# decided steps are applied to the scan-grid and to the plan-grid labels alike.
 rule postprocess:
     input:
         prediction=f"{RESULTS}/raw_predictions/{{case}}.json",
@@ -34,8 +35,8 @@ rule postprocess:
     conda:
         "../envs/core.yaml"
     params:
-        raw_prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
         prediction=f"{RESULTS}/predictions/{{case}}.nii.gz",
+        plan_grid_prediction=f"{RESULTS}/predictions/{{case}}.plan_grid.nii.gz",
         labels=LABELS,
     script:
         "../workflow_scripts/postprocess.py"

@@ -1,5 +1,7 @@
-# The output is the prediction's record; the NIfTI beside it exists only for a usable case
-# (rules/check.smk says why it is not a declared output).
+# The output is the prediction's record; the NIfTIs beside it exist only for a usable case
+# (rules/check.smk says why they are not declared outputs): the labels on the scan's grid and
+# on the plan's grid ({case}.plan_grid.nii.gz, the argmax there, no round trip; the record
+# holds that grid's crop box, shape and spacing).
 rule predict:
     input:
         image=raw_image,
@@ -20,6 +22,7 @@ rule predict:
         gpu=1,
     params:
         prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
+        plan_grid_prediction=f"{RESULTS}/raw_predictions/{{case}}.plan_grid.nii.gz",
         inference=config["inference"],
         seed=config["seed"],
         deterministic=config["deterministic"],

@@ -242,3 +242,19 @@ def test_a_file_that_is_not_a_record_is_refused(tmp_path):
     (tmp_path / "r.json").write_text(json.dumps([1, 2]))
     with pytest.raises(ValueError, match="not a per-case record"):
         usable_records([tmp_path / "r.json"])
+
+
+def test_a_step_that_returns_a_dict_adds_it_to_the_record(tmp_path):
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"case_id": "case_00001", "ok": True}))
+    nifti = tmp_path / "pred.nii.gz"
+
+    def step():
+        nifti.write_text("x")
+        return {"plan_grid": {"shape": [1, 2, 3]}}
+
+    record = run_unless_excluded(good, tmp_path / "rec.json", {"prediction": nifti}, step)
+    assert record["plan_grid"] == {"shape": [1, 2, 3]} and record["prediction"] == str(nifti)
+    assert json.loads((tmp_path / "rec.json").read_text()) == record
+    with pytest.raises(ValueError, match="overwrite"):
+        run_unless_excluded(good, tmp_path / "rec2.json", {"prediction": nifti}, lambda: {"prediction": "other"})

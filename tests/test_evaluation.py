@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from scipy.spatial import distance
+from surface_distance import metrics as sd
 
 from kidney_seg import evaluation as ev
 from kidney_seg.errors import CaseDataError
@@ -124,7 +125,8 @@ def test_case_metrics_hand_computed_with_anisotropic_spacing():
     assert m["pred_tumor_ml"] == pytest.approx(2 * 0.0012)
     assert m["true_tumor_ml"] == pytest.approx(2 * 0.0012)
     assert m["has_tumor"] is True
-    assert set(m) == set(ev.METRIC_COLUMNS)
+    assert list(m) == list(ev.case_columns("kits19"))
+    assert not (m["tk_missed"] or m["tu_missed"] or m["tk_false_positive"] or m["tu_false_positive"])
 
 
 def test_case_metrics_volume_in_ml_large_anisotropic():
@@ -150,6 +152,9 @@ def test_case_metrics_missed_tumour_scores_zero():
     m = ev.case_metrics(pred, truth, (1.0, 1.0, 1.0))
     assert m["tu_dice"] == 0.0 and m["tk_dice"] == 0.0 and m["tumor_recall"] == 0.0
     assert m["has_tumor"] is True
+    assert m["tu_missed"] and m["tk_missed"] and not m["tu_false_positive"]
+    assert math.isnan(m["tu_hd95"])
+    assert m["tu_penalised_hd95"] == pytest.approx(math.sqrt(27))  # the diagonal of the 3 x 3 x 3 mm scan
 
 
 # ------------------------------------------------------------------ evaluate_case
@@ -252,7 +257,7 @@ def test_summarize_columns_and_aggregates(tmp_path):
     summary = ev.summarize(paths, per_case_csv, summary_csv)
 
     per_case = pd.read_csv(per_case_csv)
-    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS]
+    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS]  # records without miss columns get none
     assert per_case["case_id"].tolist() == ["case_00001", "case_00002", "case_00003"]
     assert per_case["has_tumor"].tolist() == [False, True, True]
 
@@ -333,50 +338,21 @@ def test_kits23_regions_with_cysts():
     truth[0, 1, 2:] = 3
     pred = truth.copy()
     pred[0, 1, 2:] = 2  # cyst called tumour: masses region still perfect
-    m = case_metrics(pred, truth, (1.0, 1.0, 1.0), labels=(0, 1, 2, 3))
+    m = case_metrics(pred, truth, (1.0, 1.0, 1.0), source="kits23")
     assert m["masses_dice"] == 1.0 and m["tk_dice"] == 1.0
     assert m["tu_dice"] == pytest.approx(2 * 2 / (4 + 2))
     assert m["true_cyst_ml"] == pytest.approx(0.002) and m["pred_cyst_ml"] == 0.0
-    assert "masses_dice" not in case_metrics(pred, truth, (1.0, 1.0, 1.0), labels=(0, 1, 2, 3, 4)[:3])
+    assert list(m) == list(ev.case_columns("kits23"))
+    assert "masses_dice" not in case_metrics(np.minimum(pred, 2), np.minimum(truth, 2), (1.0, 1.0, 1.0))
     df = pd.DataFrame([{"case_id": "case_00000", **m}])
     assert "masses_dice" in summary_table(df)["metric"].tolist()
 
 
-# ------------------------------------------------------------------ distance metrics
+# ------------------------------------------------------------------ distance metrics (DeepMind surface-distance)
 
 ANISO = (3.0, 0.78, 0.78)
-FACE_STEPS = [(a, s) for a in range(3) for s in (-1, 1)]
-
-
-def _brute_border(mask: np.ndarray) -> np.ndarray:
-    """Border by explicit neighbour checks: a mask voxel with a face neighbour outside the mask or the array."""
-    border = np.zeros_like(mask, dtype=bool)
-    for idx in np.argwhere(mask):
-        for axis, step in FACE_STEPS:
-            n = idx.copy()
-            n[axis] += step
-            if not 0 <= n[axis] < mask.shape[axis] or not mask[tuple(n)]:
-                border[tuple(idx)] = True
-                break
-    return border
-
-
-def _brute_distances(pred, truth, spacing):
-    """Directed border-to-border distances from physical coordinates (index * spacing) and cdist."""
-    cp = np.argwhere(_brute_border(pred)) * np.asarray(spacing)
-    ct = np.argwhere(_brute_border(truth)) * np.asarray(spacing)
-    d = distance.cdist(cp, ct)
-    return d.min(axis=1), d.min(axis=0)
-
-
-def _brute_hd95(pred, truth, spacing) -> float:
-    d_pt, d_tp = _brute_distances(pred, truth, spacing)
-    return max(np.percentile(d_pt, 95), np.percentile(d_tp, 95))
-
-
-def _brute_surface_dice(pred, truth, spacing, tol) -> float:
-    d_pt, d_tp = _brute_distances(pred, truth, spacing)
-    return (np.sum(d_pt <= tol) + np.sum(d_tp <= tol)) / (d_pt.size + d_tp.size)
+KITS23_TOLERANCES = {"tk": 1.0330772532390826, "masses": 1.1328796488598762, "tu": 1.1498198361434828}
+pytestmark = pytest.mark.filterwarnings("ignore:Please import:DeprecationWarning")  # surface-distance's scipy calls
 
 
 def _blob(rng, shape, fraction) -> np.ndarray:
@@ -405,107 +381,72 @@ def _blob_pairs():
     return pairs
 
 
-def test_brute_border_helper_sees_the_array_edge():
-    mask = np.ones((3, 3, 3), bool)
-    border = _brute_border(mask)
-    assert border.sum() == 26 and not border[1, 1, 1]
+def _area_percentile(distances: np.ndarray, areas: np.ndarray, percent: float) -> float:
+    """Independently: the least distance whose surfels and all nearer ones hold ``percent`` % of the area."""
+    order = np.argsort(distances, kind="stable")
+    held = np.cumsum(areas[order]) / areas.sum()
+    return float(distances[order][np.argmax(held >= percent / 100.0)])
+
+
+def _area_surface_dice(d: dict, tol: float) -> float:
+    """Independent re-derivation: surfel area within ``tol`` of the other surface, both ways, over all surfel area."""
+    near = d["surfel_areas_gt"][d["distances_gt_to_pred"] <= tol].sum()
+    near += d["surfel_areas_pred"][d["distances_pred_to_gt"] <= tol].sum()
+    return float(near / (d["surfel_areas_gt"].sum() + d["surfel_areas_pred"].sum()))
 
 
 @pytest.mark.parametrize("k", range(len(_blob_pairs())))
-def test_distance_metrics_match_brute_force(k):
+def test_distance_metrics_are_surface_distance_and_its_area_weighting(k):
     pred, truth = _blob_pairs()[k]
     assert pred.any() and truth.any()
-    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
-    ref_pt, ref_tp = _brute_distances(pred, truth, ANISO)
-    np.testing.assert_allclose(d_pt, ref_pt, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(d_tp, ref_tp, rtol=1e-12, atol=1e-12)
-    assert ev.hd95(pred, truth, ANISO) == pytest.approx(_brute_hd95(pred, truth, ANISO), rel=1e-12)
-    for tol in (0.5, 1.0331, 1.1498, 2.0, 3.5):
-        assert ev.surface_dice(pred, truth, ANISO, tol) == pytest.approx(_brute_surface_dice(pred, truth, ANISO, tol))
+    d = ev.surface_distances(pred, truth, ANISO)
+    direct = sd.compute_surface_distances(truth, pred, ANISO)  # gt first, as the KiTS scorer calls it
+    for key in direct:
+        assert np.array_equal(d[key], direct[key]), key
+    per_direction = [
+        _area_percentile(d["distances_gt_to_pred"], d["surfel_areas_gt"], 95),
+        _area_percentile(d["distances_pred_to_gt"], d["surfel_areas_pred"], 95),
+    ]
+    assert ev.hd95(pred, truth, ANISO) == sd.compute_robust_hausdorff(direct, 95) == max(per_direction)
+    assert ev.hd95(truth, pred, ANISO) == ev.hd95(pred, truth, ANISO)  # symmetric
+    for tol in (0.5, *KITS23_TOLERANCES.values(), 2.0, 3.5):
+        ours = ev.surface_dice(pred, truth, ANISO, tol)
+        assert ours == sd.compute_surface_dice_at_tolerance(direct, tol)
+        assert ours == pytest.approx(_area_surface_dice(d, tol), abs=1e-12)
 
 
-def test_two_voxels_along_the_slice_axis():
+def test_two_voxels_along_the_slice_axis_hand_computed():
+    """Surfels sit on voxel corners: of each voxel's 8 corners (equal areas) 4 lie 2 slices and 4 lie 3 slices away."""
     pred, truth = np.zeros((6, 4, 4), bool), np.zeros((6, 4, 4), bool)
     pred[1, 2, 2] = True
-    truth[4, 2, 2] = True  # 3 slices apart: 9 mm at 3 mm slice spacing
-    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
-    assert d_pt.tolist() == [9.0] and d_tp.tolist() == [9.0]
+    truth[4, 2, 2] = True  # 3 slices apart: centres 9 mm apart at 3 mm slice spacing
+    d = ev.surface_distances(pred, truth, ANISO)
+    assert sorted(d["distances_pred_to_gt"].tolist()) == [6.0] * 4 + [9.0] * 4
+    assert sorted(d["distances_gt_to_pred"].tolist()) == [6.0] * 4 + [9.0] * 4
+    assert np.allclose(d["surfel_areas_gt"], d["surfel_areas_gt"][0])
     assert ev.hd95(pred, truth, ANISO) == 9.0
-    assert ev.surface_dice(pred, truth, ANISO, 8.99) == 0.0
-    assert ev.surface_dice(pred, truth, ANISO, 9.0) == 1.0  # "within" includes the tolerance itself
+    assert ev.surface_dice(pred, truth, ANISO, 5.99) == 0.0
+    assert ev.surface_dice(pred, truth, ANISO, 6.0) == pytest.approx(0.5)  # "within" includes the tolerance itself
+    assert ev.surface_dice(pred, truth, ANISO, 9.0) == 1.0
     assert ev.hd95(pred, truth, (0.5, 0.78, 0.78)) == pytest.approx(1.5)
 
 
-def test_cube_shifted_one_slice_hand_computed():
-    truth = np.zeros((8, 7, 7), bool)
-    truth[2:5, 2:5, 2:5] = True  # 3x3x3 cube: 26 border voxels (all but the centre)
-    pred = np.roll(truth, 1, axis=0)  # slices 3..5
-    spacing = (2.5, 0.8, 0.8)
-    d_pt, d_tp = ev.surface_distances(pred, truth, spacing)
-    # pred: 8 ring voxels of slice 3 and 8 of slice 4 lie on the truth border (0 mm); the centre of
-    # slice 3 is the truth's centre, 0.8 mm in-plane from the truth ring; the 9 voxels of slice 5 are
-    # one slice (2.5 mm) above the truth's top face. Symmetric for truth -> pred.
-    expected = sorted([0.0] * 16 + [0.8] + [2.5] * 9)
-    np.testing.assert_allclose(np.sort(d_pt), expected)
-    np.testing.assert_allclose(np.sort(d_tp), expected)
-    assert ev.hd95(pred, truth, spacing) == pytest.approx(2.5)
-    assert ev.surface_dice(pred, truth, spacing, 0.79) == pytest.approx(32 / 52)
-    assert ev.surface_dice(pred, truth, spacing, 0.81) == pytest.approx(34 / 52)
-    assert ev.surface_dice(pred, truth, spacing, 2.49) == pytest.approx(34 / 52)
-    assert ev.surface_dice(pred, truth, spacing, 2.51) == 1.0
-    assert ev.dice(pred, truth) == pytest.approx(2 * 18 / 54)
-
-
 def test_hd95_is_per_direction_then_max_not_pooled():
-    truth = np.zeros((14, 3, 3), bool)
-    truth[1, 1, 1] = True
+    truth = np.zeros((16, 6, 6), bool)
+    truth[1, 1:5, 1:5] = True  # a one-slice sheet of 4 x 4 voxels
     pred = truth.copy()
-    pred[11, 1, 1] = True  # an outlier 10 slices (30 mm) away
-    d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
-    assert sorted(d_pt.tolist()) == [0.0, 30.0] and d_tp.tolist() == [0.0]
-    # per direction: percentile95([0, 30]) = 28.5, percentile95([0]) = 0 -> 28.5
-    assert ev.hd95(pred, truth, ANISO) == pytest.approx(28.5)
-    # medpy's pooled convention would give percentile95([0, 30, 0]) = 27.0
-    assert np.percentile(np.concatenate([d_pt, d_tp]), 95) == pytest.approx(27.0)
-    assert ev.hd95(truth, pred, ANISO) == pytest.approx(28.5)  # symmetric
-
-
-def test_hd95_percentile_is_linear_interpolation():
-    truth = np.zeros((3, 3, 25), bool)
-    truth[1, 1, 0:21] = True  # a line: every voxel is a border voxel
-    pred = truth.copy()
-    pred[1, 1, 21] = True  # one extra voxel at the end, 1 voxel (0.78 mm) from the truth
-    d_pt, _ = ev.surface_distances(pred, truth, ANISO)
-    assert d_pt.size == 22 and np.count_nonzero(d_pt) == 1
-    # 22 values, 21 zeros and 0.78: position 0.95 * 21 = 19.95 -> still 0 by linear interpolation
-    assert ev.hd95(pred, truth, ANISO) == 0.0
-    pred[1, 1, 22] = True  # now 23 values, 21 zeros, 0.78, 1.56: position 20.9 -> 0.9 * 0.78
-    assert ev.hd95(pred, truth, ANISO) == pytest.approx(0.9 * 0.78)
-
-
-def _uncropped_distances(pred, truth, spacing):
-    """Reference without any cropping: the documented formula on the whole arrays."""
-    from scipy import ndimage
-
-    face = ndimage.generate_binary_structure(3, 1)
-    bp = pred ^ ndimage.binary_erosion(pred, structure=face, border_value=0)
-    bt = truth ^ ndimage.binary_erosion(truth, structure=face, border_value=0)
-    return (
-        ndimage.distance_transform_edt(~bt, sampling=spacing)[bp],
-        ndimage.distance_transform_edt(~bp, sampling=spacing)[bt],
+    pred[13, 2, 2] = True  # an outlier voxel 11-12 slices (33-36 mm) from the truth: 7 % of the predicted area
+    d = ev.surface_distances(pred, truth, ANISO)
+    gt_to_pred = _area_percentile(d["distances_gt_to_pred"], d["surfel_areas_gt"], 95)
+    pred_to_gt = _area_percentile(d["distances_pred_to_gt"], d["surfel_areas_pred"], 95)
+    pooled = _area_percentile(
+        np.concatenate([d["distances_gt_to_pred"], d["distances_pred_to_gt"]]),
+        np.concatenate([d["surfel_areas_gt"], d["surfel_areas_pred"]]),
+        95,
     )
-
-
-@pytest.mark.parametrize("k", range(len(_blob_pairs())))
-def test_cropping_gives_exactly_the_uncropped_result(k):
-    small_pred, small_truth = _blob_pairs()[k]
-    for offset in ((0, 0, 0), (5, 3, 7)):  # touching the array edge, and deep inside a larger array
-        pred, truth = np.zeros((20, 22, 26), bool), np.zeros((20, 22, 26), bool)
-        box = tuple(slice(o, o + n) for o, n in zip(offset, small_pred.shape))
-        pred[box], truth[box] = small_pred, small_truth
-        d_pt, d_tp = ev.surface_distances(pred, truth, ANISO)
-        ref_pt, ref_tp = _uncropped_distances(pred, truth, ANISO)
-        assert np.array_equal(d_pt, ref_pt) and np.array_equal(d_tp, ref_tp)
+    assert gt_to_pred == 0.0 and pred_to_gt >= 33.0  # the outlier holds over 5 % of the predicted surface
+    assert pooled < 33.0  # but under 5 % of both surfaces together
+    assert ev.hd95(pred, truth, ANISO) == pred_to_gt
 
 
 def test_case_metrics_unchanged_by_zero_padding_the_volumes():
@@ -519,6 +460,7 @@ def test_case_metrics_unchanged_by_zero_padding_the_volumes():
     small = ev.case_metrics(pred, truth, ANISO)
     big_pred, big_truth = np.zeros((15, 20, 21), np.uint8), np.zeros((15, 20, 21), np.uint8)
     big_pred[3:11, 4:16, 5:18], big_truth[3:11, 4:16, 5:18] = pred, truth
+    assert not math.isnan(small["tu_hd95"])  # no penalty (which is the scan's diagonal) in play
     assert ev.case_metrics(big_pred, big_truth, ANISO) == small
     # Fortran-ordered input (as nibabel gives) scores the same
     assert ev.case_metrics(np.asfortranarray(big_pred), big_truth, ANISO) == small
@@ -528,15 +470,17 @@ def test_distance_metrics_empty_conventions():
     empty = np.zeros((4, 5, 6), bool)
     some = empty.copy()
     some[1:3, 2:4, 2:5] = True
-    d_pt, d_tp = ev.surface_distances(empty, empty, ANISO)
-    assert d_pt.size == 0 and d_tp.size == 0
+    d = ev.surface_distances(empty, empty, ANISO)
+    assert all(v.size == 0 for v in d.values())
     assert ev.hd95(empty, empty, ANISO) == 0.0
     assert ev.surface_dice(empty, empty, ANISO, 1.0) == 1.0
     for pred, truth in ((empty, some), (some, empty)):
         assert math.isnan(ev.hd95(pred, truth, ANISO))
         assert ev.surface_dice(pred, truth, ANISO, 1000.0) == 0.0
-    d_pt, d_tp = ev.surface_distances(some, empty, ANISO)
-    assert d_pt.size == 12 and np.isinf(d_pt).all() and d_tp.size == 0
+    d = ev.surface_distances(some, empty, ANISO)
+    own = sd.compute_surface_distances(some, some, ANISO)["surfel_areas_gt"]
+    assert np.isinf(d["distances_pred_to_gt"]).all() and np.array_equal(d["surfel_areas_pred"], own)
+    assert d["distances_gt_to_pred"].size == 0 and d["surfel_areas_gt"].size == 0
 
 
 def test_distance_metrics_reject_bad_input():
@@ -546,10 +490,23 @@ def test_distance_metrics_reject_bad_input():
         ev.surface_dice(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 1.0), 1.0)
     with pytest.raises(ValueError, match="spacing"):
         ev.hd95(np.ones((2, 2, 2), bool), np.ones((2, 2, 2), bool), (1.0, 0.0, 1.0))
+    with pytest.raises(ValueError, match="source"):
+        ev.case_metrics(np.ones((2, 2, 2), np.uint8), np.ones((2, 2, 2), np.uint8), ANISO, source="kits99")
 
 
-def test_surface_tolerances_are_kits23():
-    assert ev.SURFACE_TOLERANCE_MM == {"tk": 1.0331, "masses": 1.1329, "tu": 1.1498}
+def test_surface_tolerances_follow_the_source():
+    from kidney_seg.vocabulary import surface_tolerances, tolerance_challenge
+
+    # neheller/kits21 kits21/configuration/labels.py and neheller/kits23 kits23/configuration/labels.py
+    assert surface_tolerances("kits21") == KITS23_TOLERANCES
+    assert surface_tolerances("kits23") == KITS23_TOLERANCES
+    assert [tolerance_challenge(s) for s in ("kits19", "kits21", "kits23", "phantom", "local")] == [
+        "kits23",
+        "kits21",
+        "kits23",
+        "kits23",
+        "kits23",
+    ]
 
 
 def test_case_metrics_distance_columns_and_per_region_tolerance():
@@ -557,10 +514,11 @@ def test_case_metrics_distance_columns_and_per_region_tolerance():
     truth[2:5, 2:5, 2:5] = 2  # a tumour-only cube, so tk, tu and masses are the same masks
     pred = np.roll(truth, 1, axis=0)
     spacing = (1.1, 0.5, 0.5)  # one slice = 1.1 mm: above the tk tolerance, below tu's and masses'
-    m = ev.case_metrics(pred, truth, spacing, labels=(0, 1, 2, 3))
+    m = ev.case_metrics(pred, truth, spacing, source="kits23")
     assert m["tk_hd95"] == pytest.approx(1.1) and m["tu_hd95"] == pytest.approx(1.1)
-    assert m["masses_hd95"] == pytest.approx(1.1)
-    assert m["tk_surface_dice"] == pytest.approx(34 / 52)  # the 2 x 9 voxels 1.1 mm away miss 1.0331
+    assert m["masses_hd95"] == pytest.approx(1.1) and m["tu_penalised_hd95"] == m["tu_hd95"]
+    direct = sd.compute_surface_distances(truth > 0, pred > 0, spacing)
+    assert m["tk_surface_dice"] == sd.compute_surface_dice_at_tolerance(direct, KITS23_TOLERANCES["tk"]) < 1.0
     assert m["tu_surface_dice"] == 1.0 and m["masses_surface_dice"] == 1.0
     cols = list(ev.METRIC_COLUMNS)
     assert cols.index("tumor_recall") < cols.index("tk_hd95") < cols.index("tu_hd95") < cols.index("tk_surface_dice")
@@ -572,48 +530,63 @@ def test_case_metrics_tumour_free_case_distance_conventions():
     truth = np.zeros((6, 6, 6), np.uint8)
     truth[1:5, 1:5, 1:5] = 1
     m = ev.case_metrics(truth, truth, ANISO)
-    assert m["tu_hd95"] == 0.0 and m["tu_surface_dice"] == 1.0  # both empty
+    assert m["tu_hd95"] == 0.0 and m["tu_surface_dice"] == 1.0 and m["tu_penalised_hd95"] == 0.0  # both empty
     assert m["tk_hd95"] == 0.0 and m["tk_surface_dice"] == 1.0
+    assert not (m["tu_missed"] or m["tu_false_positive"])
     pred = truth.copy()
     pred[2, 2, 2] = 2  # a false-positive tumour
     m = ev.case_metrics(pred, truth, ANISO)
     assert math.isnan(m["tu_hd95"]) and m["tu_surface_dice"] == 0.0 and m["has_tumor"] is False
-    assert set(m) == set(ev.METRIC_COLUMNS)
+    assert m["tu_false_positive"] and not m["tu_missed"]
+    diagonal = math.sqrt((6 * 3.0) ** 2 + 2 * (6 * 0.78) ** 2)
+    assert ev.scan_diagonal_mm((6, 6, 6), ANISO) == pytest.approx(diagonal)
+    assert m["tu_penalised_hd95"] == pytest.approx(diagonal)
+    assert list(m) == list(ev.case_columns("kits19"))
 
 
-def test_summary_skips_nan_hd95_of_tumour_free_case(tmp_path):
+def test_summary_counts_misses_and_penalises_them(tmp_path):
+    """Two cases, one good and one with the tumour missed, plus a tumour-free case with a false-positive tumour."""
     truth = np.zeros((8, 7, 7), np.uint8)
     truth[1:7, 1:6, 1:6] = 1
     truth[2:4, 2:4, 2:4] = 2
     shifted = truth.copy()
     shifted[2:4, 2:4, 2:4] = 1
     shifted[3:5, 2:4, 2:4] = 2  # tumour one slice (3 mm) too deep
-    tumour_free = np.where(truth == 2, 1, truth).astype(np.uint8)
-    fp = tumour_free.copy()
-    fp[5, 3, 3] = 2  # false-positive tumour in a tumour-free case -> tu_hd95 NaN
+    missed = np.where(truth == 2, 1, truth).astype(np.uint8)
+    fp = missed.copy()
+    fp[5, 3, 3] = 2  # false-positive tumour in a tumour-free case
     cases = {
-        "case_00000": ev.case_metrics(truth, truth, ANISO),
-        "case_00001": ev.case_metrics(shifted, truth, ANISO),
-        "case_00002": ev.case_metrics(fp, tumour_free, ANISO),
+        "case_00000": ev.case_metrics(shifted, truth, ANISO),
+        "case_00001": ev.case_metrics(missed, truth, ANISO),
+        "case_00002": ev.case_metrics(fp, missed, ANISO),
     }
-    assert math.isnan(cases["case_00002"]["tu_hd95"])
-    paths = _write_cases(tmp_path, [{"case_id": k, **v} for k, v in cases.items()])
+    diagonal = ev.scan_diagonal_mm(truth.shape, ANISO)
+    paths = _write_cases(tmp_path, [{"case_id": k, **ev.json_safe(v)} for k, v in cases.items()])
     summary = ev.summarize(paths, tmp_path / "p.csv", tmp_path / "s.csv")
     rows = summary.set_index("metric")
-    finite = [cases["case_00000"]["tu_hd95"], cases["case_00001"]["tu_hd95"]]
-    assert finite[0] == 0.0 and finite[1] > 0
-    assert rows.loc["tu_hd95", "n"] == 2
-    assert rows.loc["tu_hd95", "mean"] == pytest.approx(np.mean(finite))
-    assert rows.loc["tu_hd95", "max"] == pytest.approx(finite[1])
+    good = cases["case_00000"]["tu_hd95"]
+    assert good > 0
+    assert rows.loc["tu_hd95", "n"] == 1 and rows.loc["tu_hd95", "mean"] == pytest.approx(good)
+    assert rows.loc["tu_penalised_hd95", "n"] == 3
+    assert rows.loc["tu_penalised_hd95", "mean"] == pytest.approx((good + 2 * diagonal) / 3)
+    assert rows.loc["tu_missed_cases", "mean"] == 1 and rows.loc["tu_missed_cases", "n"] == 3
+    assert rows.loc["tu_false_positive_cases", "mean"] == 1
+    assert rows.loc["tk_missed_cases", "mean"] == 0 and rows.loc["tk_false_positive_cases", "mean"] == 0
     assert rows.loc["tk_hd95", "n"] == 3 and rows.loc["tu_surface_dice", "n"] == 3
-    assert rows.loc["tu_surface_dice", "mean"] == pytest.approx(
-        np.mean([1.0, cases["case_00001"]["tu_surface_dice"], 0.0])
-    )
-    assert not summary[["mean", "median", "std", "min", "max"]].isna().any().any()
+    assert rows.loc["tu_surface_dice", "mean"] == pytest.approx(np.mean([cases["case_00000"]["tu_surface_dice"], 0, 0]))
     per_case = pd.read_csv(tmp_path / "p.csv")
-    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS]
-    assert math.isnan(per_case.loc[2, "tu_hd95"])
-    assert "kits23_composite" not in rows.index  # 3-class data
+    assert list(per_case.columns) == ["case_id", *ev.case_columns("kits19")]
+    assert per_case["tu_missed"].tolist() == [False, True, False]
+    assert per_case["tu_false_positive"].tolist() == [False, False, True]
+    assert math.isnan(per_case.loc[1, "tu_hd95"])
+    assert "kits_hec_dice" not in rows.index  # 3-class data
+    assert summary["metric"].tolist()[-5:] == [
+        "kits_composite",
+        "tk_missed_cases",
+        "tk_false_positive_cases",
+        "tu_missed_cases",
+        "tu_false_positive_cases",
+    ]
 
 
 def _four_class_pair():
@@ -629,59 +602,66 @@ def _four_class_pair():
 
 def test_four_class_masses_distance_metrics():
     pred, truth = _four_class_pair()
-    labels = (0, 1, 2, 3)
-    m = ev.case_metrics(pred, truth, ANISO, labels=labels)
+    m = ev.case_metrics(pred, truth, ANISO, source="kits23")
     masses_p, masses_t = np.isin(pred, (2, 3)), np.isin(truth, (2, 3))
     assert m["masses_hd95"] == 0.0 and m["masses_surface_dice"] == 1.0  # masses region is perfect
-    assert m["tu_hd95"] == pytest.approx(_brute_hd95(pred == 2, truth == 2, ANISO))
-    assert m["tu_surface_dice"] == pytest.approx(_brute_surface_dice(pred == 2, truth == 2, ANISO, 1.1498))
-    assert m["tk_hd95"] == pytest.approx(_brute_hd95(pred > 0, truth > 0, ANISO))
-    assert m["tk_surface_dice"] == pytest.approx(_brute_surface_dice(pred > 0, truth > 0, ANISO, 1.0331))
+    for region, p, t in (("tu", pred == 2, truth == 2), ("tk", pred > 0, truth > 0)):
+        direct = sd.compute_surface_distances(t, p, ANISO)
+        assert m[f"{region}_hd95"] == sd.compute_robust_hausdorff(direct, 95)
+        assert m[f"{region}_surface_dice"] == sd.compute_surface_dice_at_tolerance(direct, KITS23_TOLERANCES[region])
     shifted = pred.copy()
     shifted[np.isin(pred, (2, 3))] = 1
     shifted[np.roll(masses_p, 1, axis=2)] = 3  # masses moved by one in-plane voxel (0.78 mm)
-    m2 = ev.case_metrics(shifted, truth, ANISO, labels=labels)
-    assert m2["masses_hd95"] == pytest.approx(_brute_hd95(np.isin(shifted, (2, 3)), masses_t, ANISO))
-    assert m2["masses_surface_dice"] == pytest.approx(
-        _brute_surface_dice(np.isin(shifted, (2, 3)), masses_t, ANISO, 1.1329)
-    )
-    assert 0 < m2["masses_hd95"] and m2["masses_surface_dice"] == 1.0  # 0.78 mm is within 1.1329 mm
-    assert math.isnan(m2["tu_hd95"])  # no tumour label predicted at all
-    assert "masses_hd95" not in ev.case_metrics(pred, truth, ANISO)
+    m2 = ev.case_metrics(shifted, truth, ANISO, source="kits23")
+    direct = sd.compute_surface_distances(masses_t, np.isin(shifted, (2, 3)), ANISO)
+    assert m2["masses_hd95"] == sd.compute_robust_hausdorff(direct, 95) > 0
+    assert m2["masses_surface_dice"] == 1.0  # 0.78 mm is within 1.1329 mm
+    assert math.isnan(m2["tu_hd95"]) and m2["tu_missed"]  # no tumour label predicted at all
+    assert not m2["masses_missed"]
+    assert "masses_hd95" not in ev.case_metrics(np.minimum(pred, 2), np.minimum(truth, 2), ANISO)
 
 
-def test_kits23_composite_row(tmp_path):
+def test_kits_hec_aggregates_are_the_challenges(tmp_path):
+    """KiTS21/23 rank on two numbers: the mean over the HEC regions of the per-region Dice (and surface Dice) means."""
     pred, truth = _four_class_pair()
-    labels = (0, 1, 2, 3)
     records = [
-        {"case_id": "case_00001", **ev.case_metrics(pred, truth, ANISO, labels=labels)},
-        {"case_id": "case_00002", **ev.case_metrics(truth, truth, ANISO, labels=labels)},
+        {"case_id": "case_00001", **ev.case_metrics(pred, truth, ANISO, source="kits23")},
+        {"case_id": "case_00002", **ev.case_metrics(truth, truth, ANISO, source="kits23")},
     ]
     summary = ev.summarize(_write_cases(tmp_path, records), tmp_path / "p.csv", tmp_path / "s.csv")
     rows = summary.set_index("metric")
-    six = ["tk_dice", "tk_surface_dice", "masses_dice", "masses_surface_dice", "tu_dice", "tu_surface_dice"]
-    expected = np.mean([np.mean([r[m] for r in records]) for m in six])
-    assert expected < 1.0
-    assert rows.loc["kits23_composite", "mean"] == pytest.approx(expected)
-    assert rows.loc["kits23_composite", "n"] == 2 and rows.loc["kits23_composite", "std"] == 0.0
-    assert summary["metric"].tolist()[-3:] == ["tu_dice_with_tumor", "kits_composite", "kits23_composite"]
-    assert {"masses_hd95", "masses_surface_dice"} <= set(rows.index)
+    for score in ("dice", "surface_dice"):
+        regions = [f"tk_{score}", f"masses_{score}", f"tu_{score}"]
+        expected = np.mean([np.mean([r[m] for r in records]) for m in regions])
+        assert expected < 1.0
+        assert rows.loc[f"kits_hec_{score}", "mean"] == pytest.approx(expected)
+        assert rows.loc[f"kits_hec_{score}", "n"] == 2 and rows.loc[f"kits_hec_{score}", "std"] == 0.0
+    assert summary["metric"].tolist()[-2:] == ["kits_hec_dice", "kits_hec_surface_dice"]
+    assert {"masses_hd95", "masses_surface_dice", "masses_penalised_hd95", "masses_missed_cases"} <= set(rows.index)
     per_case = pd.read_csv(tmp_path / "p.csv")
-    assert list(per_case.columns) == ["case_id", *ev.METRIC_COLUMNS, *ev.CYST_COLUMNS]
+    assert list(per_case.columns) == ["case_id", *ev.case_columns("kits23")]
 
 
-def test_hd95_matches_medpy():
-    """Cross-check against medpy (in the test extra, so this never skips)."""
+def test_hd95_matches_medpy_where_the_definitions_agree():
+    """medpy's hd95 pools voxel-border distances of both directions; surface-distance weights surfels per direction.
+
+    The two agree where the geometry forces it: a box translated by whole voxels along one
+    axis (every face moves by the translation, so both 95th percentiles are its length),
+    and two single voxels. On general shapes they differ by construction, so only these
+    are compared.
+    """
     from medpy.metric import binary
 
-    directed = getattr(binary, "__surface_distances")
-    for pred, truth in _blob_pairs():
-        ours_pt, ours_tp = ev.surface_distances(pred, truth, ANISO)
-        np.testing.assert_allclose(np.sort(ours_pt), np.sort(directed(pred, truth, ANISO, 1)))
-        np.testing.assert_allclose(np.sort(ours_tp), np.sort(directed(truth, pred, ANISO, 1)))
-        # medpy's hd95 pools both directions; ours takes the max of the per-direction percentiles
-        pooled = np.percentile(np.concatenate([ours_pt, ours_tp]), 95)
-        assert binary.hd95(pred, truth, voxelspacing=ANISO) == pytest.approx(pooled)
+    for axis, steps in ((0, (1, 2, 3)), (1, (1, 2)), (2, (1, 2))):
+        for k in steps:
+            truth = np.zeros((12, 11, 12), bool)
+            truth[2:5, 2:6, 2:7] = True
+            pred = np.roll(truth, k, axis=axis)
+            ours = ev.hd95(pred, truth, ANISO)
+            assert ours == pytest.approx(binary.hd95(pred, truth, voxelspacing=ANISO)) == pytest.approx(k * ANISO[axis])
+    pred, truth = np.zeros((6, 4, 4), bool), np.zeros((6, 4, 4), bool)
+    pred[1, 2, 2], truth[4, 2, 2] = True, True
+    assert ev.hd95(pred, truth, ANISO) == binary.hd95(pred, truth, voxelspacing=ANISO) == 9.0
 
 
 def test_undefined_hd95_is_written_as_strict_json_null(tmp_path):
@@ -695,6 +675,8 @@ def test_undefined_hd95_is_written_as_strict_json_null(tmp_path):
     record = json.loads(
         (tmp_path / "m.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard JSON constant {c}")
     )
-    assert record["tu_hd95"] is None and record["tu_dice"] == 0.0
+    assert record["tu_hd95"] is None and record["tu_dice"] == 0.0 and record["tu_missed"] is True
+    assert record["tu_penalised_hd95"] == pytest.approx(ev.scan_diagonal_mm((4, 10, 10), (3.0, 0.8, 0.8)))
     summary = ev.summarize([tmp_path / "m.json"], tmp_path / "pc.csv", tmp_path / "s.csv").set_index("metric")
     assert summary.loc["tu_hd95", "n"] == 0 and summary.loc["tk_hd95", "n"] == 1
+    assert summary.loc["tu_penalised_hd95", "n"] == 1 and summary.loc["tu_missed_cases", "mean"] == 1

@@ -275,11 +275,21 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
 
 
 def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, kits_labels_dir):
-    """A real KiTS case re-saved in RAS with slices last is segmented identically, voxel for voxel."""
+    """A real KiTS case re-saved in RAS with slices last is segmented identically, voxel for voxel.
+
+    The case is cropped around its kidneys, a tenth of its voxels: the crop keeps the real
+    header's orientation and spacing, and its affine is the real one shifted to the crop.
+    """
     from kidney_seg.volume import geometry_of
 
-    src = nib.load(str(kits_labels_dir / "case_00037" / "segmentation.nii.gz"))  # 97 x 512 x 512, 5 mm slices
-    label = np.asanyarray(src.dataobj).astype(np.uint8)
+    whole = nib.load(str(kits_labels_dir / "case_00037" / "segmentation.nii.gz"))  # 97 x 512 x 512, 5 mm slices
+    crop = (slice(14, 58), slice(190, 345), slice(100, 430))  # kidneys: slices 19-52, rows 202-330, columns 116-418
+    src = whole.slicer[crop]
+    np.testing.assert_array_equal(src.affine[:3, :3], whole.affine[:3, :3])
+    assert nib.aff2axcodes(src.affine) == ("I", "P", "L") and src.header.get_zooms() == whole.header.get_zooms()
+    whole_label = np.asanyarray(whole.dataobj)
+    label = whole_label[crop].astype(np.uint8)
+    assert (label > 0).sum() == (whole_label > 0).sum() > 0  # every kidney and tumour voxel is in the crop
     rng = np.random.default_rng(5)
     ct = np.where(label == 0, -80.0, np.where(label == 1, 180.0, 60.0)) + rng.normal(0, 10, label.shape)
     ct = ct.astype(np.float32)
@@ -378,24 +388,39 @@ def logit_model(logits):
     return lambda x: np.broadcast_to(np.asarray(logits, np.float32), x.shape[:3] + (len(logits),)).copy()
 
 
-def test_ensemble_averages_softmax_not_logits():
+def test_ensemble_averages_logits_like_nnunet_v2():
     from kidney_seg.inference import predict_probabilities, softmax
 
-    a, b = [4.0, 0.0, 0.0], [0.0, 1.0, 1.2]
+    a, b = [0.0, 5.0, 0.0], [0.0, -5.0, 3.0]
     vol = np.zeros((3, 20, 24), np.float32)
     probs = predict_probabilities(vol, [logit_model(a), logit_model(b)], 3, (16, 16), mirror_tta=False)
-    expected = (softmax(np.array(a)) + softmax(np.array(b))) / 2
-    np.testing.assert_allclose(probs[:, 1, 5, 7], expected, atol=1e-6)
     mean_logits = softmax((np.array(a) + np.array(b)) / 2)
-    assert not np.allclose(expected, mean_logits, atol=1e-3)  # averaging logits would differ
-    single = predict_probabilities(vol, logit_model(a), 3, (16, 16), mirror_tta=False)
-    np.testing.assert_allclose(single[:, 0, 0, 0], softmax(np.array(a)), atol=1e-6)
+    mean_probs = (softmax(np.array(a)) + softmax(np.array(b))) / 2
+    np.testing.assert_allclose(probs[:, 1, 5, 7], mean_logits, atol=1e-6)
+    # here the two averages even pick different classes: logits say 2, probabilities 1
+    assert np.argmax(mean_logits) == 2 and np.argmax(mean_probs) == 1 and np.all(probs.argmax(axis=0) == 2)
     with pytest.raises(ValueError, match="empty ensemble"):
         predict_probabilities(vol, [], 3, (16, 16))
 
 
+@pytest.mark.parametrize("activation", ["softmax", "sigmoid"])
+def test_an_ensemble_of_one_model_twice_is_that_model(activation):
+    from kidney_seg.inference import predict_probabilities
+
+    rng = np.random.default_rng(3)
+    vol = rng.normal(size=(4, 20, 26)).astype(np.float32)
+    weights = rng.normal(size=(3,)).astype(np.float32)
+
+    def model(x):
+        return np.concatenate([x * w for w in weights[: 2 if activation == "sigmoid" else 3]], axis=-1)
+
+    kwargs = {"mirror_tta": True, "output_activation": activation}
+    single = predict_probabilities(vol, model, 3, (16, 16), **kwargs)
+    np.testing.assert_allclose(predict_probabilities(vol, [model, model], 3, (16, 16), **kwargs), single, atol=1e-6)
+
+
 def test_ensemble_vote_changes_the_label():
-    # model 1 is sure of class 1, model 2 mildly prefers class 2: the average picks class 1
+    # model 1 is sure of class 1, model 2 mildly prefers class 2: the averaged logits pick class 1
     image = body_phantom()
     sure, mild = logit_model([0.0, 6.0, 0.0]), logit_model([0.0, 0.0, 0.5])
     labels = predict_volume(image, (2.5, 1.0, 1.0), fake_settings(crop_to_body=False), [sure, mild], CFG)
@@ -473,3 +498,93 @@ def test_output_grid_equals_input_grid_for_odd_shapes_and_tiny_slices(shape, tar
     labels = predict_volume(image, (2.5, 1.1, 0.9), settings, constant_model, {**CFG, "mirror_tta": True})
     assert labels.shape == shape and labels.dtype == np.uint8
     assert np.all(labels == 1)  # class 1 everywhere, no seam or padding left over
+
+
+def test_pad_to_pads_each_slice_with_its_padding_value():
+    from kidney_seg.inference import pad_to
+    from kidney_seg.preprocessing import padding_value
+
+    rng = np.random.default_rng(5)
+    stack = rng.normal(size=(3, 10, 40)).astype(np.float32)
+    stack[1] -= 7.0  # another slice, another background value (per-slice z-score)
+    padded, region = pad_to(stack, (16, 16))
+    assert padded.shape == (3, 16, 40)
+    np.testing.assert_array_equal(padded[(slice(None),) + region], stack)
+    for k in range(3):
+        outside = np.ones(padded.shape[1:], bool)
+        outside[region] = False
+        assert np.all(padded[k][outside] == padding_value(stack[k]))
+
+
+def anisotropic_truth() -> np.ndarray:
+    """A kidney-with-tumour label on a 1 mm grid whose slice spacing (1 mm) the plan coarsens to 3 mm."""
+    zz, yy, xx = np.mgrid[:31, :24, :24]
+    truth = np.zeros((31, 24, 24), np.uint8)
+    truth[((zz - 15) / 11.0) ** 2 + ((yy - 12) / 8.0) ** 2 + ((xx - 11) / 7.0) ** 2 <= 1] = 1
+    truth[((zz - 18) / 5.0) ** 2 + ((yy - 13) / 4.0) ** 2 + ((xx - 12) / 4.0) ** 2 <= 1] = 2
+    return truth
+
+
+def test_a_perfect_plan_grid_prediction_scores_1_there_and_less_after_the_round_trip():
+    from kidney_seg.evaluation import case_metrics
+    from kidney_seg.inference import plan_grid_of, scores_to_labels
+    from kidney_seg.preprocessing import label_on_plan_grid, resampled_shape
+
+    truth, spacing = anisotropic_truth(), (1.0, 1.0, 1.0)
+    box = tuple(slice(0, n) for n in truth.shape)
+    grid = plan_grid_of(box, resampled_shape(truth.shape, spacing, (3.0, 1.0, 1.0)), spacing)
+    on_plan = label_on_plan_grid(truth, box, grid.shape)
+    scores = np.stack([(on_plan == c).astype(np.float32) for c in range(3)])
+    plan_metrics = case_metrics(scores_to_labels(scores), on_plan, grid.spacing)
+    assert plan_metrics["tk_dice"] == 1.0 and plan_metrics["tu_dice"] == 1.0
+    for way in ("linear", "nearest"):
+        back = probabilities_to_labels(scores, truth.shape, across_slices=way)
+        round_trip = case_metrics(back, truth, spacing)
+        assert 0.5 < round_trip["tk_dice"] < 1.0 and round_trip["tu_dice"] < 1.0, way
+
+
+def test_nearest_across_slices_repeats_the_nearest_source_slice():
+    from kidney_seg.preprocessing import nearest_indices
+
+    rng = np.random.default_rng(2)
+    probs = rng.random((3, 4, 5, 6)).astype(np.float32)
+    labels = probabilities_to_labels(probs, (11, 5, 6), across_slices="nearest")
+    np.testing.assert_array_equal(labels, probs.argmax(axis=0)[nearest_indices(4, 11)])
+    with pytest.raises(ValueError, match="across_slices"):
+        probabilities_to_labels(probs, (11, 5, 6), across_slices="cubic")
+
+
+def test_plan_grid_file_holds_the_argmax_there_with_the_grid_affine(tmp_path, monkeypatch):
+    import kidney_seg.inference as inference
+    from kidney_seg.inference import predict_case_on_both_grids, predict_scores, scores_to_labels
+    from kidney_seg.volume import read_image, read_label
+
+    rng = np.random.default_rng(3)
+    data = rng.normal(0, 20, (9, 41, 37)).astype(np.float32)
+    data[3:6, 10:20, 10:25] = 250
+    data[:, :9] = -1000  # an air margin: the crop box is not the whole grid
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "inference.json").write_text(json.dumps(fake_settings()))
+    (model / "model.keras").write_bytes(b"weights")
+    on_plan = {}
+    monkeypatch.setattr(inference, "load_predictor", lambda _dirs, _plan: ([threshold_model], fake_settings()))
+    for name, (arr, affine, _) in layouts(data).items():
+        path = write_nifti(tmp_path / f"{name}.nii.gz", arr, affine, qcode=1, scode=1)
+        details = predict_case_on_both_grids(
+            name, path, [model], tmp_path / f"{name}_pred.nii.gz", tmp_path / f"{name}_plan.nii.gz", CFG
+        )
+        grid = details["plan_grid"]
+        labels, geometry = read_label(tmp_path / f"{name}_plan.nii.gz", name, (0, 1, 2))
+        assert list(labels.shape) == grid["shape"] and list(geometry.spacing) == pytest.approx(grid["spacing"])
+        image, scan = read_image(path, name)
+        probs, _ = predict_scores(image, scan.spacing, fake_settings(), threshold_model, CFG)
+        np.testing.assert_array_equal(labels, scores_to_labels(probs))
+        # the plan grid's centre is the crop box's centre, in world coordinates (nibabel's reorientation)
+        internal_affine = nib.load(str(path)).as_reoriented(np.asarray(scan.transform)).affine
+        box_centre = [(a + b - 1) / 2 for a, b in grid["crop_box"]] + [1]
+        grid_centre = [(n - 1) / 2 for n in grid["shape"]] + [1]
+        plan_affine = nib.load(str(tmp_path / f"{name}_plan.nii.gz")).affine
+        np.testing.assert_allclose(plan_affine @ grid_centre, internal_affine @ box_centre, atol=1e-6)
+        on_plan[name] = labels
+    np.testing.assert_array_equal(on_plan["ras"], on_plan["kits"])  # the same internal volume, the same labels

@@ -194,7 +194,11 @@ def test_apply_steps_rejects_bad_steps_and_settings(steps, settings, match):
 
 
 def test_resolve_settings_fills_defaults():
-    assert pp.resolve_settings({}) == {"enabled": True, "keep_largest": 2, "min_component_ml": 5.0, "min_tumor_ml": 0.5}
+    from kidney_seg.config import load_schema
+
+    schema = load_schema()["properties"]["postprocessing"]["properties"]
+    assert set(schema) == set(pp.SETTING_KEYS)
+    assert pp.resolve_settings({}) == {key: schema[key]["default"] for key in pp.SETTING_KEYS}
     assert pp.resolve_settings({"keep_largest": 1})["keep_largest"] == 1
 
 
@@ -448,3 +452,64 @@ def test_read_decision_rejects_invalid_json(tmp_path):
     path.write_text("{not json")
     with pytest.raises(ValueError, match="decision.json"):
         pp.read_decision(path)
+
+
+def test_a_prediction_record_is_post_processed_and_scored_on_both_grids(tmp_path):
+    from kidney_seg.atomic import write_json_atomic
+    from kidney_seg.inference import plan_grid_of
+    from kidney_seg.preprocessing import label_on_plan_grid, resampled_shape
+    from kidney_seg.volume import read_geometry, read_label, save_nifti
+
+    truth = np.zeros((20, 16, 16), np.uint8)
+    truth[4:16, 3:12, 4:12] = 1
+    truth[8:12, 5:9, 5:9] = 2
+    label = write_nifti(tmp_path / "label.nii.gz", truth, kits_affine((1.0, 1.0, 1.0)))
+    geometry = read_geometry(label)
+    speck = truth.copy()
+    speck[1, 14, 14] = 1  # a false positive the decided step removes
+    scan_pred = write_nifti(tmp_path / "raw.nii.gz", speck, kits_affine((1.0, 1.0, 1.0)))
+    box = (slice(0, 20), slice(1, 15), slice(0, 16))
+    grid = plan_grid_of(box, resampled_shape((20, 14, 16), geometry.spacing, (2.0, 1.0, 1.0)), geometry.spacing)
+    on_plan = label_on_plan_grid(speck, box, grid.shape)
+    save_nifti(tmp_path / "raw.plan_grid.nii.gz", on_plan, grid.affine(geometry), dtype=np.uint8)
+    raw_record = tmp_path / "raw.json"
+    write_json_atomic(
+        raw_record,
+        {
+            "case_id": "case_x",
+            "excluded": False,
+            "prediction": str(scan_pred),
+            "plan_grid_prediction": str(tmp_path / "raw.plan_grid.nii.gz"),
+            "plan_grid": grid.to_dict(),
+        },
+    )
+    decision = {
+        "enabled": True,
+        "settings": _settings(keep_largest=1, min_component_ml=0.0),
+        "validation_cases": [],
+        "steps": [],
+        "apply": ["foreground"],
+    }
+    details = pp.postprocess_prediction(
+        "case_x", raw_record, tmp_path / "pp.nii.gz", tmp_path / "pp.plan_grid.nii.gz", decision
+    )
+    assert details == {"plan_grid": grid.to_dict()}
+    cleaned, plan_geometry = read_label(tmp_path / "pp.plan_grid.nii.gz", "case_x", (0, 1, 2))
+    assert plan_geometry.spacing == pytest.approx(grid.spacing) and cleaned.shape == grid.shape
+    assert np.count_nonzero(cleaned) < np.count_nonzero(on_plan)
+    record = tmp_path / "pp.json"
+    write_json_atomic(
+        record,
+        {
+            "case_id": "case_x",
+            "excluded": False,
+            "prediction": str(tmp_path / "pp.nii.gz"),
+            "plan_grid_prediction": str(tmp_path / "pp.plan_grid.nii.gz"),
+            **details,
+        },
+    )
+    result = ev.evaluate_case_on_both_grids("case_x", record, label, tmp_path / "metrics.json")
+    assert result["tk_dice"] == 1.0 and result["plan_grid_tk_dice"] == 1.0 and result["plan_grid_tu_dice"] == 1.0
+    assert json.loads((tmp_path / "metrics.json").read_text())["plan_grid_tk_hd95"] == 0.0
+    table = ev.summary_table(ev.per_case_table([tmp_path / "metrics.json"])).set_index("metric")
+    assert table.loc["plan_grid_tk_dice", "mean"] == 1.0

@@ -405,3 +405,35 @@ def test_preprocess_case_bad_label_writes_nothing(tmp_path):
     with pytest.raises(CaseDataError, match=r"case_00006.*segmentation\.nii\.gz.*\[5\]"):
         preprocess_case(*case, tmp_path / "pre", resolve_preprocessing(CFG, None), (0, 1, 2))
     assert not (tmp_path / "pre").exists()
+
+
+def test_padding_value_is_what_normalised_background_reads_as():
+    from kidney_seg.preprocessing import normalize, padding_value
+
+    rng = np.random.default_rng(0)
+    scan = np.full((3, 30, 30), -1000.0, np.float32)  # air around a body
+    scan[:, 5:25, 5:25] = rng.normal(60, 40, (3, 20, 20))
+    settings = {"clip": [-75.76, 349.49], "normalization": "dataset", "mean": 80.0, "std": 50.0}
+    dataset = normalize(scan, settings)
+    assert all(padding_value(s) == pytest.approx((-75.76 - 80.0) / 50.0) for s in dataset)
+    per_slice = normalize(scan, {**settings, "normalization": "zscore_slice"})
+    for s in per_slice:
+        assert padding_value(s) == s[0, 0]  # the air: the normalised lower clip bound of that slice
+    with pytest.raises(ValueError, match="empty"):
+        padding_value(np.zeros((0, 3)))
+
+
+def test_label_on_plan_grid_is_nearest_and_keeps_the_image_slices():
+    from kidney_seg.preprocessing import label_on_plan_grid, nearest_indices
+
+    label = np.zeros((12, 10, 8), np.uint8)
+    label[:, 2:6, 3:5] = 1
+    label[5:8, 3:5, 3:4] = 2
+    box = (slice(1, 11), slice(0, 10), slice(2, 8))
+    out = label_on_plan_grid(label, box, (4, 5, 3))
+    assert out.shape == (4, 5, 3) and out.dtype == np.uint8 and set(np.unique(out)) <= {0, 1, 2}
+    cropped = label[box]
+    expected = cropped[nearest_indices(10, 4)][:, nearest_indices(10, 5)][:, :, nearest_indices(6, 3)]
+    np.testing.assert_array_equal(out, expected)
+    same = label_on_plan_grid(label, tuple(slice(0, n) for n in label.shape), label.shape)
+    np.testing.assert_array_equal(same, label)

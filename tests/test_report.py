@@ -97,8 +97,13 @@ def _build(tmp_path, **overrides):
     return kwargs["out_html"].read_text()
 
 
-def test_report_content(tmp_path):
-    page = _build(tmp_path)
+@pytest.fixture(scope="module")
+def page(tmp_path_factory) -> str:
+    """The report of the default synthetic inputs (``_build``), built once for the checks that only read it."""
+    return _build(tmp_path_factory.mktemp("report"))
+
+
+def test_report_content(page):
     rows = re.findall(r'<tr class="case-row" data-case="([^"]+)">', page)
     assert rows == CASES
     for case in CASES:
@@ -129,16 +134,14 @@ def test_report_content(tmp_path):
     page.encode("ascii")  # ASCII-safe output
 
 
-def test_report_images_are_valid_png(tmp_path):
-    page = _build(tmp_path)
+def test_report_images_are_valid_png(page):
     uris = re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', page)
     assert len(uris) >= 2  # per-case Dice and training curves
     for data in uris:
         assert base64.b64decode(data)[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_only_inline_scripts(tmp_path):
-    page = _build(tmp_path)
+def test_only_inline_scripts(page):
     scripts = re.findall(r"<script([^>]*)>", page)
     assert scripts == [""]  # one inline script, no src
 
@@ -177,8 +180,7 @@ def test_all_nan_metrics_and_zero_cases(tmp_path):
     assert "0.910" in page  # the paper column is still there
 
 
-def test_nan_cell_renders_dash(tmp_path):
-    page = _build(tmp_path)
+def test_nan_cell_renders_dash(page):
     first = re.search(r'<tr class="case-row" data-case="case_00003">(.*?)</tr>', page).group(1)
     assert "&mdash;" in first  # tumor_precision NaN
     assert "nan" not in first.lower()
@@ -340,6 +342,14 @@ def full_inputs(tmp_path):
     )
 
 
+@pytest.fixture(scope="module")
+def full_report(tmp_path_factory) -> tuple[dict, str]:
+    """(build_report arguments, page) of ``full_inputs``, built once for the checks that only read it."""
+    kwargs = full_inputs(tmp_path_factory.mktemp("full_report"))
+    build_report(**kwargs)
+    return kwargs, kwargs["out_html"].read_text()
+
+
 def _build_full(tmp_path, **overrides):
     kwargs = full_inputs(tmp_path)
     kwargs.update(overrides)
@@ -359,8 +369,7 @@ def _section(page, anchor):
 # ---- headline
 
 
-def test_headline_shows_distance_rows_without_paper_values(tmp_path):
-    page = _build(tmp_path)
+def test_headline_shows_distance_rows_without_paper_values(page):
     headline = page.split('<table class="headline">')[1].split("</table>")[0]
     for key in ("tk_hd95", "tu_hd95", "tk_surface_dice", "tu_surface_dice"):
         row = re.search(rf'<tr data-metric="{key}">(.*?)</tr>', headline).group(1)
@@ -380,7 +389,7 @@ def test_headline_shows_4class_rows(tmp_path):
     out = tmp_path / "r.html"
     build_report(out, per_case_csv, summary_csv, None, None, CONFIG)
     headline = out.read_text().split('<table class="headline">')[1].split("</table>")[0]
-    for key in ("masses_dice", "masses_hd95", "masses_surface_dice", "kits23_composite"):
+    for key in ("masses_dice", "masses_hd95", "masses_surface_dice", "kits_hec_dice", "kits_hec_surface_dice"):
         assert f'<tr data-metric="{key}">' in headline, key
     assert re.search(r'<tr data-metric="masses_dice"><td class=txt>[^<]*</td><td><b>0.500</b>', headline)
 
@@ -388,8 +397,8 @@ def test_headline_shows_4class_rows(tmp_path):
 # ---- distributions
 
 
-def test_distribution_plot_for_every_metric_with_nan_counts(tmp_path):
-    page = _build(tmp_path)  # tumor_precision is NaN for one of the three cases
+def test_distribution_plot_for_every_metric_with_nan_counts(page):
+    # tumor_precision is NaN for one of the three cases
     section = _section(page, "distributions")
     plotted = set()
     for unit, metrics in re.findall(r'<figure class="dist" data-unit="([^"]+)" data-metrics="([^"]*)">', section):
@@ -500,9 +509,8 @@ def test_choose_slice_largest_tumour_then_largest_foreground():
         roverlays.choose_slice(np.zeros((4, 4), np.uint8))
 
 
-def test_overlays_show_best_median_worst_at_the_largest_tumour_slice(tmp_path):
-    page = _build_full(tmp_path)
-    section = _section(page, "overlays")
+def test_overlays_show_best_median_worst_at_the_largest_tumour_slice(full_report, tmp_path):
+    section = _section(full_report[1], "overlays")
     figures = re.findall(
         r'<figure class="overlay" data-case="([^"]+)" data-roles="([^"]+)" data-slice="(\d+)"', section
     )
@@ -569,8 +577,7 @@ def test_missing_or_unreadable_scan_gives_a_note(tmp_path):
     assert re.findall(r'<figure class="overlay" data-case="([^"]+)"', section) == ["case_00021"]  # the good one
 
 
-def test_no_scans_gives_a_note(tmp_path):
-    page = _build(tmp_path)
+def test_no_scans_gives_a_note(page):
     assert "No scans were given for the overlays." in _section(page, "overlays")
 
 
@@ -629,8 +636,8 @@ def test_provenance_shows_commit_versions_and_hardware(tmp_path):
     assert "<code>kits19</code>" in prov and "Labelled cases in the split: 12" in prov
 
 
-def test_provenance_without_git_or_environment(tmp_path):
-    page = _build(tmp_path)  # no workflow_dir, no environment files
+def test_provenance_without_git_or_environment(page, tmp_path):
+    # the shared page has no workflow_dir and no environment files
     prov = _section(page, "provenance")
     assert "Workflow git commit: not recorded" in prov
     assert "No training environment recorded" in prov
@@ -642,8 +649,8 @@ def test_provenance_without_git_or_environment(tmp_path):
     assert "is not a git work tree" in prov
 
 
-def test_benchmarks_are_aggregated_per_rule(tmp_path):
-    prov = _section(_build_full(tmp_path), "provenance")
+def test_benchmarks_are_aggregated_per_rule(full_report):
+    prov = _section(full_report[1], "provenance")
     train = re.search(r'<tr data-rule="train">(.*?)</tr>', prov).group(1)
     assert re.findall(r"<td>([^<]*)</td>", train) == ["2", "150.5", "100.0", "1000.0"]  # jobs, total, max s, max RSS
     evaluate = re.search(r'<tr data-rule="evaluate">(.*?)</tr>', prov).group(1)
@@ -654,8 +661,8 @@ def test_benchmarks_are_aggregated_per_rule(tmp_path):
 # ---- failures
 
 
-def test_failures_are_rendered_and_escaped(tmp_path):
-    page = _build_full(tmp_path)
+def test_failures_are_rendered_and_escaped(full_report):
+    page = full_report[1]
     section = _section(page, "failures")
     row = re.search(r'<tr class="failure" data-case="case_00099">(.*?)</tr>', section).group(1)
     assert re.findall(r"<td class=txt>(.*?)</td>", row) == [
@@ -748,13 +755,83 @@ def test_scans_by_case_groups_three_paths_per_case():
         scans_by_case(["case_a"], flat)
 
 
-def test_write_overlay_png_extracts_the_chosen_overlay_of_a_report(tmp_path):
-    page = _build_full(tmp_path)
-    section = _section(page, "overlays")
-    report = next(tmp_path.rglob("*.html"))
+def test_write_overlay_png_extracts_the_chosen_overlay_of_a_report(full_report, tmp_path):
+    section = _section(full_report[1], "overlays")
+    report = full_report[0]["out_html"]
     out = tmp_path / "docs" / "overlay.png"
     size = roverlays.write_overlay_png(report, out, "median")
     assert out.read_bytes() == _pngs(section)[1] and size == out.stat().st_size  # best, median, worst order
     assert roverlays.extract_overlay(report, "worst") == _pngs(section)[2]
     with pytest.raises(ValueError, match="no nobody overlay"):
         roverlays.extract_overlay(report, "nobody")
+
+
+# ---- headline: definitions, misses and the paper's grid (issue 12)
+
+
+def _scored_summary(plan_grid: bool = False) -> pd.DataFrame:
+    """A summary of three real case_metrics records: a good case, a missed tumour, a false-positive tumour."""
+    truth = np.zeros((6, 12, 12), np.uint8)
+    truth[1:5, 2:10, 2:10] = 1
+    truth[2:4, 4:7, 4:7] = 2
+    missed = np.where(truth == 2, 1, truth).astype(np.uint8)
+    fp = missed.copy()
+    fp[3, 8, 8] = 2
+    pairs = {
+        "case_00001": (np.roll(truth, 1, axis=2), truth),
+        "case_00002": (missed, truth),
+        "case_00003": (fp, missed),
+    }
+    rows = []
+    for case, (pred, true) in pairs.items():
+        row = {"case_id": case, **ev.case_metrics(pred, true, (3.0, 0.8, 0.8))}
+        if plan_grid:
+            row.update({f"plan_grid_{k}": v for k, v in ev.case_metrics(pred, true, (3.0, 0.7816, 0.7816)).items()})
+        rows.append(row)
+    return ev.summary_table(pd.DataFrame(rows))
+
+
+def _headline_row(headline: str, key: str) -> list[str]:
+    row = re.search(rf'<tr data-metric="{key}">(.*?)</tr>', headline).group(1)
+    return re.findall(r"<td[^>]*>(.*?)</td>", row)
+
+
+@pytest.mark.parametrize(("source", "challenge"), [("kits19", "KITS23"), ("kits21", "KITS21"), ("phantom", "KITS23")])
+def test_headline_names_the_surface_dice_definition_and_tolerances(source, challenge):
+    summary = _scored_summary()
+    headline = rh.headline_table(summary, source)
+    assert _headline_row(headline, "tk_surface_dice")[0] == (
+        f"TK surface Dice at 1.0331 mm ({challenge} tolerance, surface-distance)"
+    )
+    assert _headline_row(headline, "tu_surface_dice")[0].startswith("TU surface Dice at 1.1498 mm")
+    note = rh.headline_note(summary, source)
+    assert f"{challenge} tolerances 1.0331 / 1.1329 / 1.1498 mm" in note and "surface-distance" in note
+    assert "tolerances unknown" in _headline_row(rh.headline_table(summary, None), "tk_surface_dice")[0]
+
+
+def test_headline_shows_miss_counts_and_penalised_hd95():
+    summary = _scored_summary()
+    headline = rh.headline_table(summary, "kits19")
+    assert _headline_row(headline, "tu_missed_cases")[1:4] == ["<b>1</b>", "&mdash;", "3"]
+    assert _headline_row(headline, "tu_false_positive_cases")[1] == "<b>1</b>"
+    assert _headline_row(headline, "tk_missed_cases")[1] == "<b>0</b>"
+    assert _headline_row(headline, "tu_hd95")[3] == "1"  # only the good case has both masks
+    assert _headline_row(headline, "tu_penalised_hd95")[3] == "3"
+    keys = re.findall(r'<tr data-metric="([^"]+)">', headline)
+    assert keys.index("tu_hd95") < keys.index("tk_penalised_hd95") < keys.index("tu_missed_cases")
+    assert "TU: 1 missed, 1 false positive" in rh.headline_note(summary, "kits19")
+
+
+def test_headline_sets_the_paper_beside_the_plan_grid_columns_when_present():
+    headline = rh.headline_table(_scored_summary(plan_grid=True), "kits19")
+    keys = re.findall(r'<tr data-metric="([^"]+)">', headline)
+    assert keys[keys.index("tk_dice") + 1] == "plan_grid_tk_dice"
+    assert keys[keys.index("tu_dice") + 1] == "plan_grid_tu_dice"
+    plan = _headline_row(headline, "plan_grid_tk_dice")
+    assert "on the plan&#x27;s grid" in plan[0] and plan[4:] == ["0.910", "0.858", "&mdash;"]  # paper, leaderboard
+    assert _headline_row(headline, "tk_dice")[4:] == ["&mdash;", "&mdash;", "0.974"]  # the winner: scan grid
+    assert _headline_row(headline, "plan_grid_tumor_recall")[4] == "0.238"
+    assert "interpolated" in rh.headline_note(_scored_summary(plan_grid=True), "kits19")
+    without = rh.headline_table(_scored_summary(), "kits19")
+    assert "plan_grid_" not in without
+    assert _headline_row(without, "tk_dice")[4:] == ["0.910", "0.858", "0.974"]

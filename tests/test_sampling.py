@@ -130,3 +130,41 @@ def test_closed_loader_ends_its_stream(cache):
 def case_dirs(cases):
     """The case folders of the fixture's loaded cases (their memory maps know their files)."""
     return [Path(c.image.filename).parent for c in cases]
+
+
+def _slice_with_background(shift: float) -> np.ndarray:
+    """A normalised-looking 20x20 slice whose background (its minimum) reads ``shift - 1``."""
+    rng = np.random.default_rng(4)
+    img = np.full((20, 20), shift - 1.0, np.float32)
+    img[5:15, 5:15] = shift + rng.random((10, 10)).astype(np.float32)
+    return img
+
+
+@pytest.mark.parametrize("p_scale", [0.0, 1.0])  # random-crop path and scaling path of batchgenerators
+def test_training_crops_pad_with_the_padding_value(p_scale):
+    from kidney_seg.preprocessing import padding_value
+    from kidney_seg.sampling import augment
+
+    img = _slice_with_background(-3.0)
+    transform = make_transform((32, 32), (1.6, 1.6), p_scale, 0.0)  # patch larger than the slice; zoom out
+    out, lab = augment(transform, img, (img > -3.0).astype(np.uint8), seed=1)
+    assert out.shape == (32, 32)
+    border = np.concatenate([out[0], out[-1], out[:, 0], out[:, -1]])
+    np.testing.assert_allclose(border, padding_value(img), atol=1e-5)
+    assert lab[0].max() == 0
+
+
+def test_validation_crops_pad_with_the_padding_value(tmp_path):
+    from kidney_seg.preprocessing import padding_value
+
+    d = tmp_path / "case_00000"
+    d.mkdir()
+    image = np.stack([_slice_with_background(s) for s in (2.0, -4.0)])
+    label = (image > image.min(axis=(1, 2), keepdims=True)).astype(np.uint8)
+    np.save(d / "image.npy", image)
+    np.save(d / "label.npy", label)
+    (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [0, 1], "class_2": []}}))
+    x, _ = validation_set([load_case(d)], 2, (32, 32), seed=0)
+    for crop in x[..., 0]:
+        source = image[0] if crop.max() > 1.0 else image[1]
+        assert crop[0, 0] == padding_value(source) and crop[-1, -1] == padding_value(source)

@@ -1,6 +1,12 @@
-"""Training on a tiny slice cache: outputs, history, resume and stale checkpoints."""
+"""Training on a tiny slice cache: outputs, history, resume and stale checkpoints.
+
+The tests share one slice cache and one fresh 3-epoch training run (module fixtures,
+read-only); a test that trains further trains a copy. Batches are made in-process (``num_workers`` 0)
+but where the worker count is the subject: spawning a pool costs seconds per run.
+"""
 
 import json
+import shutil
 
 import numpy as np
 import pandas as pd
@@ -23,6 +29,7 @@ TRAIN = with_defaults(
         "patch_size": [16, 16],
         "learning_rate": 1e-3,
         "val_slices": 4,
+        "num_workers": 0,
     },
 )
 PRE = with_defaults("preprocessing", {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49]})
@@ -33,9 +40,10 @@ def plan_for(train_cfg: dict) -> dict:
     return make_plan({"dataset": {"source": "phantom"}, "preprocessing": PRE, "training": train_cfg}, None)
 
 
-@pytest.fixture
-def cache(tmp_path):
-    return make_cache(tmp_path)
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """The module's slice cache (read-only)."""
+    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 def make_cache(tmp_path):
@@ -57,13 +65,26 @@ def make_cache(tmp_path):
 
 
 def run(cache, out, **train_overrides):
+    """Train (or resume) in ``out`` with the module's settings and these overrides; the history."""
     train_cfg = {**TRAIN, **train_overrides}
     return train(cache[:2], cache[2:], out, MODEL, train_cfg, plan_for(train_cfg), seed=1, threads=1)
 
 
-def test_train_writes_model_history_and_settings(cache, tmp_path):
-    history = run(cache, tmp_path / "model")
-    assert list(history["epoch"]) == [1, 2]
+@pytest.fixture(scope="module")
+def trained(cache, tmp_path_factory):
+    """(model folder, history) of one fresh 3-epoch run with the module's settings (read-only: train on a copy)."""
+    out = tmp_path_factory.mktemp("trained") / "model"
+    return out, run(cache, out, epochs=3)
+
+
+def copy_of(trained, tmp_path):
+    """A copy of the shared run's model folder (checkpoint included) to resume or restart."""
+    return shutil.copytree(trained[0], tmp_path / "model")
+
+
+def test_train_writes_model_history_and_settings(trained):
+    model_dir, history = trained
+    assert list(history["epoch"]) == [1, 2, 3]
     assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
     for name in (
         "model.keras",
@@ -73,32 +94,31 @@ def test_train_writes_model_history_and_settings(cache, tmp_path):
         "checkpoint/last.keras",
         "checkpoint/best.keras",
     ):
-        assert (tmp_path / "model" / name).is_file(), name
-    assert (tmp_path / "model" / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert not list((tmp_path / "model").glob(".curves.png.*")), "temporary file left behind"
-    assert json.loads((tmp_path / "model" / "inference.json").read_text()) == plan_for(TRAIN)  # a copy of the plan
-    key = json.loads((tmp_path / "model" / "checkpoint" / "resume_key.json").read_text())
+        assert (model_dir / name).is_file(), name
+    assert (model_dir / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(model_dir.glob(".curves.png.*")), "temporary file left behind"
+    assert json.loads((model_dir / "inference.json").read_text()) == plan_for(TRAIN)  # a copy of the plan
+    key = json.loads((model_dir / "checkpoint" / "resume_key.json").read_text())
     assert key["plan"] == plan_for(TRAIN) and key["seed"] == 1 and "epochs" not in key["training"]
-    assert not (tmp_path / "model" / "checkpoint" / "fingerprint.json").exists()
-    environment = json.loads((tmp_path / "model" / "environment.json").read_text())
+    assert not (model_dir / "checkpoint" / "fingerprint.json").exists()
+    environment = json.loads((model_dir / "environment.json").read_text())
     assert environment["keras_backend"] == "tensorflow" and environment["accelerators"] == []  # trained on the CPU
     assert environment["cpu_model"] and "keras" in environment["packages"]
 
 
-def test_resume_continues_from_the_last_epoch(cache, tmp_path):
-    out = tmp_path / "model"
-    run(cache, out, epochs=1)
+def test_resume_continues_from_the_last_epoch(cache, trained, tmp_path):
+    out = copy_of(trained, tmp_path)
     first = read_history(out / "checkpoint" / "history.csv")
-    history = run(cache, out, epochs=3)
-    assert list(history["epoch"]) == [1, 2, 3]
-    pd.testing.assert_series_equal(history["loss"].iloc[:1], first["loss"], check_names=False)
+    assert list(first["epoch"]) == [1, 2, 3]
+    history = run(cache, out, epochs=4)
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    pd.testing.assert_series_equal(history["loss"].iloc[:3], first["loss"], check_names=False)
 
 
-def test_changed_settings_start_afresh(cache, tmp_path):
-    out = tmp_path / "model"
-    run(cache, out, epochs=2)
-    history = run(cache, out, epochs=2, learning_rate=5e-4)
-    assert list(history["epoch"]) == [1, 2]
+def test_changed_settings_start_afresh(cache, trained, tmp_path):
+    out = copy_of(trained, tmp_path)  # 3 epochs at learning rate 1e-3: a resume would train none
+    history = run(cache, out, epochs=1, learning_rate=5e-4)
+    assert list(history["epoch"]) == [1]
     assert history["lr"].iloc[0] == pytest.approx(5e-4)
 
 
@@ -137,9 +157,10 @@ def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
     assert labels.shape == data.shape and labels.max() <= 2
 
 
-def test_worker_count_does_not_change_training(cache, tmp_path):
-    in_process = run(cache, tmp_path / "a", epochs=1, num_workers=0)
-    two_workers = run(cache, tmp_path / "b", epochs=1, num_workers=2)
+def test_worker_count_does_not_change_training(cache, trained, tmp_path):
+    assert TRAIN["num_workers"] == 0
+    in_process = trained[1].iloc[:1]  # its first epoch
+    two_workers = run(cache, tmp_path / "model", epochs=1, num_workers=2)
     pd.testing.assert_series_equal(in_process["loss"], two_workers["loss"])
     pd.testing.assert_series_equal(in_process["val_loss"], two_workers["val_loss"])
 
@@ -213,13 +234,12 @@ def _without_seconds(df):
     return df.drop(columns="seconds")
 
 
-def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tmp_path):
-    import shutil
-
+def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, trained, tmp_path):
     from kidney_seg.checkpoint import best_so_far, checkpoint_epoch
 
-    reference = run(cache, tmp_path / "ref", epochs=3, num_workers=0)
-    assert checkpoint_epoch(tmp_path / "ref" / "checkpoint" / "last.keras") == 3
+    ref, reference = trained  # fresh, 3 epochs, num_workers 0
+    assert TRAIN["num_workers"] == 0
+    assert checkpoint_epoch(ref / "checkpoint" / "last.keras") == 3
     out, state = tmp_path / "model", tmp_path / "model" / "checkpoint"
     run(cache, out, epochs=1, num_workers=0)
     shutil.copyfile(state / "last.keras", tmp_path / "epoch1.keras")
@@ -233,7 +253,7 @@ def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tmp
     resumed = run(cache, out, epochs=3, num_workers=0)
     pd.testing.assert_frame_equal(_without_seconds(resumed), _without_seconds(reference))
     for name in ("model.keras", "checkpoint/last.keras", "checkpoint/best.keras"):
-        assert _weights(out / name) == _weights(tmp_path / "ref" / name), name
+        assert _weights(out / name) == _weights(ref / name), name
 
 
 DETERMINISM_SCRIPT = r"""

@@ -77,6 +77,25 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
 
 
 @pytest.mark.workflow
+def test_metrics_on_the_plan_grid_sit_beside_the_scan_grid_ones(tiny_run):
+    results = tiny_run.results
+    per_case = pd.read_csv(results / "metrics" / "per_case.csv")
+    for metric in ("tk_dice", "tu_dice", "kidney_precision", "tk_hd95", "tk_surface_dice", "pred_kidney_ml"):
+        assert f"plan_grid_{metric}" in per_case.columns, metric
+    assert per_case["plan_grid_tk_dice"].between(0, 1).all()
+    summary = pd.read_csv(results / "metrics" / "summary.csv").set_index("metric")
+    assert {"plan_grid_tk_dice", "plan_grid_tu_dice"} <= set(summary.index)
+    plan = json.loads((results / "plans.json").read_text())
+    for case in per_case["case_id"]:
+        record = json.loads((results / "predictions" / f"{case}.json").read_text())
+        grid = nib.load(record["plan_grid_prediction"])
+        assert list(grid.shape) == record["plan_grid"]["shape"] and grid.get_data_dtype() == np.uint8
+        target = plan["preprocessing"]["target_spacing"]
+        np.testing.assert_allclose(record["plan_grid"]["spacing"], target, rtol=0.1)
+        np.testing.assert_allclose(nib.affines.voxel_sizes(grid.affine), record["plan_grid"]["spacing"], rtol=1e-6)
+
+
+@pytest.mark.workflow
 def test_forced_evaluate_reruns_only_that_rule_with_same_result(tiny_run):
     results = tiny_run.results
     before = (results / "metrics" / "per_case.csv").read_bytes()

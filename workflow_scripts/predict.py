@@ -1,4 +1,4 @@
-"""Snakemake script: segment a case on its original grid (one model or a fold ensemble); excluded case: its record."""
+"""Snakemake script: segment a case on its own grid and on the plan's; excluded: its record."""
 
 from pathlib import Path
 
@@ -8,7 +8,7 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
     prepare_environment()
 
 from kidney_seg.data.checks import run_unless_excluded
-from kidney_seg.inference import predict_case
+from kidney_seg.inference import predict_case_on_both_grids
 from kidney_seg.logs import log_to
 from kidney_seg.plan import read_plan
 
@@ -20,12 +20,13 @@ with log_to(snakemake.log[0]):
     run_unless_excluded(
         snakemake.input.check,
         snakemake.output[0],
-        {"prediction": snakemake.params.prediction},
-        predict_case,
+        {"prediction": snakemake.params.prediction, "plan_grid_prediction": snakemake.params.plan_grid_prediction},
+        predict_case_on_both_grids,
         snakemake.wildcards.case,
         snakemake.input.image,
         [Path(m).parent for m in snakemake.input.models],
         snakemake.params.prediction,
+        snakemake.params.plan_grid_prediction,
         snakemake.params.inference,
         plan=read_plan(snakemake.input.plan),
     )

@@ -118,9 +118,10 @@ def run_unless_excluded(
     """Run one per-case step for a case that passed its check; record its exclusion for one that failed.
 
     ``outputs`` names the files ``step(*args, **kwargs)`` writes. For a usable case the step
-    runs, and ``record_json`` is then written as ``{"case_id", "excluded": false, **outputs}``,
-    unless it is itself one of the outputs (a slice cache's meta.json, a metrics file: the
-    step writes it). For an excluded case the step does not run, none of the outputs is
+    runs, and ``record_json`` is then written as ``{"case_id", "excluded": false, **outputs}``
+    plus, when the step returns a dict, its items (e.g. a prediction's plan grid), unless
+    ``record_json`` is itself one of the outputs (a slice cache's meta.json, a metrics file:
+    the step writes it). For an excluded case the step does not run, none of the outputs is
     left behind (stale ones from an earlier run are removed) and ``record_json`` gets the
     :func:`exclusion_record`. Returns the record.
     """
@@ -137,10 +138,15 @@ def run_unless_excluded(
         )
         write_json_atomic(record_json, record)
         return record
-    step(*args, **kwargs)
+    details = step(*args, **kwargs)
     if record_json in outputs.values():
         return read_record(record_json)
     record = {"case_id": check["case_id"], "excluded": False, **{name: str(p) for name, p in outputs.items()}}
+    if isinstance(details, Mapping):
+        clash = sorted(set(details) & set(record))
+        if clash:
+            raise ValueError(f"{record_json}: the step's details {clash} would overwrite the record's own keys")
+        record.update(details)
     write_json_atomic(record_json, record)
     return record
 

@@ -37,6 +37,7 @@ from kidney_seg.report.provenance import (
     provenance_section,
     split_sizes,
 )
+from kidney_seg.vocabulary import REGIONS, TOLERANCES_OF_SOURCE, surface_tolerances, tolerance_challenge
 
 __all__ = [
     "DASH",
@@ -70,28 +71,42 @@ PAPER_LEADERBOARD: dict[str, float] = {"tk_dice": 0.858, "tu_dice": 0.224}
 #: KiTS19 winner (nnU-Net, 3D residual U-Net): kidney (TK) Dice, tumour Dice, composite.
 KITS19_WINNER: dict[str, float] = {"tk_dice": 0.974, "tu_dice": 0.851, "kits_composite": 0.912}
 
-#: Headline rows: (summary metric name, label shown). The paper reports none of the distance metrics.
+#: Headline rows: (summary metric name, label shown), always shown. The paper reports no distance metric.
 HEADLINE_ROWS: tuple[tuple[str, str], ...] = (
-    ("tk_dice", "TK Dice (kidney + tumour)"),
-    ("tu_dice", "TU Dice (tumour)"),
+    ("tk_dice", "TK Dice (kidney + tumour, label > 0)"),
+    ("tu_dice", "TU Dice (tumour, label 2)"),
     ("tu_dice_with_tumor", "TU Dice, cases with tumour only"),
-    ("kits_composite", "KiTS19 composite (TK + TU)/2"),
+    ("kits_composite", "KiTS19 composite: mean of the TK and TU Dice means"),
     ("kidney_precision", "Kidney precision"),
     ("kidney_recall", "Kidney recall"),
     ("tumor_precision", "Tumour precision"),
     ("tumor_recall", "Tumour recall"),
-    ("tk_hd95", "TK HD95 (mm)"),
-    ("tu_hd95", "TU HD95 (mm)"),
-    ("tk_surface_dice", "TK surface Dice (1.03 mm)"),
-    ("tu_surface_dice", "TU surface Dice (1.15 mm)"),
+    ("tk_hd95", "TK HD95 (mm), cases where both masks exist"),
+    ("tu_hd95", "TU HD95 (mm), cases where both masks exist"),
+    ("tk_surface_dice", "TK surface Dice"),
+    ("tu_surface_dice", "TU surface Dice"),
 )
-#: Extra headline rows for 4-class data (KiTS21/23), shown when the summary has them.
-HEADLINE_ROWS_4CLASS: tuple[tuple[str, str], ...] = (
+#: Rows shown when the summary has them: misses, the penalised HD95 and the 4-class (KiTS21/23) metrics.
+OPTIONAL_ROWS: tuple[tuple[str, str], ...] = (
+    ("tk_penalised_hd95", "TK HD95 (mm), every case: a miss scores the scan's diagonal"),
+    ("tu_penalised_hd95", "TU HD95 (mm), every case: a miss scores the scan's diagonal"),
+    ("tk_missed_cases", "TK missed: cases with kidney in the truth and none predicted"),
+    ("tk_false_positive_cases", "TK false positive: cases with kidney predicted and none in the truth"),
+    ("tu_missed_cases", "TU missed: cases with a tumour in the truth and none predicted"),
+    ("tu_false_positive_cases", "TU false positive: cases with a tumour predicted and none in the truth"),
     ("masses_dice", "Masses Dice (tumour + cyst)"),
-    ("masses_hd95", "Masses HD95 (mm)"),
-    ("masses_surface_dice", "Masses surface Dice (1.13 mm)"),
-    ("kits23_composite", "KiTS23-style composite (Dice and surface Dice of TK, masses, TU)"),
+    ("masses_hd95", "Masses HD95 (mm), cases where both masks exist"),
+    ("masses_penalised_hd95", "Masses HD95 (mm), every case: a miss scores the scan's diagonal"),
+    ("masses_missed_cases", "Masses missed: cases with masses in the truth and none predicted"),
+    ("masses_false_positive_cases", "Masses false positive: cases with masses predicted and none in the truth"),
+    ("masses_surface_dice", "Masses surface Dice"),
+    ("kits_hec_dice", "KiTS21/23 Dice: mean over kidney+masses, masses, tumour of the Dice means"),
+    ("kits_hec_surface_dice", "KiTS21/23 surface Dice: mean over the three regions of the surface-Dice means"),
 )
+#: Prefix of the metrics scored on the plan's grid (the paper scored on its 3.0 x 0.7816 x 0.7816 mm grid).
+PLAN_GRID_PREFIX = "plan_grid_"
+#: The paper's numbers: the rows that carry them (on the plan's grid when the summary has it).
+PAPER_KEYS: frozenset[str] = frozenset(PAPER_LOCAL_TEST) | frozenset(PAPER_LEADERBOARD)
 
 CSS = """
 body{font-family:system-ui,-apple-system,'Segoe UI',Roboto,Helvetica,Arial,sans-serif;margin:2em auto;
@@ -166,37 +181,116 @@ def summary_lookup(summary: pd.DataFrame | None) -> dict[str, dict]:
     return {str(r["metric"]): r for r in summary.to_dict("records")}
 
 
-def headline_rows(summary: pd.DataFrame | None) -> tuple[tuple[str, str], ...]:
-    """The headline's rows: the standard ones, plus the 4-class ones when the summary has any of them."""
+def _region_of(key: str) -> str | None:
+    """The HEC region a surface-Dice row scores (``tk``, ``masses``, ``tu``), else None."""
+    region = key.removesuffix("_surface_dice")
+    return region if region != key and region in REGIONS else None
+
+
+def _row_label(key: str, label: str, source: str | None) -> str:
+    """A headline label naming the definition behind the number: the surface-Dice tolerance and library."""
+    region = _region_of(key)
+    if region is None:
+        return label
+    if source not in TOLERANCES_OF_SOURCE:
+        return f"{label} (surface-distance; tolerances unknown: no dataset source)"
+    mm = surface_tolerances(source)[region]
+    return f"{label} at {mm:.4f} mm ({tolerance_challenge(source).upper()} tolerance, surface-distance)"
+
+
+def headline_rows(summary: pd.DataFrame | None, source: str | None = None) -> tuple[tuple[str, str], ...]:
+    """Headline rows (key, label): the standard ones and the optional ones present, each with its plan-grid twin."""
     rows = summary_lookup(summary)
-    extra = HEADLINE_ROWS_4CLASS if any(k in rows for k, _ in HEADLINE_ROWS_4CLASS) else ()
-    return HEADLINE_ROWS + extra
+    out = []
+    for key, label in (*HEADLINE_ROWS, *OPTIONAL_ROWS):
+        if key in rows or (key, label) in HEADLINE_ROWS:
+            out.append((key, _row_label(key, label, source)))
+        twin = f"{PLAN_GRID_PREFIX}{key}"
+        if twin in rows:
+            out.append((twin, f"{_row_label(key, label, source)}, on the plan's grid (as the paper scored)"))
+    return tuple(out)
 
 
-def headline_table(summary: pd.DataFrame | None) -> str:
+def _has_plan_grid(rows: Mapping[str, dict]) -> bool:
+    """Whether the summary holds plan-grid twins of the paper's metrics."""
+    return any(f"{PLAN_GRID_PREFIX}{k}" in rows for k in PAPER_KEYS)
+
+
+def _reference(key: str, table: Mapping[str, float], plan_grid: bool) -> float | None:
+    """A paper value for a headline row: on the plan-grid row when the summary has one, else on the scan-grid row."""
+    base = key.removeprefix(PLAN_GRID_PREFIX)
+    if plan_grid and key == base and base in PAPER_KEYS:
+        return None  # the paper's numbers stand beside the like-for-like (plan-grid) row
+    return table.get(base)
+
+
+def _count_cells(r: Mapping) -> list[str]:
+    """Mean, median and n cells of a count row: the count, a dash, the number of cases."""
+    count, n = r.get("mean"), r.get("n")
+    shown = DASH if _is_missing(count) else str(int(float(count)))
+    return [f"<td><b>{shown}</b></td>", f"<td>{DASH}</td>", f"<td>{DASH if _is_missing(n) else int(float(n))}</td>"]
+
+
+def headline_table(summary: pd.DataFrame | None, source: str | None = None) -> str:
     """This run's test-set means beside the paper's Table 1 and the KiTS19 winner (a dash where they report none)."""
     rows = summary_lookup(summary)
+    plan_grid = _has_plan_grid(rows)
     head = (
         "<thead><tr><th class=txt>Metric</th><th>This run: mean</th><th>median</th><th>n</th>"
         "<th>Paper 2D U-Net (local test)</th><th>Paper 2D U-Net (leaderboard)</th>"
         "<th>KiTS19 winner (nnU-Net)</th></tr></thead>"
     )
     body = []
-    for key, label in headline_rows(summary):
+    for key, label in headline_rows(summary, source):
         r = rows.get(key, {})
         n = r.get("n")
         digits = 2 if key.endswith("_hd95") else 3
+        if key.endswith("_cases"):
+            stats = _count_cells(r)
+        else:
+            stats = [
+                f"<td><b>{fmt(r.get('mean'), digits)}</b></td>",
+                f"<td>{fmt(r.get('median'), digits)}</td>",
+                f"<td>{DASH if _is_missing(n) else int(float(n))}</td>",
+            ]
+        winner = None if key.startswith(PLAN_GRID_PREFIX) else KITS19_WINNER.get(key)
         cells = [
             f"<td class=txt>{esc(label)}</td>",
-            f"<td><b>{fmt(r.get('mean'), digits)}</b></td>",
-            f"<td>{fmt(r.get('median'), digits)}</td>",
-            f"<td>{DASH if _is_missing(n) else int(float(n))}</td>",
-            f"<td>{fmt(PAPER_LOCAL_TEST.get(key))}</td>",
-            f"<td>{fmt(PAPER_LEADERBOARD.get(key))}</td>",
-            f"<td>{fmt(KITS19_WINNER.get(key))}</td>",
+            *stats,
+            f"<td>{fmt(_reference(key, PAPER_LOCAL_TEST, plan_grid))}</td>",
+            f"<td>{fmt(_reference(key, PAPER_LEADERBOARD, plan_grid))}</td>",
+            f"<td>{fmt(winner)}</td>",
         ]
         body.append(f'<tr data-metric="{esc(key)}">{"".join(cells)}</tr>')
     return f'<table class="headline">{head}<tbody>{"".join(body)}</tbody></table>'
+
+
+def headline_note(summary: pd.DataFrame | None, source: str | None) -> str:
+    """One line under the headline: the tolerances used and the miss counts."""
+    rows = summary_lookup(summary)
+    parts = []
+    if source in TOLERANCES_OF_SOURCE:
+        tol = " / ".join(f"{mm:.4f}" for mm in surface_tolerances(source).values())
+        parts.append(
+            f"Surface Dice and HD95: DeepMind's surface-distance (surfels weighted by area), as the KiTS21/23 "
+            f"scorer; {tolerance_challenge(source).upper()} tolerances {tol} mm (kidney+masses / masses / tumour) "
+            f"for dataset source {source}."
+        )
+    counts = [
+        f"{region.upper()}: {int(float(rows[f'{region}_missed_cases']['mean']))} missed, "
+        f"{int(float(rows[f'{region}_false_positive_cases']['mean']))} false positive"
+        for region in REGIONS
+        if not _is_missing(rows.get(f"{region}_missed_cases", {}).get("mean"))
+        and not _is_missing(rows.get(f"{region}_false_positive_cases", {}).get("mean"))
+    ]
+    if counts:
+        parts.append(f"Cases where a region is in only one of truth and prediction ({'; '.join(counts)}).")
+    if _has_plan_grid(rows):
+        parts.append(
+            "The paper's numbers stand beside the plan-grid rows: it scored on KiTS19's interpolated "
+            "3.0 x 0.7816 x 0.7816 mm labels; the other rows are scored on each scan's own grid."
+        )
+    return f'<p class="headline-note">{esc(" ".join(parts))}</p>' if parts else ""
 
 
 def summary_full_table(summary: pd.DataFrame | None) -> str:
@@ -347,12 +441,14 @@ def failures_section(failures_csv: str | os.PathLike | None) -> str:
 
 
 CONVENTIONS = (
-    "TK Dice = Dice(pred > 0, truth > 0); TU Dice = Dice(pred == 2, truth == 2); composite = "
-    "mean of the TK and TU Dice means. Empty masks (KiTS23 convention): both empty scores 1, "
-    "exactly one empty scores 0; precision and recall likewise. HD95 (mm) is NaN when exactly one "
-    "mask is empty; surface Dice uses KiTS23's tolerances. Summaries skip NaN values; "
-    "n counts the values used. Precision and recall are per class (kidney = label 1, tumour = "
-    "label 2). Paper numbers are from its Table 1; its local test split differs from ours. "
+    "TK Dice = Dice(pred > 0, truth > 0); TU Dice = Dice(pred == 2, truth == 2); KiTS19 composite = "
+    "mean of the TK and TU Dice means. Empty masks (KiTS21/23 convention): both empty scores 1, "
+    "exactly one empty scores 0; precision and recall likewise. HD95 (mm) is surface-distance's "
+    "robust Hausdorff distance (95th percentile of surfel distances weighted by area, per direction, "
+    "then the larger); it is undefined when exactly one mask is empty, such a case counts as missed "
+    "or false positive, and the penalised HD95 scores it the scan's diagonal. Summaries skip NaN "
+    "values; n counts the values used. Precision and recall are per class (kidney = label 1, tumour "
+    "= label 2). Paper numbers are from its Table 1; its local test split differs from ours. "
     "A dash: no value (the paper and the winner report no distance metrics)."
 )
 
@@ -402,7 +498,8 @@ def render_html(
         f"<h1>{esc(title)}</h1>",
         f"<nav>{nav}</nav>",
         _h2("headline", "Headline: test-set means"),
-        headline_table(summary),
+        headline_table(summary, dataset_source(config)),
+        headline_note(summary, dataset_source(config)),
         f'<p class="muted">{esc(CONVENTIONS)}</p>',
         _h2("per-case", "Per-case metrics"),
         per_case_table(per_case),
