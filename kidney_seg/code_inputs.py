@@ -11,6 +11,7 @@ each package on the way, which is therefore part of the closure.
 from __future__ import annotations
 
 import ast
+import functools
 import os
 from pathlib import Path
 
@@ -69,16 +70,26 @@ def imported_modules(path: str | os.PathLike, root: Path = SOURCE_ROOT) -> set[s
         importer = _module_name(path.resolve(), root)
     except ValueError:  # a script outside the package
         importer = ""
-    tree = ast.parse(path.read_text(), filename=str(path))
+    found = _imported_names(path.read_text(), str(path), importer, path.name == "__init__.py")
+    return {m for m in found if (m == PACKAGE or m.startswith(PACKAGE + ".")) and module_path(m, root)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _imported_names(source: str, filename: str, importer: str, is_package: bool) -> frozenset[str]:
+    """Every module (and ``from`` name) a source text imports outside ``if TYPE_CHECKING:``.
+
+    Parsed once per text: the closures of a Snakefile's rules, and each training run's
+    resume key, read the same library files over and over.
+    """
     found: set[str] = set()
-    for node in _walk(tree):
+    for node in _walk(ast.parse(source, filename=filename)):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):
-            module = _absolute(node, importer, path.name == "__init__.py")
+            module = _absolute(node, importer, is_package)
             found.add(module)
             found.update(f"{module}.{alias.name}" for alias in node.names)  # `from pkg import module`
-    return {m for m in found if (m == PACKAGE or m.startswith(PACKAGE + ".")) and module_path(m, root)}
+    return frozenset(found)
 
 
 def _with_packages(module: str) -> list[str]:

@@ -103,6 +103,48 @@ def server():
         yield running
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """A gzip stream's id leaves out its bytes, whose header holds the second it was made (gzip.compress's mtime):
+    pytest-xdist workers that collect a second apart would otherwise see different tests and abort the run."""
+    if isinstance(val, bytes) and val[:2] == b"\x1f\x8b":
+        return f"gzip-{len(val)}-bytes"
+    return None
+
+
+def pytest_collection_finish(session) -> None:
+    """Freeze what collection imported (TensorFlow and Keras: about half a million objects), which lives for the
+    session: Python's full garbage collections, tens of them in a worker, then skip it."""
+    import gc
+
+    gc.freeze()
+
+
+#: The files of the most CPU time outside the whole-workflow tests, slowest first (seconds on one core, measured
+#: December 2026): handed out first, after the whole-workflow tests, so that both workers end on short files.
+SLOW_FILES = (
+    "test_training.py",  # ~40
+    "test_report.py",  # ~30
+    "test_schedules.py",  # ~24
+    "test_kits_metrics.py",  # ~20
+    "test_backends.py",  # ~17
+    "test_distribute.py",  # ~14
+    "test_sampling.py",  # ~14
+    "test_browser.py",  # ~9
+    "test_environment.py",  # ~9
+    "test_atomic.py",  # ~9
+    "test_phantom.py",  # ~8
+    "test_model.py",  # ~8
+    "test_inference.py",  # ~7
+    "test_dry_run.py",  # ~7
+)
+
+
 def pytest_collection_modifyitems(config, items) -> None:
-    """Whole-workflow tests first (a stable sort): under pytest-xdist the slowest files start at once, not last."""
-    items.sort(key=lambda item: item.get_closest_marker("workflow") is None)
+    """Whole-workflow tests first, then SLOW_FILES (a stable sort): under pytest-xdist the slowest files start
+    first, not last."""
+
+    def rank(item) -> tuple[bool, int]:
+        name = item.path.name
+        return item.get_closest_marker("workflow") is None, SLOW_FILES.index(name) if name in SLOW_FILES else 99
+
+    items.sort(key=rank)

@@ -111,12 +111,17 @@ def small_fs(tmp_path):
     )
     if proc.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here (container without CAP_SYS_ADMIN?): {proc.stderr.strip()}")
+    # Objects older than the test cannot hold its files: frozen, the collections below (up to 1 s each in a
+    # worker that holds TensorFlow) look only at the objects the test makes. Thawed afterwards (so is what
+    # conftest.py froze after collection): garbage of earlier tests that got frozen with them is collected later.
+    gc.freeze()
     try:
         yield mountpoint
     finally:
         gc.collect()  # close any file object an aborted serialiser left open
         if subprocess.run(["umount", str(mountpoint)], capture_output=True).returncode != 0:
             subprocess.run(["umount", "-l", str(mountpoint)], capture_output=True)
+        gc.unfreeze()
 
 
 def _free_blocks(path: Path) -> int:

@@ -72,9 +72,30 @@ def run(cache, out, **train_overrides):
 
 @pytest.fixture(scope="module")
 def trained(cache, tmp_path_factory):
-    """(model folder, history) of one fresh 3-epoch run with the module's settings (read-only: train on a copy)."""
-    out = tmp_path_factory.mktemp("trained") / "model"
-    return out, run(cache, out, epochs=3)
+    """(model folder, history, {epoch: copy of the checkpoint folder as that epoch's commit left it}) of one fresh,
+    uninterrupted 3-epoch run with the module's settings (read-only: train on a copy)."""
+    import kidney_seg.training
+
+    root = tmp_path_factory.mktemp("trained")
+    snapshots = {}
+    make_checkpointer = kidney_seg.training.make_checkpointer
+
+    def snapshotting_checkpointer(state_dir, history):
+        checkpointer = make_checkpointer(state_dir, history)
+        commit = checkpointer.on_epoch_end
+
+        def on_epoch_end(epoch, logs=None):
+            commit(epoch, logs)
+            snapshots[epoch + 1] = shutil.copytree(state_dir, root / f"after_epoch_{epoch + 1}")
+
+        checkpointer.on_epoch_end = on_epoch_end
+        return checkpointer
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(kidney_seg.training, "make_checkpointer", snapshotting_checkpointer)
+        history = run(cache, root / "model", epochs=3)
+    assert sorted(snapshots) == [1, 2, 3]
+    return root / "model", history, snapshots
 
 
 def copy_of(trained, tmp_path):
@@ -83,7 +104,7 @@ def copy_of(trained, tmp_path):
 
 
 def test_train_writes_model_history_and_settings(trained):
-    model_dir, history = trained
+    model_dir, history, _ = trained
     assert list(history["epoch"]) == [1, 2, 3]
     assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
     for name in (
@@ -237,15 +258,16 @@ def _without_seconds(df):
 def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, trained, tmp_path):
     from kidney_seg.checkpoint import best_so_far, checkpoint_epoch
 
-    ref, reference = trained  # fresh, 3 epochs, num_workers 0
+    ref, reference, snapshots = trained  # fresh, 3 epochs, num_workers 0, uninterrupted
     assert TRAIN["num_workers"] == 0
     assert checkpoint_epoch(ref / "checkpoint" / "last.keras") == 3
     out, state = tmp_path / "model", tmp_path / "model" / "checkpoint"
-    run(cache, out, epochs=1, num_workers=0)
-    shutil.copyfile(state / "last.keras", tmp_path / "epoch1.keras")
-    run(cache, out, epochs=2, num_workers=0)
+    shutil.copytree(snapshots[2], state)  # the run as epoch 2's commit left it ...
+    assert checkpoint_epoch(state / "last.keras") == 2 and checkpoint_epoch(snapshots[1] / "last.keras") == 1
+    shutil.copyfile(snapshots[1] / "last.keras", tmp_path / "epoch1.keras")
     history = read_history(state / "history.csv")
-    # killed after epoch 3's history row was written, before last.keras was (and before any best.keras copy) ...
+    assert list(history["epoch"]) == [1, 2]
+    # ... then killed after epoch 3's history row was written, before last.keras was (and before any best.keras copy)
     extra = {**history.iloc[-1].to_dict(), "epoch": 3, "val_loss": -1.0}
     pd.concat([history, pd.DataFrame([extra])]).to_csv(state / "history.csv", index=False)
     if best_so_far(history)[0] == 2:  # ... and, if epoch 2 was the best, killed before best.keras caught up with it
