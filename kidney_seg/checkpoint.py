@@ -39,7 +39,7 @@ RESUME_KEY_NAME = "resume_key.json"
 CHECKPOINTS = ("last.keras", "best.keras", "history.csv")  # discarded together when they cannot be resumed
 STATE_FILES = CHECKPOINTS + (RESUME_KEY_NAME,)  # in checkpoint_dir
 CHECKPOINT_MEMBER = "kidney_seg_checkpoint.json"  # {"epoch": n} inside a checkpoint's .keras archive
-STREAM_ONLY_KEYS = ("epochs", "num_workers")  # training settings that cannot change the trained weights
+STREAM_ONLY_KEYS = ("epochs", "num_workers")  # settings that cannot change the weights (epochs: unless poly)
 
 
 def read_history(path: Path) -> pd.DataFrame:
@@ -189,18 +189,31 @@ def _cache_stamp(case_dir) -> list:
     return [str(case_dir)] + [os.stat(Path(case_dir) / f).st_mtime_ns for f in ("image.npy", "label.npy", "meta.json")]
 
 
+def weight_settings(train_cfg: dict) -> dict:
+    """The training settings that shape the weights: all but STREAM_ONLY_KEYS, and ``epochs`` where it sets the rates.
+
+    With ``lr_schedule: poly`` every epoch's rate depends on ``epochs``
+    (:func:`kidney_seg.schedules.lr_depends_on_epochs`), so more epochs is another run.
+    """
+    from kidney_seg.schedules import lr_depends_on_epochs
+
+    ignored = set(STREAM_ONLY_KEYS) - ({"epochs"} if lr_depends_on_epochs(train_cfg) else set())
+    return {k: v for k, v in train_cfg.items() if k not in ignored}
+
+
 def resume_key(
     train_dirs, val_dirs, model_cfg: dict, train_cfg: dict, plan: dict, seed: int, deterministic: bool
 ) -> dict:
-    """What a checkpoint must match to be resumed: settings (but epochs, which may grow), plan, cases, caches, code.
+    """What a checkpoint must match to be resumed: settings (:func:`weight_settings`), plan, cases, caches, code.
 
+    ``epochs`` may grow (a longer run resumes a shorter one) except with the poly schedule.
     A deterministic run never resumes a checkpoint made without ``deterministic`` (nor the reverse).
     """
     return json.loads(
         json.dumps(
             {
                 "model": model_cfg,
-                "training": {k: v for k, v in train_cfg.items() if k not in STREAM_ONLY_KEYS},
+                "training": weight_settings(train_cfg),
                 "plan": plan,
                 "seed": seed,
                 "train": [_cache_stamp(d) for d in train_dirs],

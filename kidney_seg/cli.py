@@ -10,7 +10,14 @@ from pathlib import Path
 from kidney_seg import __version__
 from kidney_seg.config import with_defaults
 from kidney_seg.errors import CaseDataError
-from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, SOURCE_LABELS, surface_tolerances, tolerance_challenge
+from kidney_seg.vocabulary import (
+    IMAGE_NAME,
+    LABEL_NAME,
+    SOURCE_LABELS,
+    challenge_title,
+    surface_tolerances,
+    tolerance_challenge,
+)
 
 
 def nifti_inputs(paths: list[str]) -> list[Path]:
@@ -82,7 +89,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
 def tolerance_note(source: str) -> str:
     """Which surface-Dice tolerances score a source, in words (for messages)."""
     tolerances = ", ".join(f"{region} {mm:.4f}" for region, mm in surface_tolerances(source).items())
-    return f"surface Dice with {tolerance_challenge(source).upper()} tolerances (mm): {tolerances}"
+    return f"surface Dice with {challenge_title(tolerance_challenge(source))} tolerances (mm): {tolerances}"
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:

@@ -126,7 +126,8 @@ def build_from_config(model_cfg: dict, num_classes: int, output_activation: str)
 
 
 def load_model(path, compile: bool = True) -> keras.Model:
-    """Load a saved U-Net (safe mode) with this package's custom layers, loss and metrics."""
+    """Load a saved U-Net (safe mode) with this package's custom layers, loss, metrics and optimizer."""
     import kidney_seg.losses  # noqa: F401  (registers the custom loss and metrics)
+    import kidney_seg.schedules  # noqa: F401  (registers TorchSGD, which a checkpoint's optimizer may be)
 
     return keras.models.load_model(path, compile=compile, safe_mode=True)

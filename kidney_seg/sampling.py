@@ -1,12 +1,24 @@
 """Positive-slice batches with batchgenerators augmentation, reproducible batch by batch.
 
-Batch ``k`` of a run is a pure function of ``(seed, k)``: its slices, crops, scalings
-and flips are drawn from generators seeded with both. A resumed run therefore sees the
-same batches as an uninterrupted one, and worker order cannot change the stream.
+Batch ``k`` of a run is a pure function of ``(seed, k)``: its slices, crop centres,
+scalings and flips are drawn from generators seeded with both. A resumed run therefore
+sees the same batches as an uninterrupted one, and worker order cannot change the stream.
 
-Padding: wherever a training crop (random crop, scaling) or a validation crop reaches past
-a slice, it reads :func:`kidney_seg.preprocessing.padding_value` of that slice, what
-normalised background reads as, the value inference pads its tiles with.
+Crops (``training.crop``): ``paper`` crops every slice at random, so a slice drawn for its
+foreground may lose it. ``foreground`` centres the crop of a slice drawn for a class on a
+random voxel of that class (tumour for a tumour draw, any foreground for a foreground
+draw); random slices keep random crops. nnU-Net v2's loader does the same for its forced
+foreground patches (``nnUNetDataLoaderBase.get_bbox``, nnunetv2/training/dataloading/
+base_data_loader.py): it centres its larger initial patch on the voxel and the spatial
+transform then takes that patch's centre (``random_crop=False``). get_bbox clips only the
+patch's lower corner (the final patch then starts inside an image at least its size) and
+lets it reach past the image's far end; here the patch is never shifted, so the voxel
+stays at its centre under any scaling or rotation, and where the patch reaches past the
+slice it reads the padding value.
+
+Padding: wherever a training crop (random crop, centred crop, scaling, rotation) or a
+validation crop reaches past a slice, it reads :func:`kidney_seg.preprocessing.padding_value`
+of that slice, what normalised background reads as, the value inference pads its tiles with.
 """
 
 from __future__ import annotations
@@ -23,10 +35,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from batchgenerators.transforms.abstract_transforms import Compose
-from batchgenerators.transforms.spatial_transforms import MirrorTransform, SpatialTransform
 
 from kidney_seg.atomic import load_npy
+from kidney_seg.augmentation import Augmentation, Augmenter, augment, make_augmenter
 from kidney_seg.preprocessing import padding_value
 from kidney_seg.vocabulary import TUMOR
 
@@ -70,87 +81,127 @@ def slice_table(cases: list[CaseSlices]) -> tuple[np.ndarray, np.ndarray, np.nda
     return every, _pairs(cases, "foreground"), _pairs(cases, "tumor")
 
 
+#: How a slice of a batch was drawn: for its tumour, for its foreground, or at random.
+TUMOR_DRAW, FOREGROUND_DRAW, RANDOM_DRAW = 0, 1, 2
+#: The values of ``training.crop``.
+CROPS = ("paper", "foreground")
+
+
+def draw_counts(tables, batch_size: int, n_fg: int, n_tumor: int = 0) -> tuple[int, int, int]:
+    """How many tumour, foreground and random draws a batch makes (none of a class the cases lack)."""
+    _, fg, tumor = tables
+    n_fg = n_fg if len(fg) else 0
+    n_tumor = min(n_tumor, n_fg) if len(tumor) else 0
+    return n_tumor, n_fg - n_tumor, batch_size - n_fg
+
+
+def draw_kinds(tables, batch_size: int, n_fg: int, n_tumor: int = 0) -> np.ndarray:
+    """The kind of draw of each slice of a batch, in the order :func:`choose_slices` returns them."""
+    counts = draw_counts(tables, batch_size, n_fg, n_tumor)
+    return np.repeat(np.array([TUMOR_DRAW, FOREGROUND_DRAW, RANDOM_DRAW]), counts)
+
+
 def choose_slices(rng: np.random.Generator, tables, batch_size: int, n_fg: int, n_tumor: int = 0) -> np.ndarray:
     """Draw ``n_tumor`` tumour slices, ``n_fg - n_tumor`` foreground slices and random ones for the rest."""
     every, fg, tumor = tables
-    n_fg = n_fg if len(fg) else 0
-    n_tumor = min(n_tumor, n_fg) if len(tumor) else 0
+    n_tumor, n_fg_only, n_random = draw_counts(tables, batch_size, n_fg, n_tumor)
     picks = (
-        [tumor[rng.integers(len(tumor), size=n_tumor)], fg[rng.integers(len(fg), size=n_fg - n_tumor)]] if n_fg else []
+        [tumor[rng.integers(len(tumor), size=n_tumor)], fg[rng.integers(len(fg), size=n_fg_only)]]
+        if n_tumor + n_fg_only
+        else []
     )
-    picks.append(every[rng.integers(len(every), size=batch_size - n_fg)])
+    picks.append(every[rng.integers(len(every), size=n_random)])
     return np.concatenate(picks)
 
 
-def make_transform(patch_size, scale_range, p_scale: float, p_mirror: float) -> Compose:
-    """The paper's augmentation: random crop, rare scaling, mirroring of both axes.
-
-    Data outside the slice reads 0 (``border_mode_data="constant"``; batchgenerators' random
-    crop pads with 0 too): :func:`augment` shifts each slice by its padding value first.
-    """
-    patch = tuple(int(p) for p in patch_size)
-    return Compose(
-        [
-            SpatialTransform(
-                patch,
-                patch_center_dist_from_border=[p // 2 for p in patch],
-                do_elastic_deform=False,
-                do_rotation=False,
-                do_scale=p_scale > 0,
-                scale=tuple(scale_range),
-                border_mode_data="constant",
-                border_cval_data=0.0,
-                order_data=3,
-                border_mode_seg="constant",
-                border_cval_seg=0,
-                order_seg=0,
-                random_crop=True,
-                p_scale_per_sample=p_scale,
-            ),
-            MirrorTransform(axes=(0, 1), p_per_sample=p_mirror),
-        ]
-    )
+def centre_voxel(rng: np.random.Generator, label: np.ndarray, kind: int) -> np.ndarray | None:
+    """A random voxel of the class a slice was drawn for (None: a random draw, or the slice lacks the class)."""
+    if kind == RANDOM_DRAW:
+        return None
+    where = np.argwhere(label == TUMOR if kind == TUMOR_DRAW else label > 0)
+    return where[rng.integers(len(where))] if len(where) else None
 
 
-def augment(transform: Compose, image: np.ndarray, label: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Apply the transform to one 2D slice with a given seed; outside the slice reads its padding value.
+def cut_region(array: np.ndarray, centre, size, at, pad_value) -> np.ndarray:
+    """The ``size`` window of a 2D array holding ``centre`` at index ``at``, padded where it leaves the array."""
+    out = np.full(tuple(size), pad_value, dtype=array.dtype)
+    src, dst = [], []
+    for n, s, c, i in zip(array.shape, size, centre, at):
+        first = int(c) - int(i)  # array index of the window's first element
+        a, b = max(first, 0), min(first + int(s), n)
+        src.append(slice(a, max(a, b)))
+        dst.append(slice(a - first, a - first + max(b - a, 0)))
+    out[tuple(dst)] = array[tuple(src)]
+    return out
 
-    The transform pads with 0, so the slice goes through it minus its
-    :func:`~kidney_seg.preprocessing.padding_value` and gets it back after: spline
-    interpolation reproduces constants, so only the padding changes.
-    """
-    np.random.seed(seed % 2**32)  # batchgenerators draws from NumPy's global generator
-    pad = np.float32(padding_value(image))
-    data = image[None, None].astype(np.float32) - pad
-    out = transform(data=data, seg=label[None, None].astype(np.float32))
-    return out["data"][0, 0] + pad, np.rint(out["seg"][0, 0]).astype(np.uint8)
+
+def sample_slice(
+    augmenter: Augmenter, image: np.ndarray, label: np.ndarray, seed: int, kind: int, crop: str = "paper"
+) -> tuple[np.ndarray, np.ndarray]:
+    """One training crop of a slice: random (``paper``, random draws) or centred on a voxel of the drawn class."""
+    centre = centre_voxel(np.random.default_rng(seed), label, kind) if crop == "foreground" else None
+    if centre is None:
+        return augment(augmenter, image, label, seed)
+    image, label = np.asarray(image), np.asarray(label)
+    size, at = augmenter.region(), augmenter.centre_index()
+    pad = padding_value(image)
+    region = cut_region(image, centre, size, at, pad)
+    return augment(augmenter, region, cut_region(label, centre, size, at, 0), seed, centred=True, pad=pad)
+
+
+def batch_plan(k: int, tables, batch_size: int, n_fg: int, seed: int, n_tumor: int = 0):
+    """Batch ``k``'s slices as (case, slice) pairs, the kind of each draw and each slice's seed."""
+    rng = np.random.default_rng([seed, k])
+    picks = choose_slices(rng, tables, batch_size, n_fg, n_tumor)
+    return picks, draw_kinds(tables, batch_size, n_fg, n_tumor), rng.integers(0, 2**31, size=len(picks))
 
 
 def make_batch(
-    k: int, cases: list[CaseSlices], tables, transform: Compose, batch_size: int, n_fg: int, seed: int, n_tumor: int = 0
+    k: int,
+    cases: list[CaseSlices],
+    tables,
+    augmenter: Augmenter,
+    batch_size: int,
+    n_fg: int,
+    seed: int,
+    n_tumor: int = 0,
+    crop: str = "paper",
 ):
     """Batch number ``k``: images (B, H, W, 1) float32 and labels (B, H, W) uint8."""
-    rng = np.random.default_rng([seed, k])
-    picks = choose_slices(rng, tables, batch_size, n_fg, n_tumor)
-    seeds = rng.integers(0, 2**31, size=len(picks))
+    check_crop(crop)
+    picks, kinds, seeds = batch_plan(k, tables, batch_size, n_fg, seed, n_tumor)
     images, labels = zip(
-        *(augment(transform, cases[c].image[s], cases[c].label[s], int(sd)) for (c, s), sd in zip(picks, seeds))
+        *(
+            sample_slice(augmenter, cases[c].image[s], cases[c].label[s], int(sd), int(kind), crop)
+            for (c, s), sd, kind in zip(picks, seeds, kinds)
+        )
     )
     return np.stack(images)[..., None], np.stack(labels)
 
 
-def batch_stream(cases, transform, batch_size: int, n_fg: int, seed: int, start: int = 0, n_tumor: int = 0):
+def check_crop(crop: str) -> None:
+    """ValueError unless ``crop`` is one of :data:`CROPS`."""
+    if crop not in CROPS:
+        raise ValueError(f"unknown crop {crop!r} (expected one of {list(CROPS)})")
+
+
+def batch_stream(
+    cases, augmenter: Augmenter, batch_size: int, n_fg: int, seed: int, start: int = 0, n_tumor: int = 0, crop="paper"
+):
     """Endless batches ``start, start+1, ...`` in order."""
     tables = slice_table(cases)
     k = start
     while True:
-        yield make_batch(k, cases, tables, transform, batch_size, n_fg, seed, n_tumor)
+        yield make_batch(k, cases, tables, augmenter, batch_size, n_fg, seed, n_tumor, crop)
         k += 1
 
 
 @dataclass(frozen=True)
 class StreamSpec:
-    """Everything (picklable) that defines a batch stream: case folders, augmentation and sampling settings, seed."""
+    """Everything (picklable) that defines a batch stream: case folders, augmentation and sampling settings, seed.
+
+    ``augmentation`` None is the paper's augmentation alone (as a block with every probability 0).
+    """
 
     case_dirs: tuple[str, ...]
     patch_size: tuple[int, ...]
@@ -161,26 +212,37 @@ class StreamSpec:
     n_fg: int
     seed: int
     n_tumor: int = 0
+    crop: str = "paper"
+    augmentation: Augmentation | None = None
+
+    def __post_init__(self) -> None:
+        check_crop(self.crop)
+
+    def augmenter(self) -> Augmenter:
+        """The stream's transforms."""
+        return make_augmenter(self.patch_size, self.scale_range, self.p_scale, self.p_mirror, self.augmentation)
 
 
 _WORKER: dict = {}
 
 
 def _worker_init(spec: StreamSpec) -> None:
-    """Open the memory-mapped cases and build the transform once per worker process."""
+    """Open the memory-mapped cases and build the transforms once per worker process."""
     cases = [load_case(d) for d in spec.case_dirs]
     _WORKER.update(
         spec=spec,
         cases=cases,
         tables=slice_table(cases),
-        transform=make_transform(spec.patch_size, spec.scale_range, spec.p_scale, spec.p_mirror),
+        augmenter=spec.augmenter(),
     )
 
 
 def _worker_batch(k: int):
     """Batch ``k`` in a worker process."""
     w, spec = _WORKER, _WORKER["spec"]
-    return make_batch(k, w["cases"], w["tables"], w["transform"], spec.batch_size, spec.n_fg, spec.seed, spec.n_tumor)
+    return make_batch(
+        k, w["cases"], w["tables"], w["augmenter"], spec.batch_size, spec.n_fg, spec.seed, spec.n_tumor, spec.crop
+    )
 
 
 def _worker_ready() -> bool:
@@ -244,12 +306,10 @@ class BatchLoader:
     def batches(self):
         """Endless batches in order; ends quietly once the loader is closed."""
         if self.num_workers == 0:
-            cases = [load_case(d) for d in self.spec.case_dirs]
-            transform = make_transform(
-                self.spec.patch_size, self.spec.scale_range, self.spec.p_scale, self.spec.p_mirror
-            )
+            spec = self.spec
+            cases = [load_case(d) for d in spec.case_dirs]
             yield from batch_stream(
-                cases, transform, self.spec.batch_size, self.spec.n_fg, self.spec.seed, self.start, self.spec.n_tumor
+                cases, spec.augmenter(), spec.batch_size, spec.n_fg, spec.seed, self.start, spec.n_tumor, spec.crop
             )
             return
         pending, k = deque(), self.start

@@ -1,4 +1,4 @@
-"""Training: Adam, ReduceLROnPlateau on validation loss, best/last checkpoints, resume.
+"""Training: the paper's Adam and ReduceLROnPlateau (or SGD, poly: :mod:`kidney_seg.schedules`), checkpoints, resume.
 
 Outputs in ``model_dir``: ``model.keras`` (best validation loss), ``history.csv`` (one row
 per epoch), ``curves.png`` (the training-curve panels, :mod:`kidney_seg.curves`) and
@@ -12,7 +12,8 @@ A resumed run continues exactly as the uninterrupted one would have: ``last.kera
 truth, the history is cut back to its epochs, a best checkpoint that lags behind is brought
 up to date, and the state that callbacks carry from epoch to epoch (ReduceLROnPlateau's
 best value, wait and cooldown counters, the best-checkpoint tracker) is rebuilt from the
-history. The batch stream restarts at the right step (:mod:`kidney_seg.sampling`).
+history; the poly schedule is a function of the epoch number and needs none. The batch
+stream restarts at the right step (:mod:`kidney_seg.sampling`).
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from kidney_seg.checkpoint import (
     make_checkpointer,
     read_history,
     remove_partial_files,
-    replay_plateau,
     reset_stale_state,
     resume_key,
     write_history,
@@ -128,32 +128,20 @@ def strategy_scope(strategy):
 
 
 def make_lr_schedule(train_cfg: dict, history: pd.DataFrame):
-    """The paper's ReduceLROnPlateau on the validation loss, its counters restored from ``history`` when resuming."""
-    import keras
+    """The callback of ``training.lr_schedule`` (:mod:`kidney_seg.schedules`), resumable from ``history``."""
+    from kidney_seg.schedules import lr_callback
 
-    class ResumableReduceLROnPlateau(keras.callbacks.ReduceLROnPlateau):
-        def on_train_begin(self, logs=None):
-            super().on_train_begin(logs)
-            replay_plateau(self, history, train_cfg["learning_rate"])
-
-    return ResumableReduceLROnPlateau(
-        monitor="val_loss",
-        factor=train_cfg["lr_factor"],
-        patience=train_cfg["lr_patience"],
-        min_delta=train_cfg["lr_min_delta"],
-        min_lr=train_cfg["min_lr"],
-    )
+    return lr_callback(train_cfg, history)
 
 
 def compile_model(model, num_classes: int, train_cfg: dict) -> None:
-    """Attach Adam, the loss of the configured output activation and per-class Dice metrics.
+    """Attach the configured optimizer (:mod:`kidney_seg.schedules`), the activation's loss and Dice metrics.
 
     softmax: Dice + CE over all classes (the paper); sigmoid: the sigmoid counterpart,
     Dice + binary CE over the foreground classes.
     """
-    import keras
-
     from kidney_seg.losses import DiceCELoss, HardDice, SigmoidDiceBCELoss
+    from kidney_seg.schedules import make_optimizer
 
     activation = train_cfg["output_activation"]
     if activation == "softmax":
@@ -164,7 +152,7 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
         raise ValueError(f"unknown output_activation {activation!r}")
     names = class_names(tuple(range(num_classes)))
     model.compile(
-        optimizer=keras.optimizers.Adam(learning_rate=train_cfg["learning_rate"]),
+        optimizer=make_optimizer(train_cfg),
         loss=loss,
         metrics=[HardDice(c, names[c], activation=activation) for c in range(1, num_classes)],
         jit_compile=train_cfg["jit_compile"],
@@ -290,6 +278,7 @@ def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
 
 def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> StreamSpec:
     """The picklable description of the training batch stream."""
+    from kidney_seg.augmentation import Augmentation
     from kidney_seg.sampling import StreamSpec
 
     return StreamSpec(
@@ -302,6 +291,8 @@ def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> StreamSpec
         train_cfg["foreground_per_batch"],
         seed,
         train_cfg["tumor_per_batch"],
+        train_cfg["crop"],
+        Augmentation.from_config(train_cfg["augmentation"]),
     )
 
 
@@ -316,7 +307,7 @@ def fit(
     history,
     train_dirs: list[str],
 ) -> None:
-    """Run model.fit from ``initial_epoch`` with the paper's callbacks; batches come from background workers."""
+    """Run model.fit from ``initial_epoch`` with the rate and checkpoint callbacks; batches come from workers."""
     from kidney_seg.sampling import BatchLoader, validation_set
 
     x_val, y_val = validation_set(val_cases, train_cfg["val_slices"], train_cfg["patch_size"], seed)
@@ -329,7 +320,7 @@ def fit(
         train_cfg["epochs"],
         train_cfg["steps_per_epoch"],
     )
-    # the checkpoint comes last: it holds the learning rate as ReduceLROnPlateau left it after the epoch
+    # the checkpoint comes last: it holds the learning rate as the schedule left it after the epoch
     callbacks = [make_lr_schedule(train_cfg, history), make_checkpointer(state_dir, history)]
     loader = BatchLoader(
         stream_spec(train_dirs, train_cfg, seed),

@@ -76,6 +76,11 @@ def tolerance_challenge(source: str) -> str:
         raise ValueError(f"unknown dataset.source {source!r}") from None
 
 
+def challenge_title(challenge: str) -> str:
+    """A challenge id as its organisers write it: ``kits23`` -> ``KiTS23``."""
+    return challenge.replace("kits", "KiTS")
+
+
 def surface_tolerances(source: str) -> dict[str, float]:
     """Surface-Dice tolerances (mm) per HEC region for a dataset source."""
     return SURFACE_TOLERANCES_MM[tolerance_challenge(source)]

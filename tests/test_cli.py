@@ -49,7 +49,7 @@ def test_evaluate_command(tmp_path, capsys):
     assert main([*argv, "--source", "kits19"]) == 0
     text = (tmp_path / "m" / "per_case.csv").read_text()
     assert text.startswith("case_id,tk_dice") and "case_00000,1.0" in text
-    assert "KITS23 tolerances (mm): tk 1.0331, masses 1.1329, tu 1.1498" in capsys.readouterr().out
+    assert "KiTS23 tolerances (mm): tk 1.0331, masses 1.1329, tu 1.1498" in capsys.readouterr().out
     with pytest.raises(SystemExit):  # the source chooses labels and tolerances: no silent default
         build_parser().parse_args(argv)
     with pytest.raises(SystemExit):

@@ -50,6 +50,18 @@ def test_defaults_are_filled():
     assert validate_config(cfg)["inference"]["step"] == 0.5
 
 
+def schema_defaults(properties: dict) -> dict:
+    """The defaults of a schema's properties, an object's default filled with its own properties' defaults."""
+    out = {}
+    for name, sub in properties.items():
+        if "default" in sub:
+            nested = (
+                schema_defaults(sub["properties"]) if isinstance(sub["default"], dict) and "properties" in sub else {}
+            )
+            out[name] = {**nested, **sub["default"]} if nested else sub["default"]
+    return out
+
+
 def test_a_section_is_filled_from_the_schema_alone():
     from kidney_seg.config import with_defaults
 
@@ -57,7 +69,7 @@ def test_a_section_is_filled_from_the_schema_alone():
     filled = with_defaults("training", {"epochs": 3})
     assert filled["epochs"] == 3
     assert {k: v for k, v in filled.items() if k != "epochs"} == {
-        k: s["default"] for k, s in schema.items() if k != "epochs"
+        k: v for k, v in schema_defaults(schema).items() if k != "epochs"
     }
     assert (
         with_defaults("postprocessing", {}) == validate_config(base())["postprocessing"]
@@ -74,3 +86,19 @@ def test_the_vocabulary_is_not_repeated_in_the_config_module():
     import kidney_seg.config as config
 
     assert not {"LABELS", "CLASS_NAMES", "labels_for", "class_names"} & set(vars(config))
+
+
+def test_the_beyond_paper_preset_validates_and_keeps_nnunets_augmentation():
+    beyond = load_config(REPO / "config.yaml", REPO / "presets" / "beyond-paper.yaml")
+    training = beyond["training"]
+    assert (training["optimizer"], training["lr_schedule"], training["learning_rate"]) == ("sgd", "poly", 0.01)
+    assert training["gradient_clip_norm"] == 12.0 and training["dice_include_background"] is False
+    assert training["epochs"] * training["steps_per_epoch"] == 250_000  # nnU-Net v2's 1000 x 250
+    assert training["crop"] == "foreground" and 0 < training["tumor_per_batch"] <= training["foreground_per_batch"]
+    assert training["output_activation"] == "softmax"
+    paper = load_config(REPO / "config.yaml")
+    for section in ("dataset", "preprocessing", "split", "model", "inference", "postprocessing"):
+        assert beyond[section] == paper[section], f"the preset changes only training, not {section}"
+    nnunet = load_config(REPO / "config.yaml", REPO / "presets" / "nnunet-augmentation.yaml")["training"]
+    for key in ("augmentation", "p_scale", "scale_range", "p_mirror"):
+        assert training[key] == nnunet[key], key

@@ -342,10 +342,26 @@ def full_inputs(tmp_path):
     )
 
 
+#: URLs in the config (they must stay text of the config block) and non-ASCII text (it must be escaped).
+URL = "https://mirror.example.org/kits19?a=1&b=2"
+FULL_CONFIG = {
+    **CONFIG,
+    "dataset": {"source": "kits19", "kits_imaging_url": URL, "kits_labels_url": "http://x.test/"},
+    "note": "Z\u00fcrich \u2013 \u2713",
+}
+UNICODE_CASE = "case_\u00e9\u4e2d"  # the per-case table's first case (case_00003, no tumour) under this id
+
+
 @pytest.fixture(scope="module")
 def full_report(tmp_path_factory) -> tuple[dict, str]:
-    """(build_report arguments, page) of ``full_inputs``, built once for the checks that only read it."""
+    """(build_report arguments, page) of ``full_inputs`` with FULL_CONFIG and UNICODE_CASE, built once for the
+    checks that only read it."""
     kwargs = full_inputs(tmp_path_factory.mktemp("full_report"))
+    df = pd.read_csv(kwargs["per_case_csv"])
+    assert df.loc[0, "case_id"] == "case_00003"
+    df.loc[0, "case_id"] = UNICODE_CASE
+    df.to_csv(kwargs["per_case_csv"], index=False)
+    kwargs["config"] = FULL_CONFIG
     build_report(**kwargs)
     return kwargs, kwargs["out_html"].read_text()
 
@@ -514,7 +530,7 @@ def test_overlays_show_best_median_worst_at_the_largest_tumour_slice(full_report
     figures = re.findall(
         r'<figure class="overlay" data-case="([^"]+)" data-roles="([^"]+)" data-slice="(\d+)"', section
     )
-    # case_00003 has no tumour and TU Dice 0: by TU Dice over the tumour cases it is not ranked
+    # case_00003 (UNICODE_CASE in the table) has no tumour, TU Dice 0: by TU Dice over the tumour cases not ranked
     assert [(c, r) for c, r, _ in figures] == [
         ("case_00010", "best"),
         ("case_00021", "median"),
@@ -705,13 +721,11 @@ class _Tags(HTMLParser):
         self.tags.append((tag, dict(attrs)))
 
 
-def test_page_is_self_contained_even_with_urls_in_the_config(tmp_path):
-    url = "https://mirror.example.org/kits19?a=1&b=2"
-    config = {**CONFIG, "dataset": {"source": "kits19", "kits_imaging_url": url, "kits_labels_url": "http://x.test/"}}
-    page = _build_full(tmp_path, config=config)
+def test_page_is_self_contained_even_with_urls_in_the_config(full_report):
+    page = full_report[1]  # its config holds URLs
     # the URLs appear once, as escaped text of the config block, and nowhere else
     config_block = re.search(r'<pre class="config">(.*?)</pre>', page, flags=re.S).group(1)
-    assert html.escape(url) in config_block
+    assert html.escape(URL) in config_block and "http://x.test/" in config_block
     rest = page.replace(config_block, "")
     for needle in ("http://", "https://", 'src="//', "src='//", "<link", "@import", "url("):
         assert needle not in rest, needle
@@ -729,13 +743,9 @@ def test_page_is_self_contained_even_with_urls_in_the_config(tmp_path):
     assert not re.search(r"https?:|\*|'self'", csp[0]["content"])
 
 
-def test_page_is_ascii_safe(tmp_path):
-    kwargs = full_inputs(tmp_path)
-    df = pd.read_csv(kwargs["per_case_csv"])
-    df.loc[0, "case_id"] = "case_\u00e9\u4e2d"
-    df.to_csv(kwargs["per_case_csv"], index=False)
-    config = {**CONFIG, "note": "Z\u00fcrich \u2013 \u2713"}
-    build_report(**{**kwargs, "config": config})
+def test_page_is_ascii_safe(full_report):
+    kwargs = full_report[0]  # a case id and the config with non-ASCII text
+    assert pd.read_csv(kwargs["per_case_csv"])["case_id"][0] == UNICODE_CASE and "\u00fc" in kwargs["config"]["note"]
     raw = kwargs["out_html"].read_bytes()
     raw.decode("ascii")  # raises on any non-ASCII byte
     page = raw.decode("ascii")
@@ -796,7 +806,7 @@ def _headline_row(headline: str, key: str) -> list[str]:
     return re.findall(r"<td[^>]*>(.*?)</td>", row)
 
 
-@pytest.mark.parametrize(("source", "challenge"), [("kits19", "KITS23"), ("kits21", "KITS21"), ("phantom", "KITS23")])
+@pytest.mark.parametrize(("source", "challenge"), [("kits19", "KiTS23"), ("kits21", "KiTS21"), ("phantom", "KiTS23")])
 def test_headline_names_the_surface_dice_definition_and_tolerances(source, challenge):
     summary = _scored_summary()
     headline = rh.headline_table(summary, source)

@@ -37,7 +37,13 @@ from kidney_seg.report.provenance import (
     provenance_section,
     split_sizes,
 )
-from kidney_seg.vocabulary import REGIONS, TOLERANCES_OF_SOURCE, surface_tolerances, tolerance_challenge
+from kidney_seg.vocabulary import (
+    REGIONS,
+    TOLERANCES_OF_SOURCE,
+    challenge_title,
+    surface_tolerances,
+    tolerance_challenge,
+)
 
 __all__ = [
     "DASH",
@@ -195,7 +201,7 @@ def _row_label(key: str, label: str, source: str | None) -> str:
     if source not in TOLERANCES_OF_SOURCE:
         return f"{label} (surface-distance; tolerances unknown: no dataset source)"
     mm = surface_tolerances(source)[region]
-    return f"{label} at {mm:.4f} mm ({tolerance_challenge(source).upper()} tolerance, surface-distance)"
+    return f"{label} at {mm:.4f} mm ({challenge_title(tolerance_challenge(source))} tolerance, surface-distance)"
 
 
 def headline_rows(summary: pd.DataFrame | None, source: str | None = None) -> tuple[tuple[str, str], ...]:
@@ -273,7 +279,8 @@ def headline_note(summary: pd.DataFrame | None, source: str | None) -> str:
         tol = " / ".join(f"{mm:.4f}" for mm in surface_tolerances(source).values())
         parts.append(
             f"Surface Dice and HD95: DeepMind's surface-distance (surfels weighted by area), as the KiTS21/23 "
-            f"scorer; {tolerance_challenge(source).upper()} tolerances {tol} mm (kidney+masses / masses / tumour) "
+            f"scorer; {challenge_title(tolerance_challenge(source))} tolerances {tol} mm "
+            "(kidney+masses / masses / tumour) "
             f"for dataset source {source}."
         )
     counts = [
