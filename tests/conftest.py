@@ -103,14 +103,6 @@ def server():
         yield running
 
 
-def pytest_make_parametrize_id(config, val, argname):
-    """A gzip stream's id leaves out its bytes, whose header holds the second it was made (gzip.compress's mtime):
-    pytest-xdist workers that collect a second apart would otherwise see different tests and abort the run."""
-    if isinstance(val, bytes) and val[:2] == b"\x1f\x8b":
-        return f"gzip-{len(val)}-bytes"
-    return None
-
-
 def pytest_collection_finish(session) -> None:
     """Freeze what collection imported (TensorFlow and Keras: about half a million objects), which lives for the
     session: Python's full garbage collections, tens of them in a worker, then skip it."""

@@ -26,7 +26,7 @@ def nifti_gz(array: np.ndarray, affine: np.ndarray | None = None) -> bytes:
     img = nib.Nifti1Image(array, kits_affine() if affine is None else affine)
     img.set_qform(img.affine, 1)
     img.set_sform(img.affine, 1)
-    return gzip.compress(img.to_bytes(), compresslevel=1)
+    return gzip.compress(img.to_bytes(), compresslevel=1, mtime=0)
 
 
 def noisy_image(shape=(4, 32, 32), seed=0) -> np.ndarray:
@@ -129,7 +129,7 @@ def test_unreachable_server_retries_then_fails(tmp_path):
     "body, reason",
     [
         (nifti_gz(noisy_image())[:-5000], "gzip"),  # truncated, with a matching Content-Length
-        (gzip.compress(b"<html>not a NIfTI file</html>" * 20), "NIfTI"),
+        (gzip.compress(b"<html>not a NIfTI file</html>" * 20, mtime=0), "NIfTI"),
         (b"<html>an error page served with 200</html>", "gzip"),
     ],
 )
