@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
@@ -13,7 +12,6 @@ import pytest
 
 from kidney_seg.checkpoint import read_history, resume_key, weight_settings
 from kidney_seg.config import with_defaults
-from kidney_seg.plan import make_plan
 from kidney_seg.schedules import (
     SGD_MOMENTUM,
     SGD_WEIGHT_DECAY,
@@ -23,49 +21,24 @@ from kidney_seg.schedules import (
     poly_lr,
 )
 from kidney_seg.training import make_lr_schedule, train
+from tests.test_training import MODEL, make_cache, plan_for
+from tests.test_training import TRAIN as PAPER_TRAIN
 
-MODEL = with_defaults("model", {"base_filters": 2, "levels": 2, "blocks_per_level": 1, "bn_momentum": 0.9})
-TRAIN = with_defaults(
-    "training",
-    {
-        "epochs": 3,
-        "steps_per_epoch": 2,
-        "batch_size": 3,
-        "foreground_per_batch": 2,
-        "tumor_per_batch": 1,
-        "patch_size": [16, 16],
-        "learning_rate": 0.01,
-        "val_slices": 4,
-        "num_workers": 0,
-        "optimizer": "sgd",
-        "lr_schedule": "poly",
-        "gradient_clip_norm": 12.0,
-    },
-)
-PRE = with_defaults("preprocessing", {"target_spacing": [3.0, 1.0, 1.0], "clip": [-75.76, 349.49]})
-
-
-def plan_for(train_cfg: dict) -> dict:
-    """The plan of a phantom config with these training settings."""
-    return make_plan({"dataset": {"source": "phantom"}, "preprocessing": PRE, "training": train_cfg}, None)
+#: test_training's settings with nnU-Net v2's optimizer and schedule, for 3 epochs.
+TRAIN = {
+    **PAPER_TRAIN,
+    "epochs": 3,
+    "learning_rate": 0.01,
+    "optimizer": "sgd",
+    "lr_schedule": "poly",
+    "gradient_clip_norm": 12.0,
+}
 
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory):
-    """Three tiny cases of a slice cache (read-only)."""
-    rng = np.random.default_rng(0)
-    dirs = []
-    for i in range(3):
-        d = tmp_path_factory.mktemp("pre") / f"case_{i:05d}"
-        d.mkdir()
-        label = np.zeros((4, 20, 20), np.uint8)
-        label[1:3, 5:12, 5:12] = 1
-        label[2, 7:9, 7:9] = 2
-        np.save(d / "image.npy", (rng.normal(size=label.shape) + 2.0 * label).astype(np.float32))
-        np.save(d / "label.npy", label)
-        (d / "meta.json").write_text(json.dumps({"case_id": d.name, "slices": {"foreground": [1, 2], "class_2": [2]}}))
-        dirs.append(d)
-    return dirs
+    """Three tiny cases of a slice cache (read-only; test_training's)."""
+    return make_cache(tmp_path_factory.mktemp("cache"))
 
 
 def run(cache, out, **overrides) -> pd.DataFrame:
