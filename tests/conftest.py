@@ -54,37 +54,36 @@ def kits_labels_dir() -> Path:
     return d
 
 
-# ----------------------------------------------------------------------------- shared whole-workflow runs
-# Each is made once per session, and so once per pytest-xdist worker: the tests that use one
-# live in one file (tests/test_workflow.py, tests/test_resume.py) and `make test` distributes
-# by file (--dist loadfile). (--dist loadgroup with xdist_group marks would be the finer tool,
-# but pytest-xdist 3.8 cannot tag node ids under pytest 9.2, so its groups are ignored.)
-
-
-@pytest.fixture(scope="session")
-def tiny_run(tmp_path_factory):
-    """The whole workflow run once on tests/configs/tiny.yaml, from a copy of the workflow (read-only for tests)."""
-    from tests.workflow_runs import make_tiny_run
-
-    return make_tiny_run(tmp_path_factory.mktemp("tiny"))
+# ----------------------------------------------------------------------------- the shared whole-workflow runs
+# Made once per session, and so once per pytest-xdist worker: every test that uses them lives in
+# tests/test_workflow.py, and `make test` distributes by file (--dist loadfile). (--dist loadgroup with
+# xdist_group marks would be the finer tool, but pytest-xdist 3.8 cannot tag node ids under pytest 9.2, so
+# its groups are ignored.)
 
 
 @pytest.fixture(scope="session")
 def deterministic_runs(tmp_path_factory):
-    """(reference results folder, InterruptedRun): the two deterministic runs, made side by side."""
+    """(TinyRun, InterruptedRun): the two deterministic runs of the tiny pipeline, made side by side."""
     from tests.workflow_runs import make_deterministic_runs
 
     return make_deterministic_runs(tmp_path_factory.mktemp("deterministic"))
 
 
 @pytest.fixture(scope="session")
-def deterministic_reference(deterministic_runs) -> Path:
-    """The results folder of one uninterrupted deterministic run of the tiny pipeline (2 cores)."""
+def tiny_run(deterministic_runs):
+    """The uninterrupted deterministic run (2 cores) of tests/configs/tiny.yaml, from a copy of the workflow:
+    read-only for tests, but for the copy's library, which a test may edit and restore."""
     import pandas as pd
 
-    results = deterministic_runs[0]
-    assert pd.read_csv(results / "model" / "fold_0" / "history.csv")["lr"].nunique() > 1, "the rate was never cut"
-    return results
+    run = deterministic_runs[0]
+    assert pd.read_csv(run.results / "model" / "fold_0" / "history.csv")["lr"].nunique() > 1, "the rate was never cut"
+    return run
+
+
+@pytest.fixture(scope="session")
+def deterministic_reference(tiny_run) -> Path:
+    """The results folder of the uninterrupted deterministic run."""
+    return tiny_run.results
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ that writes some bytes, then raises ENOSPC, EDQUOT, EROFS...), once for real on 
 tmpfs mounted for the test (root only; skipped with the reason otherwise).
 
 Two invocations of the workflow at once (the second must stop on Snakemake's lock) are
-checked on the session's interrupted run: tests/test_resume.py.
+checked on the session's interrupted run: tests/test_workflow.py.
 """
 
 from __future__ import annotations

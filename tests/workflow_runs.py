@@ -6,8 +6,9 @@ when any run there ends: runs in one shared folder would drop each other's locks
 repository's own ``config.yaml`` is passed first on the command line (a run in another
 folder does not see it), then the test's config, so the two merge as they do for a user.
 
-The session-scoped fixtures in tests/conftest.py call :func:`make_tiny_run` and
-:func:`make_deterministic_runs` once each.
+The session-scoped fixture ``deterministic_runs`` in tests/conftest.py calls
+:func:`make_deterministic_runs` once: its uninterrupted run is also the tiny run that the read-only
+checks of tests/test_workflow.py use.
 """
 
 from __future__ import annotations
@@ -114,13 +115,13 @@ def snakemake(
     return proc
 
 
-def start_snakemake(config: Path, *args: str, log: Path) -> subprocess.Popen:
+def start_snakemake(config: Path, *args: str, log: Path, snakefile: Path = SNAKEFILE) -> subprocess.Popen:
     """Start snakemake on ``config`` in the background, in its own process group, output to ``log``."""
     with open(log, "w") as out:
         return subprocess.Popen(
-            snakemake_command(config, *args),
+            snakemake_command(config, *args, snakefile=snakefile),
             cwd=config.parent,
-            env=snakemake_env(),
+            env=snakemake_env(snakefile),
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -253,7 +254,8 @@ def differences(a: Path, b: Path) -> list[str]:
 
 @dataclass(frozen=True)
 class TinyRun:
-    """The tiny config run once, from a copy of the workflow (so a test may edit the copy's library)."""
+    """The deterministic tiny config run once, uninterrupted, from a copy of the workflow (so that a test may
+    edit the copy's library)."""
 
     results: Path
     config: Path
@@ -261,29 +263,24 @@ class TinyRun:
     snakefile: Path
 
 
-def make_tiny_run(root: Path) -> TinyRun:
-    """Run the whole workflow once on the tiny config, from a copy of the workflow under ``root``."""
-    snakefile = copy_workflow(root / "workflow")
-    config = write_config(root / "run", tiny_config(root / "run"))
-    snakemake(config, "--cores", "2", snakefile=snakefile)
-    return TinyRun(root / "run" / "results", config, root / "run" / "data", snakefile)
-
-
-def make_deterministic_runs(root: Path) -> tuple[Path, InterruptedRun]:
-    """The uninterrupted reference (2 cores, in the background) and, meanwhile, the interrupted run (1 core).
+def make_deterministic_runs(root: Path) -> tuple[TinyRun, InterruptedRun]:
+    """The uninterrupted reference (2 cores, in the background, from a copy of the workflow) and, meanwhile,
+    the interrupted run (1 core, the working tree's workflow).
 
     Deterministic runs use one compute thread, so the two side by side take little longer than one.
     """
+    snakefile = copy_workflow(root / "workflow")
     config = deterministic_config(root / "reference")
     log = root / "reference.log"
-    reference = start_snakemake(config, "--cores", "2", log=log)
+    reference = start_snakemake(config, "--cores", "2", log=log, snakefile=snakefile)
     try:
         interrupted = make_interrupted_run(root / "interrupted")
         rc = reference.wait(timeout=900)
     finally:
         kill_group(reference)
     assert rc == 0, f"the reference run failed (rc {rc}):\n{log.read_text()[-6000:]}"
-    return root / "reference" / "results", interrupted
+    tiny = TinyRun(root / "reference" / "results", config, root / "reference" / "data", snakefile)
+    return tiny, interrupted
 
 
 def history_rows(path: Path) -> int:
