@@ -48,7 +48,7 @@ def history_figure(history: pd.DataFrame) -> Figure | None:
     x = _numeric(history, "epoch") if "epoch" in history.columns else pd.Series(np.arange(len(history)))
     ncols = min(3, len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows))
+    fig = Figure(figsize=(4.2 * ncols, 3.0 * nrows), layout="tight")  # laid out once, when drawn
     for i, (title, cols, log) in enumerate(panels):
         ax = fig.add_subplot(nrows, ncols, i + 1)
         for c in cols:
@@ -64,7 +64,6 @@ def history_figure(history: pd.DataFrame) -> Figure | None:
         ax.grid(alpha=0.3)
         if len(cols) > 1:
             ax.legend(fontsize=8)
-    fig.tight_layout()
     return fig
 
 
@@ -72,8 +71,8 @@ def write_curves(history: pd.DataFrame, path: str | os.PathLike) -> None:
     """Draw the training-curve panels to a PNG, atomically (a note when nothing is plottable)."""
     fig = history_figure(history)
     if fig is None:
-        fig = Figure(figsize=(4.2, 3.0))
+        fig = Figure(figsize=(4.2, 3.0), layout="tight")
         fig.text(0.5, 0.5, "no training history to plot", ha="center", va="center")
     FigureCanvasAgg(fig)
     with atomic_path(Path(path)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        fig.savefig(tmp, format="png", dpi=110)

@@ -10,6 +10,9 @@ import numpy as np
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The tests run on the CPU, on any machine (no test may need a GPU): GPUs are hidden before anything imports
+# TensorFlow, from this process and from the subprocesses and workflow runs it starts.
+os.environ["CUDA_VISIBLE_DEVICES"] = ""
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
@@ -118,7 +121,6 @@ SLOW_FILES = (
     "test_schedules.py",  # ~24
     "test_kits_metrics.py",  # ~20
     "test_backends.py",  # ~17
-    "test_distribute.py",  # ~14
     "test_sampling.py",  # ~14
     "test_browser.py",  # ~9
     "test_environment.py",  # ~9

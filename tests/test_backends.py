@@ -1,6 +1,7 @@
 """The model, losses, training and inference on Keras 3's JAX backend (the GPU machines' backend).
 
-TensorFlow stays the default, tested backend. This runs in a subprocess with
+TensorFlow stays the default, tested backend. The subprocess also runs tests/test_schedules.py's checks of
+torch-style SGD and the poly schedule (one JAX start-up for both files). This runs in a subprocess with
 KERAS_BACKEND=jax, TensorFlow made unimportable and the steps jit-compiled (as on the GPU machines),
 and skips where JAX is not installed (`pip install "jax[cpu]"`).
 """
@@ -46,6 +47,10 @@ pred = predict_case("case_00000", path, tmp / "model", tmp / "pred.nii.gz",
                     {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4},
                     predictor=load_predictor(tmp / "model"))
 out["pred_shape"] = list(pred.shape)
+from tests.test_schedules import check_poly_in_fit, check_torch_sgd
+check_torch_sgd()  # torch-style SGD and the poly callback under JAX too (they raise on a mismatch)
+check_poly_in_fit()
+out["schedules"] = "checked"
 print("RESULT", json.dumps(out))
 """
 
@@ -66,3 +71,4 @@ def test_jax_backend_trains_and_predicts(tmp_path):
     assert result["softmax_loss"] == pytest.approx(float(DiceCELoss(3)(labels, logits)), rel=1e-4)
     assert result["sigmoid_loss"] == pytest.approx(float(SigmoidDiceBCELoss(3)(labels, logits[..., :2])), rel=1e-4)
     assert result["epochs"] == 1 and result["pred_shape"] == [6, 24, 24]
+    assert result["schedules"] == "checked"  # tests/test_schedules.py's optimizer and schedule checks

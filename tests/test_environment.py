@@ -154,7 +154,11 @@ def _accelerators_in_subprocess(backend: str, **extra_env) -> dict:
 
 @pytest.mark.skipif(importlib.util.find_spec("tensorflow") is None, reason="TensorFlow is not installed")
 def test_tensorflow_accelerators_on_cpu_are_an_empty_list():
-    env = _accelerators_in_subprocess("tensorflow", CUDA_VISIBLE_DEVICES="")
+    # in this process: the tests' own backend, TensorFlow, with the GPUs hidden by tests/conftest.py
+    import tensorflow  # noqa: F401  (imported by the collection of a full run already)
+
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    env = envmod.describe_environment(True)
     assert env["keras_backend"] == "tensorflow"
     assert env["accelerators"] == [] and "accelerator_error" not in env
     assert env["env"]["CUDA_VISIBLE_DEVICES"] == ""

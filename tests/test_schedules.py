@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-
 import numpy as np
 import pandas as pd
 import pytest
@@ -130,19 +126,8 @@ def check_poly_in_fit() -> None:
 
 
 def test_torch_sgd_follows_pytorchs_update_rule():
-    check_torch_sgd()
+    check_torch_sgd()  # under JAX too: tests/test_backends.py runs both checks in its JAX subprocess
     check_poly_in_fit()
-
-
-def test_torch_sgd_and_poly_under_jax():
-    """The same checks on the JAX backend (the GPU runs use it), in a fresh process."""
-    pytest.importorskip("jax")
-    code = "from tests.test_schedules import check_torch_sgd, check_poly_in_fit; check_torch_sgd(); check_poly_in_fit()"
-    env = {**os.environ, "KERAS_BACKEND": "jax", "JAX_PLATFORMS": "cpu", "TF_CPP_MIN_LOG_LEVEL": "3"}
-    from tests.conftest import REPO
-
-    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_poly_sets_each_epochs_rate(uninterrupted):

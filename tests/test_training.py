@@ -278,22 +278,37 @@ def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tra
         assert _weights(out / name) == _weights(ref / name), name
 
 
-DETERMINISM_SCRIPT = r"""
-import json, os, sys
-from kidney_seg.training import configure_threads
+#: Settings that must precede TensorFlow's start-up, checked in one fresh process (one TensorFlow import):
+#: two logical CPU devices for MirroredStrategy, then the thread counts and op determinism of
+#: kidney_seg.determinism.enable; then one epoch under MirroredStrategy on the two devices.
+FRESH_TENSORFLOW_SCRIPT = r"""
+import json, logging, os, sys
+from pathlib import Path
+import tensorflow as tf
+cpus = tf.config.list_physical_devices("CPU")
+tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
+from kidney_seg.training import configure_threads, train
 configure_threads(2)
 from kidney_seg.determinism import enable
 backend = enable(3)
-import numpy as np, tensorflow as tf
+import numpy as np
 from tensorflow.python.framework import config as tf_config
-print("RESULT", json.dumps({"backend": backend, "op_determinism": tf_config.is_op_determinism_enabled(),
-      "intra": tf.config.threading.get_intra_op_parallelism_threads(),
-      "inter": tf.config.threading.get_inter_op_parallelism_threads(),
-      "xla_flags": os.environ["XLA_FLAGS"], "numpy": float(np.random.random())}))
+result = {"backend": backend, "op_determinism": tf_config.is_op_determinism_enabled(),
+          "intra": tf.config.threading.get_intra_op_parallelism_threads(),
+          "inter": tf.config.threading.get_inter_op_parallelism_threads(),
+          "xla_flags": os.environ["XLA_FLAGS"], "numpy": float(np.random.random())}
+logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
+from tests.test_training import MODEL, TRAIN, make_cache, plan_for
+tmp = Path(sys.argv[1])
+dirs = make_cache(tmp)
+cfg = {**TRAIN, "epochs": 1, "batch_size": 4, "distribute": "mirrored", "num_workers": 0}
+result["epochs"] = list(train(dirs[:2], dirs[2:], tmp / "model", MODEL, cfg, plan_for(cfg), seed=1)["epoch"])
+print("RESULT", json.dumps(result))
 """
 
 
-def test_enable_makes_tensorflow_deterministic_and_single_threaded():
+def test_settings_made_before_tensorflow_starts(tmp_path):
+    """Determinism (op determinism, one compute thread, the seeds) and MirroredStrategy on two logical CPUs."""
     import os
     import subprocess
     import sys
@@ -307,14 +322,26 @@ def test_enable_makes_tensorflow_deterministic_and_single_threaded():
         "XLA_FLAGS": "--xla_dump_to=/dev/null",
     }
     proc = subprocess.run(
-        [sys.executable, "-c", DETERMINISM_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", FRESH_TENSORFLOW_SCRIPT, str(tmp_path)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
     result = json.loads(next(line for line in proc.stdout.splitlines() if line.startswith("RESULT "))[7:])
     assert result["backend"] == "tensorflow" and result["op_determinism"] is True
     assert result["intra"] == 1 and result["inter"] == 2  # one compute thread; the scheduler's inter-op count stays
     assert result["xla_flags"] == "--xla_dump_to=/dev/null --xla_gpu_deterministic_ops=true"
     assert result["numpy"] == np.random.RandomState(3).random_sample()  # keras.utils.set_random_seed(3) ran
+    # MirroredStrategy over the two logical CPU devices
+    assert "MirroredStrategy with num_replicas_in_sync == 2" in out, out[-4000:]
+    assert result["epochs"] == [1]
+    history = pd.read_csv(tmp_path / "model" / "history.csv")
+    assert list(history["epoch"]) == [1] and history["loss"].notna().all()
+    assert (tmp_path / "model" / "model.keras").is_file()
 
 
 def test_prepare_environment_adds_flags_once():

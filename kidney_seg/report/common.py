@@ -68,9 +68,12 @@ def png_bytes(fig: Figure, dpi: int = 110, colors: int | None = None) -> bytes:
     """A figure (Agg) as PNG bytes; with ``colors``, as an optimised palette PNG of at most that many colours."""
     FigureCanvasAgg(fig)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")
-    if colors is None:
+    if colors is None:  # charts: a tight layout at draw time (bbox_inches="tight" would draw the figure twice)
+        if fig.get_layout_engine() is None:
+            fig.set_layout_engine("tight")
+        fig.savefig(buf, format="png", dpi=dpi)
         return buf.getvalue()
+    fig.savefig(buf, format="png", dpi=dpi, bbox_inches="tight")  # overlays: cropped to what is drawn
     from PIL import Image  # a matplotlib dependency
 
     buf.seek(0)
