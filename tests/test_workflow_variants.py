@@ -64,7 +64,7 @@ def serve_kits19(root: Path):
     return serve(files)
 
 
-def variants_config(root: Path, base: str, **dataset) -> Path:
+def variants_config(root: Path, base: str) -> Path:
     """The tiny config on the KiTS19 source at ``base``, with two folds and dataset statistics (a fingerprint)."""
     cfg = tiny_config(root)
     cfg["dataset"] = {
@@ -75,7 +75,6 @@ def variants_config(root: Path, base: str, **dataset) -> Path:
         "kits_imaging_url": f"{base}/img",
         "kits_labels_url": f"{base}/lab",
         "allow_http": True,  # the local test server speaks plain http
-        **dataset,
     }
     cfg["preprocessing"].update({"clip": "auto", "normalization": "dataset"})
     cfg["split"] = {"folds": 2}
