@@ -29,6 +29,11 @@ KITS23_TOLERANCES = {"tk": 1.0330772532390826, "tu": 1.1498198361434828}
 CASES = ("case_00054", "case_00002")  # 5 mm slices; 1 mm slices
 MARGIN = 3  # voxels of background kept around the foreground: every shift below stays inside
 PERTURBATIONS = ("one_slice_shift", "two_pixel_shift", "erosion", "missing_component", "empty")
+#: Every perturbation on the 5 mm case; on the 1 mm case (3-4 s a perturbation) the shift through slices, which
+#: lies within the TK tolerance there, a lost kidney and the empty prediction.
+CASE_PERTURBATIONS = [("case_00054", kind) for kind in PERTURBATIONS] + [
+    ("case_00002", kind) for kind in ("one_slice_shift", "missing_component", "empty")
+]
 
 
 def _cropped(*volumes: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -99,8 +104,7 @@ def _official_uncached(pred: np.ndarray, truth: np.ndarray, spacing, tolerance: 
     return float(sd.compute_surface_dice_at_tolerance(d, tolerance)), float(sd.compute_robust_hausdorff(d, 95))
 
 
-@pytest.mark.parametrize("kind", PERTURBATIONS)
-@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("case, kind", CASE_PERTURBATIONS)
 def test_surface_dice_and_hd95_equal_the_library_called_directly(real_cases, case, kind):
     truth, spacing, _ = real_cases[case]
     pred = _perturbed(truth, kind)
