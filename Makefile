@@ -6,6 +6,10 @@ BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 DEMO   := presets/demo.yaml
 CORES  ?= 2
+# GPU=1: install the `gpu` extra too (tensorflow[and-cuda]: TensorFlow's CUDA libraries from PyPI)
+GPU    ?= 0
+comma  := ,
+EXTRAS := test,lint$(if $(filter 1,$(GPU)),$(comma)gpu)
 export PATH := $(abspath $(BIN)):$(PATH)
 export TF_CPP_MIN_LOG_LEVEL ?= 2
 
@@ -16,7 +20,7 @@ $(BIN)/python:
 
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,lint]"
+	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -911,9 +911,12 @@ def _nested(keys: list[str], value: object) -> dict:
     return out
 
 
-def run_config(preset: Path, out: Path, manifest: Path, split: Sequence[float], sets: list) -> dict:
-    """The run's config: the preset, the local dataset, the split, results under ``out``, then ``--set``."""
-    cfg = yaml.safe_load(Path(preset).read_text()) or {}
+def run_config(presets: Sequence[Path], out: Path, manifest: Path, split: Sequence[float], sets: list) -> dict:
+    """The run's config: the presets (later ones win), the local dataset, the split, results under ``out``, then
+    ``--set``."""
+    cfg: dict = {}
+    for preset in presets:
+        cfg = deep_merge(cfg, yaml.safe_load(Path(preset).read_text()) or {})
     dataset = {k: v for k, v in (cfg.get("dataset") or {}).items() if k in ("on_bad_case",)}
     dataset.update(source="local", manifest=str(manifest.resolve()), cases="all", unlabelled_cases="none")
     cfg.update(dataset=dataset, results_dir=str((out / "results").resolve()))
@@ -1048,7 +1051,9 @@ def report(s: dict, train: dict, stages: dict, timing: dict) -> str:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--preset", type=Path, required=True, help="recipe YAML, merged over config.yaml")
+    p.add_argument(
+        "--preset", type=Path, action="append", required=True, help="recipe YAML, merged over config.yaml (repeatable)"
+    )
     p.add_argument("--out", type=Path, required=True, help="run folder: config.yaml, results/, summary.md")
     p.add_argument("--cases", type=int, default=None, help="the first N label cases (default: all)")
     p.add_argument("--split", type=float, nargs=3, default=(0.6, 0.1, 0.3), metavar=("TRAIN", "VAL", "TEST"))

@@ -64,6 +64,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Segment each input scan with a trained model folder (one model or a fold ensemble)."""
     from tqdm import tqdm
 
+    from kidney_seg.environment import accelerator_devices, describe_device
     from kidney_seg.inference import load_predictor, model_folders, predict_case
     from kidney_seg.postprocessing import decided_steps
 
@@ -77,6 +78,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     steps = ", ".join(decision["apply"]) if decision and decision["apply"] else "none"
     postprocess = decided_steps(decision)
     print(f"{len(folders)} model(s) from {model_dir}; post-processing: {steps}", file=sys.stderr)
+    print(f"running on {describe_device(accelerator_devices())}", file=sys.stderr)
     for path in tqdm(inputs, desc="segmenting", unit="scan"):
         name = case_name(path)
         predict_case(

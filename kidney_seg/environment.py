@@ -162,6 +162,41 @@ def accelerator_devices(backend: str | None = None) -> list[dict]:
     return probes[backend]()
 
 
+#: What a GPU job without a GPU tells its user (the README's GPU section).
+GPU_INSTALL_HINT = (
+    "install the GPU build (`make install GPU=1`, or `pip install -e '.[gpu]'`, which brings TensorFlow's CUDA "
+    "libraries) and check `nvidia-smi`, or set `allow_cpu: true` in the config to run on the CPU"
+)
+
+
+class NoAcceleratorError(RuntimeError):
+    """A job that asked for a GPU sees none, and the config does not allow the CPU."""
+
+
+def describe_device(accelerators: list[dict]) -> str:
+    """One line naming where a job computes: its accelerators, else the CPU model and usable cores."""
+    if accelerators:
+        return ", ".join(f"{d['kind']} {d['name']} ({d['id']})" for d in accelerators)
+    return f"CPU {cpu_model() or 'unknown model'} ({_usable_cpus() or os.cpu_count()} usable cores)"
+
+
+def require_device(job: str, allow_cpu: bool, backend: str | None = None) -> list[dict]:
+    """The accelerators a GPU job (train, predict) runs on, logged; without any, NoAcceleratorError unless
+    ``allow_cpu``."""
+    import logging
+
+    backend = backend or keras_backend()
+    found = accelerator_devices(backend)
+    log = logging.getLogger(__name__)
+    if found:
+        log.info("%s runs on %s (Keras backend %s)", job, describe_device(found), backend)
+        return found
+    if not allow_cpu:
+        raise NoAcceleratorError(f"{job}: the Keras backend {backend} sees no GPU: {GPU_INSTALL_HINT}")
+    log.info("%s runs on %s: no GPU visible, allow_cpu is true (Keras backend %s)", job, describe_device([]), backend)
+    return found
+
+
 def describe_environment(accelerators: bool = True) -> dict:
     """The host, interpreter, packages and (when ``accelerators``) the backend's devices, as a JSON-ready dict.
 

@@ -26,5 +26,6 @@ rule predict:
         inference=config["inference"],
         seed=config["seed"],
         deterministic=config["deterministic"],
+        allow_cpu=config["allow_cpu"],
     script:
         "../workflow_scripts/predict.py"

@@ -29,6 +29,7 @@ rule train:
         training=config["training"],
         seed=config["seed"],
         deterministic=config["deterministic"],
+        allow_cpu=config["allow_cpu"],
         checkpoint_dir=lambda wildcards: f"{model_dir(wildcards.fold)}/checkpoint",
     script:
         "../workflow_scripts/train.py"

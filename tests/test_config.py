@@ -102,3 +102,20 @@ def test_the_beyond_paper_preset_validates_and_keeps_nnunets_augmentation():
     nnunet = load_config(REPO / "config.yaml", REPO / "presets" / "nnunet-augmentation.yaml")["training"]
     for key in ("augmentation", "p_scale", "scale_range", "p_mirror"):
         assert training[key] == nnunet[key], key
+
+
+def test_the_cpu_beyond_preset_changes_only_the_recipe_of_the_demo():
+    """presets/beyond-paper-cpu.yaml over the demo: the GPU recipe's sampling and augmentation at the demo's size."""
+    demo = load_config(REPO / "config.yaml", REPO / "presets" / "demo.yaml")
+    cpu = load_config(REPO / "config.yaml", REPO / "presets" / "demo.yaml", REPO / "presets" / "beyond-paper-cpu.yaml")
+    gpu = load_config(REPO / "config.yaml", REPO / "presets" / "beyond-paper.yaml")["training"]
+    for section in ("dataset", "preprocessing", "split", "model", "inference", "postprocessing"):
+        assert cpu[section] == demo[section], f"the CPU recipe changes only training, not {section}"
+    training = cpu["training"]
+    for key in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "val_slices"):
+        assert training[key] == demo["training"][key], f"equal steps and batches: {key}"
+    for key in ("lr_schedule", "gradient_clip_norm", "dice_include_background", "foreground_per_batch"):
+        assert training[key] == gpu[key], key
+    for key in ("tumor_per_batch", "crop", "augmentation", "p_scale", "scale_range", "p_mirror"):
+        assert training[key] == gpu[key], key
+    assert (training["optimizer"], training["learning_rate"]) == ("adam", 0.001)

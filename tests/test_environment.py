@@ -169,3 +169,72 @@ def test_jax_accelerators_on_cpu_are_an_empty_list():
     env = _accelerators_in_subprocess("jax", JAX_PLATFORMS="cpu")
     assert env["keras_backend"] == "jax"
     assert env["accelerators"] == [] and "accelerator_error" not in env
+
+
+# ----------------------------------------------------------------------------- the device of a GPU job
+
+H200 = {"name": "NVIDIA H200", "kind": "GPU", "id": "/physical_device:GPU:0"}
+
+
+def test_a_gpu_job_without_a_gpu_stops_with_the_install_command():
+    """With the GPUs hidden (tests/conftest.py), a job that may not use the CPU fails in one line saying what to do."""
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    with pytest.raises(envmod.NoAcceleratorError) as caught:
+        envmod.require_device("train", allow_cpu=False, backend="tensorflow")
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("train: the Keras backend tensorflow sees no GPU")
+    assert "make install GPU=1" in message and "pip install -e '.[gpu]'" in message and "allow_cpu: true" in message
+
+
+def test_allow_cpu_runs_on_the_cpu_and_logs_it(caplog):
+    caplog.set_level("INFO", logger="kidney_seg.environment")
+    assert envmod.require_device("predict", allow_cpu=True, backend="tensorflow") == []
+    (line,) = [r.getMessage() for r in caplog.records]
+    assert line.startswith("predict runs on CPU ") and "usable cores" in line and "allow_cpu is true" in line
+
+
+def test_a_visible_gpu_is_logged_whatever_allow_cpu_says(monkeypatch, caplog):
+    monkeypatch.setattr(envmod, "accelerator_devices", lambda backend=None: [H200])
+    caplog.set_level("INFO", logger="kidney_seg.environment")
+    for allow_cpu in (False, True):
+        assert envmod.require_device("train", allow_cpu=allow_cpu, backend="jax") == [H200]
+    assert [r.getMessage() for r in caplog.records] == [
+        "train runs on GPU NVIDIA H200 (/physical_device:GPU:0) (Keras backend jax)"
+    ] * 2
+
+
+class _Job:
+    """What Snakemake hands a script as ``snakemake``: only what the scripts read before the device check."""
+
+    def __init__(self, log, allow_cpu: bool):
+        self.log = [str(log)]
+        self.params = type("Params", (), {"allow_cpu": allow_cpu, "deterministic": False})()
+
+
+@pytest.mark.parametrize("script", ["train", "predict"])
+def test_the_gpu_rules_scripts_stop_before_any_work_without_a_gpu(script, tmp_path):
+    """workflow_scripts/{train,predict}.py with allow_cpu false on this GPU-less host: the error, in the job's log."""
+    import runpy
+
+    log = tmp_path / f"{script}.log"
+    with pytest.raises(envmod.NoAcceleratorError, match="make install GPU=1"):
+        runpy.run_path(str(REPO / "workflow_scripts" / f"{script}.py"), {"snakemake": _Job(log, allow_cpu=False)})
+    assert f"failed: {script}: the Keras backend tensorflow sees no GPU" in log.read_text()
+
+
+def test_the_gpu_install_path():
+    """`make install GPU=1` installs the `gpu` extra: TensorFlow with its CUDA libraries, as pinned as the CPU build."""
+    import tomllib
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    (cpu,) = [d for d in project["dependencies"] if d.startswith("tensorflow")]
+    assert project["optional-dependencies"]["gpu"] == [cpu.replace("tensorflow", "tensorflow[and-cuda]", 1)]
+    make = shutil.which("make")
+    if make is None:
+        pytest.fail("make is not installed: the README's set-up needs it")
+    plan = subprocess.run(
+        [make, "-n", "-B", "install", "GPU=1", "PYTHON=python3"], cwd=REPO, capture_output=True, text=True, check=True
+    )
+    assert 'pip install --quiet -e ".[test,lint,gpu]"' in plan.stdout, plan.stdout
+    plain = subprocess.run([make, "-n", "-B", "install", "PYTHON=python3"], cwd=REPO, capture_output=True, text=True)
+    assert 'pip install --quiet -e ".[test,lint]"' in plain.stdout, plain.stdout

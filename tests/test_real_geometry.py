@@ -157,10 +157,11 @@ def test_dataset_is_reused_and_its_manifest_reads(tmp_path):
 
 
 def test_run_config_is_a_valid_local_config(tmp_path):
-    """The preset with the local dataset, the split, results under --out and the --set values."""
+    """The presets (later ones win) with the local dataset, the split, results under --out and the --set values."""
     manifest = tmp_path / "data" / "manifest_1.csv"
     sets = [rg.parse_set("training.epochs=2"), rg.parse_set("preprocessing.target_spacing=[3.0, 2.0, 2.0]")]
-    cfg = rg.run_config(REPO / "presets" / "demo.yaml", tmp_path / "run", manifest, (0.6, 0.1, 0.3), sets)
+    presets = [REPO / "presets" / "demo.yaml", REPO / "presets" / "beyond-paper-cpu.yaml"]
+    cfg = rg.run_config(presets, tmp_path / "run", manifest, (0.6, 0.1, 0.3), sets)
     assert cfg["dataset"] == {
         "source": "local",
         "manifest": str(manifest.resolve()),
@@ -169,9 +170,10 @@ def test_run_config_is_a_valid_local_config(tmp_path):
     }
     assert cfg["split"]["fractions"] == [0.6, 0.1, 0.3] and cfg["training"]["epochs"] == 2
     assert cfg["preprocessing"]["target_spacing"] == [3.0, 2.0, 2.0]
+    assert cfg["training"]["steps_per_epoch"] == 40 and cfg["training"]["lr_schedule"] == "poly"  # both presets
     assert cfg["results_dir"] == str((tmp_path / "run" / "results").resolve())
     with pytest.raises(ValueError):
-        rg.run_config(REPO / "presets" / "demo.yaml", tmp_path, manifest, (0.6, 0.1, 0.1), [])
+        rg.run_config([REPO / "presets" / "demo.yaml"], tmp_path, manifest, (0.6, 0.1, 0.1), [])
 
 
 def test_every_third_real_case_is_stored_in_ras(kits_labels_dir):

@@ -8,12 +8,14 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
     prepare_environment()
 
 from kidney_seg.data.checks import usable_records
+from kidney_seg.environment import require_device
 from kidney_seg.logs import log_to
 from kidney_seg.plan import read_plan
 from kidney_seg.training import train
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
+    require_device("train", p.allow_cpu)  # a GPU job without a GPU stops here, unless the config allows the CPU
     train(
         [Path(m).parent for m in usable_records(snakemake.input.train)],
         [Path(m).parent for m in usable_records(snakemake.input.val)],
