@@ -118,6 +118,8 @@ class CountingForward:
 
     def __init__(self, predict_fn):
         self.predict_fn, self.sizes, self.seconds = predict_fn, [], 0.0
+        if hasattr(predict_fn, "divisor"):  # whole-slice tiling pads to the model's own multiple
+            self.divisor = predict_fn.divisor
 
     def __call__(self, x):
         t0 = time.perf_counter()

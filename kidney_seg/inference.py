@@ -47,6 +47,7 @@ import numpy as np
 from nibabel import orientations as ornt
 from scipy import ndimage
 
+from kidney_seg.localization import box_fraction, foreground_box, sampled_slices, touches_inner_face
 from kidney_seg.plan import read_plan
 from kidney_seg.preprocessing import (
     Box,
@@ -151,6 +152,44 @@ def predict_slice_logits(
     return predict_slab_logits(np.asarray(image)[None], predict_fn, num_classes, patch, **kwargs)[0]
 
 
+def patch_divisor(patch: Sequence[int]) -> int:
+    """The largest power of two dividing every patch side: an input size any model trained on the patch accepts."""
+    divisor = 1
+    while all(p % (2 * divisor) == 0 for p in patch):
+        divisor *= 2
+    return divisor
+
+
+def padded_to_multiple(shape: Sequence[int], divisor: int) -> tuple[int, int]:
+    """The in-plane ``shape`` rounded up to multiples of ``divisor``."""
+    return tuple(-(-int(s) // divisor) * divisor for s in shape)
+
+
+def predict_slab_logits_whole(
+    slab: np.ndarray,
+    predict_fn: PredictFn,
+    num_classes: int,
+    divisor: int,
+    mirror_tta: bool = True,
+    batch_size: int = 4,
+) -> np.ndarray:
+    """Logits (K, H, W, C) of a stack of K normalised slices, each predicted whole (the network is fully
+    convolutional): padded to multiples of ``divisor`` as :func:`pad_to` pads, mirrored, cropped back."""
+    padded, region = pad_to(np.asarray(slab, dtype=np.float32), padded_to_multiple(slab.shape[1:], divisor))
+    mirrors = MIRRORS if mirror_tta else ((),)
+    batch = np.concatenate([np.flip(padded, axis=axes) if axes else padded for axes in mirrors])
+    out = _run_batches(np.ascontiguousarray(batch[..., None]), predict_fn, batch_size)
+    out = out.reshape((len(mirrors), len(padded)) + padded.shape[1:] + (num_classes,))
+    logits = sum(np.flip(o, axis=axes) if axes else o for o, axes in zip(out, mirrors)) / len(mirrors)
+    return logits[(slice(None),) + region]
+
+
+def whole_slices_per_batch(shape: Sequence[int], patch: Sequence[int], divisor: int, batch_size: int) -> int:
+    """Whole slices per forward call holding about as many pixels as ``batch_size`` tiles of ``patch``."""
+    padded = padded_to_multiple(shape, divisor)
+    return max(1, (batch_size * int(np.prod(patch))) // int(np.prod(padded)))
+
+
 def slab_size(shape: tuple[int, int], patch: tuple[int, int], step: float, mirror_tta: bool, batch_size: int) -> int:
     """Slices per slab so that one slab fills about one batch of tiles."""
     padded = tuple(max(s, p) for s, p in zip(shape, patch))
@@ -206,6 +245,7 @@ def predict_probabilities(
     mirror_tta: bool = True,
     batch_size: int = 16,
     output_activation: str = "softmax",
+    tiling: str = "sliding_window",
 ) -> np.ndarray:
     """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
 
@@ -215,24 +255,39 @@ def predict_probabilities(
     forward functions is a fold ensemble: their aggregated logits are averaged too, slab
     by slab, and converted once, as nnU-Net v2 does (``predict_logits_from_preprocessed_data``
     sums the folds' sliding-window logits and divides by their number).
+
+    ``tiling``: ``sliding_window`` (the above) or ``whole_slice``: each slice in one forward
+    pass (:func:`predict_slab_logits_whole`; ``step`` and ``gaussian`` unused), padded to a
+    multiple of the forward function's ``divisor`` attribute (:class:`Forward`), else of
+    :func:`patch_divisor`, with about ``batch_size`` tiles' worth of pixels per call.
     """
     fns = as_predict_fns(predict_fn)
     channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
-    k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
+    if tiling not in ("sliding_window", "whole_slice"):
+        raise ValueError(f"unknown tiling {tiling!r}")
+    divisors = [getattr(fn, "divisor", None) or patch_divisor(patch) for fn in fns]
+    if tiling == "whole_slice":
+        per_call = whole_slices_per_batch(volume.shape[1:], patch, max(divisors), batch_size)
+        k = max(1, per_call // (len(MIRRORS) if mirror_tta else 1))
+    else:
+        k = slab_size(volume.shape[1:], tuple(patch), step, mirror_tta, batch_size)
     for z in range(0, volume.shape[0], k):
         logits = None
-        for fn in fns:
-            fold = predict_slab_logits(
-                volume[z : z + k],
-                fn,
-                channels,
-                tuple(patch),
-                step=step,
-                gaussian=gaussian,
-                mirror_tta=mirror_tta,
-                batch_size=batch_size,
-            )
+        for fn, divisor in zip(fns, divisors):
+            if tiling == "whole_slice":
+                fold = predict_slab_logits_whole(volume[z : z + k], fn, channels, divisor, mirror_tta, per_call)
+            else:
+                fold = predict_slab_logits(
+                    volume[z : z + k],
+                    fn,
+                    channels,
+                    tuple(patch),
+                    step=step,
+                    gaussian=gaussian,
+                    mirror_tta=mirror_tta,
+                    batch_size=batch_size,
+                )
             logits = fold if logits is None else logits + fold
         probs[:, z : z + k] = np.moveaxis(class_scores(logits / len(fns), output_activation), -1, 0)
     return probs
@@ -390,18 +445,60 @@ def predict_scores(
     fold ensemble, logits averaged).
     """
     volume, box = preprocess_image(image, spacing, plan["preprocessing"])
-    probs = predict_probabilities(
-        volume,
-        predict_fn,
-        plan["num_classes"],
-        tuple(plan["patch_size"]),
-        step=inference_cfg["step"],
-        gaussian=inference_cfg["gaussian"],
-        mirror_tta=inference_cfg["mirror_tta"],
-        batch_size=inference_cfg["batch_size"],
-        output_activation=plan["output_activation"],
+    grid = plan_grid_of(box, volume.shape, spacing)
+    if inference_cfg["localize"]:
+        probs = predict_localized(volume, predict_fn, plan, inference_cfg, grid.spacing)
+    else:
+        probs = predict_probabilities(volume, predict_fn, **_probability_settings(plan, inference_cfg))
+    return probs, grid
+
+
+def _probability_settings(plan: dict, inference_cfg: dict) -> dict:
+    """The keyword arguments of :func:`predict_probabilities` that the plan and the inference config set."""
+    return {
+        "num_classes": plan["num_classes"],
+        "patch": tuple(plan["patch_size"]),
+        "step": inference_cfg["step"],
+        "gaussian": inference_cfg["gaussian"],
+        "mirror_tta": inference_cfg["mirror_tta"],
+        "batch_size": inference_cfg["batch_size"],
+        "output_activation": plan["output_activation"],
+        "tiling": inference_cfg["tiling"],
+    }
+
+
+def predict_localized(
+    volume: np.ndarray,
+    predict_fn: PredictFn | Sequence[PredictFn],
+    plan: dict,
+    inference_cfg: dict,
+    spacing: Sequence[float],
+) -> np.ndarray:
+    """Class scores (C, Z, Y, X) of a preprocessed volume, the full pass run only where a cheap pass found
+    foreground (:mod:`kidney_seg.localization`); background elsewhere. A miss runs the full pass everywhere."""
+    settings = _probability_settings(plan, inference_cfg)
+    fns = as_predict_fns(predict_fn)
+    every = inference_cfg["localize_every"]
+    sampled = sampled_slices(len(volume), every)
+    cheap = {**settings, "tiling": "whole_slice", "mirror_tta": False}  # one model, one mirroring, whole slices
+    coarse = predict_probabilities(volume[sampled], fns[:1], **cheap)
+    box = foreground_box(coarse[0] < 0.5, sampled, volume.shape, spacing, every, inference_cfg["localize_margin_mm"])
+    if box is None:
+        log.warning("localisation: no foreground in %d sampled slices; predicting every slice", len(sampled))
+        return predict_probabilities(volume, fns, **settings)
+    probs = np.zeros((plan["num_classes"],) + volume.shape, dtype=np.float32)
+    probs[0] = 1.0  # background outside the box
+    probs[(slice(None),) + box] = predict_probabilities(np.ascontiguousarray(volume[box]), fns, **settings)
+    if touches_inner_face(probs[0][box] < 0.5, box, volume.shape):
+        log.warning("localisation: foreground reaches the edge of the box %s; predicting every slice", box)
+        return predict_probabilities(volume, fns, **settings)
+    log.info(
+        "localisation: %d sampled slices; full pass on %.1f%% of the volume (box %s)",
+        len(sampled),
+        100 * box_fraction(box, volume.shape),
+        box,
     )
-    return probs, plan_grid_of(box, volume.shape, spacing)
+    return probs
 
 
 def labels_on_scan_grid(probs: np.ndarray, grid: PlanGrid, shape: tuple[int, int, int]) -> np.ndarray:
@@ -460,6 +557,22 @@ def ensemble_plan(model_dirs: Sequence[str | os.PathLike], expected: dict | None
     return plans[0]
 
 
+class Forward:
+    """A model's forward pass on (N, H, W, 1) batches, as NumPy; inputs must be multiples of ``divisor`` in-plane."""
+
+    def __init__(self, model):
+        from kidney_seg.model import input_divisor
+
+        self.model = model
+        self.divisor = input_divisor(model)
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        """The model's logits of ``batch``."""
+        import keras
+
+        return keras.ops.convert_to_numpy(self.model.predict_on_batch(batch))
+
+
 def load_predictor(
     model_dir: str | os.PathLike | Sequence[str | os.PathLike], plan: dict | None = None
 ) -> tuple[list[PredictFn], dict]:
@@ -469,8 +582,6 @@ def load_predictor(
     ``fold_*`` model folders, or a list of model folders. With ``plan`` (the workflow's
     plans.json), every model must have been trained with exactly that plan.
     """
-    import keras
-
     from kidney_seg.model import load_model
 
     if isinstance(model_dir, (str, os.PathLike)):
@@ -478,10 +589,7 @@ def load_predictor(
     else:
         dirs = [Path(d) for d in model_dir]
     shared = ensemble_plan(dirs, plan)
-    fns = []
-    for d in dirs:
-        model = load_model(d / "model.keras", compile=False)
-        fns.append(lambda x, m=model: keras.ops.convert_to_numpy(m.predict_on_batch(x)))
+    fns = [Forward(load_model(d / "model.keras", compile=False)) for d in dirs]
     log.info("loaded %d model(s): %s", len(dirs), ", ".join(str(d) for d in dirs))
     return fns, shared
 

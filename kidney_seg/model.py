@@ -131,3 +131,8 @@ def load_model(path, compile: bool = True) -> keras.Model:
     import kidney_seg.schedules  # noqa: F401  (registers TorchSGD, which a checkpoint's optimizer may be)
 
     return keras.models.load_model(path, compile=compile, safe_mode=True)
+
+
+def input_divisor(model: keras.Model) -> int:
+    """What the in-plane size of an input must be a multiple of: 2 to the number of 2x poolings."""
+    return 2 ** sum(isinstance(layer, layers.MaxPooling2D) for layer in model.layers)

@@ -27,6 +27,7 @@ import keras
 assert keras.backend.backend() == "jax", keras.backend.backend()
 from kidney_seg.losses import DiceCELoss, SigmoidDiceBCELoss
 from kidney_seg.training import train
+from kidney_seg.config import with_defaults
 from kidney_seg.inference import load_predictor, predict_case
 from tests.conftest import kits_affine, write_nifti
 from tests.test_training import MODEL, TRAIN, make_cache, plan_for
@@ -43,8 +44,8 @@ history = train(cache[:2], cache[2:], tmp / "model", MODEL, cfg, plan_for(cfg), 
 out["epochs"] = int(len(history))
 image = rng.normal(40, 20, (6, 24, 24)).astype(np.float32)
 path = write_nifti(tmp / "scan.nii.gz", image, kits_affine((3.0, 1.0, 1.0)))
-pred = predict_case("case_00000", path, tmp / "model", tmp / "pred.nii.gz",
-                    {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4},
+fast = {"mirror_tta": True, "batch_size": 4, "tiling": "whole_slice", "localize": True}
+pred = predict_case("case_00000", path, tmp / "model", tmp / "pred.nii.gz", with_defaults("inference", fast),
                     predictor=load_predictor(tmp / "model"))
 out["pred_shape"] = list(pred.shape)
 from tests.test_schedules import check_poly_in_fit, check_torch_sgd

@@ -132,7 +132,7 @@ def test_prediction_lands_on_the_input_grid_in_every_orientation(tmp_path):
     assert box[1].start == 5
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "inference.json").write_text(json.dumps(fake_settings()))
-    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4}
+    cfg = with_defaults("inference", {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4})
     back_in_kits = {}
     for name, (arr, affine, to_kits) in layouts(data).items():
         path = write_nifti(tmp_path / f"{name}.nii.gz", arr, affine, qcode=1, scode=1)
@@ -172,7 +172,7 @@ def test_slab_equals_slice_by_slice():
     np.testing.assert_allclose(probs.sum(axis=0), 1.0, atol=1e-5)
 
 
-CFG = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 8}
+CFG = with_defaults("inference", {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 8})
 
 
 def body_phantom(shape=(7, 60, 70)):
@@ -298,7 +298,7 @@ def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, ki
     spacing = geometry_of(src).spacing
     ras_path = write_nifti(tmp_path / "ras.nii.gz", ras, np.diag([spacing[2], spacing[1], spacing[0], 1.0]))
     settings = fake_settings(target_spacing=[5.0, 2.5, 2.5])
-    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 16}
+    cfg = with_defaults("inference", {"step": 0.5, "gaussian": True, "mirror_tta": False, "batch_size": 16})
     (tmp_path / "model").mkdir()
     a = predict_case(
         "k", kits_path, tmp_path / "model", tmp_path / "a.nii.gz", cfg, predictor=(threshold_model, settings)

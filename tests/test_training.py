@@ -171,7 +171,7 @@ def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
     data = np.random.default_rng(0).normal(0, 20, (5, 22, 19)).astype(np.float32)
     data[1:4, 6:14, 5:12] = 250
     path = write_nifti(tmp_path / "scan.nii.gz", data, kits_affine((2.5, 0.9, 0.8)))
-    cfg = {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4}
+    cfg = with_defaults("inference", {"step": 0.5, "gaussian": True, "mirror_tta": True, "batch_size": 4})
     labels = predict_case("scan", path, out, tmp_path / "pred.nii.gz", cfg, predictor=predictor)
     written = nib.load(str(tmp_path / "pred.nii.gz"))
     assert written.shape == data.shape and written.get_data_dtype() == np.uint8
