@@ -33,6 +33,7 @@ sys.path.insert(0, str(REPO))
 
 from kidney_seg.atomic import write_json_atomic  # noqa: E402
 from kidney_seg.config import load_config  # noqa: E402
+from kidney_seg.environment import cpu_model  # noqa: E402
 
 
 def build_cache(cfg: dict, n_cases: int, root: Path) -> list[str]:
@@ -137,6 +138,43 @@ def pipeline_rate(cfg: dict, dirs: list[str], steps: int, root: Path) -> float:
     return steps / float(history["seconds"].iloc[-1])
 
 
+def feeding_a_gpu(cfg: dict, args: argparse.Namespace) -> int:
+    """Loader batches/s per worker count, and how many workers a GPU step rate estimated from FLOPs needs."""
+    import math
+
+    from kidney_seg.training import stream_spec
+
+    tr = cfg["training"]
+    with tempfile.TemporaryDirectory() as tmp:
+        dirs = build_cache(cfg, args.cases, Path(tmp))
+        spec = stream_spec(dirs, tr, cfg["seed"])
+        loader = {w: loader_rate(spec, w, args.steps) for w in args.workers}
+    outputs = 3 if tr["output_activation"] == "softmax" else 2
+    flops = 3 * conv_flops_per_image(cfg["model"], tuple(tr["patch_size"]), outputs) * tr["batch_size"]
+    gpu_steps = args.gpu_tflops * 1e12 / flops
+    per_worker = max(r / w for w, r in loader.items() if w > 0) if any(w > 0 for w in loader) else loader[0]
+    result = {
+        "config": args.config,
+        "cpu_threads": os.cpu_count(),
+        "cpu_model": cpu_model(),
+        "steps": args.steps,
+        "loader_batches_per_s": {str(w): round(r, 2) for w, r in loader.items()},
+        "batches_per_s_per_worker": round(per_worker, 2),
+        "gflop_per_step": round(flops / 1e9, 2),
+        "assumed_gpu_tflops": args.gpu_tflops,
+        "estimated_gpu_steps_per_s": round(gpu_steps, 1),
+        "workers_to_feed_it": math.ceil(gpu_steps / per_worker),
+    }
+    for w, r in loader.items():
+        print(f"{'loader, ' + str(w) + ' worker(s) [batches/s]':52s} {r:10.2f}")
+    print(f"{'model GFLOP per step (x3 for backward)':52s} {flops / 1e9:10.2f}")
+    print(f"{f'GPU steps/s at an assumed {args.gpu_tflops:g} TFLOP/s (estimate)':52s} {gpu_steps:10.1f}")
+    print(f"{'loader workers that rate needs (estimate)':52s} {result['workers_to_feed_it']:10d}")
+    write_json_atomic(args.out, result)
+    print(f"wrote {args.out}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run every measurement and report."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -145,9 +183,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--cases", type=int, default=8)
     parser.add_argument("--out", default=str(REPO / "results" / "benchmarks" / "train_throughput.json"))
+    parser.add_argument(
+        "--loader-only",
+        action="store_true",
+        help="only the loader's batches/s per worker count, and the workers a GPU's step rate would need",
+    )
+    parser.add_argument(
+        "--gpu-tflops",
+        type=float,
+        default=100.0,
+        help="with --loader-only: the train step's assumed achieved TFLOP/s on the GPU (an estimate, not a reading)",
+    )
     args = parser.parse_args(argv)
     cfg = load_config(REPO / "config.yaml", args.config)
     tr, threads = cfg["training"], os.cpu_count() or 1
+    if args.loader_only:
+        return feeding_a_gpu(cfg, args)
 
     import keras
 
