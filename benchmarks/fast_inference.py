@@ -71,8 +71,8 @@ def run_case(image_path: Path, predictor, base_cfg: dict, modes: list[str]) -> d
     case = image_path.parent.name
     image, geometry = read_image(image_path, case)
     label_path = image_path.parent / "segmentation.nii.gz"
-    truth = read_label(label_path, case)[0] if label_path.is_file() else None
     fns, plan = predictor
+    truth = read_label(label_path, case, tuple(plan["labels"]))[0] if label_path.is_file() else None
     out, first = {"case": case, "shape": list(image.shape), "spacing": list(geometry.spacing)}, None
     for mode in modes:
         cfg = {**base_cfg, **MODES[mode]}

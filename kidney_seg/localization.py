@@ -6,12 +6,14 @@ model of an ensemble). :func:`foreground_box` turns the voxels it calls foregrou
 scores whose background score is below 0.5) into a box: the sampled slices with foreground,
 widened by the ``every - 1`` slices that were not looked at plus a margin in millimetres,
 and the in-plane extent of all that foreground, widened by the margin. The full pass then
-runs inside the box only, and everything outside is background.
+runs on the box's slices only, and in them (sliding window) only the tiles of the full
+tiling that overlap the box, so that inside the box its scores are exactly the full pass's;
+everything it does not predict is background.
 
 Two misses fall back to the full pass over the whole volume: no foreground in any sampled
-slice (:func:`foreground_box` gives None), and foreground of the full pass reaching a face
-of the box that is not a face of the volume (:func:`touches_inner_face`: the box cut
-something off). The functions here are NumPy only.
+slice (:func:`foreground_box` gives None), and foreground of the full pass reaching the
+edge of what it predicted where the volume goes on (:func:`cut_at_the_edge`: the box cut
+something off). NumPy and SciPy only.
 """
 
 from __future__ import annotations
@@ -54,16 +56,15 @@ def foreground_box(
     )
 
 
-def touches_inner_face(mask: np.ndarray, box: Box3, shape: Sequence[int]) -> bool:
-    """Whether the foreground ``mask`` (the box's own voxels) reaches a face of ``box`` inside the volume."""
-    for axis, (cut, n) in enumerate(zip(box, shape)):
-        if cut.start > 0 and np.take(mask, 0, axis=axis).any():
-            return True
-        if cut.stop < n and np.take(mask, -1, axis=axis).any():
-            return True
-    return False
+def cut_at_the_edge(foreground: np.ndarray, slices: slice, covered: np.ndarray, n_slices: int) -> bool:
+    """Whether ``foreground`` (the predicted slices' voxels) reaches the edge of what was predicted inside the
+    volume: the first or last predicted slice where the volume goes on, or the border of the ``covered`` pixels
+    (2D) where uncovered pixels lie beyond it."""
+    from scipy import ndimage
 
-
-def box_fraction(box: Box3, shape: Sequence[int]) -> float:
-    """The share of the volume's voxels inside ``box``."""
-    return float(np.prod([s.stop - s.start for s in box]) / np.prod(shape))
+    if slices.start > 0 and foreground[0].any():
+        return True
+    if slices.stop < n_slices and foreground[-1].any():
+        return True
+    border = covered & ndimage.binary_dilation(~covered)  # covered pixels next to uncovered ones in the slice
+    return bool(foreground[:, border].any())

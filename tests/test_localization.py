@@ -13,7 +13,7 @@ from kidney_seg.inference import (
     predict_probabilities,
     predict_volume,
 )
-from kidney_seg.localization import box_fraction, foreground_box, sampled_slices, touches_inner_face
+from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices
 from tests.test_inference import fake_plan, flip_equivariant_model, passthrough_model, threshold_model
 
 SPACING = (2.5, 1.0, 1.0)
@@ -100,20 +100,41 @@ def test_foreground_box_widens_by_the_gap_and_the_margin():
     # across slices: 3 unsampled + ceil(6 / 3) = 5 on each side of 4..8; in-plane ceil(6/1.5) = 4, ceil(6/2) = 3
     assert box == (slice(0, 14), slice(16, 29), slice(25, 35))
     assert foreground_box(np.zeros((4, 50, 60), bool), sampled, (14, 50, 60), (3, 1, 1), 4, 6.0) is None
-    assert box_fraction(box, (14, 50, 60)) == pytest.approx(14 * 13 * 10 / (14 * 50 * 60))
 
 
-def test_touches_inner_face_ignores_the_faces_of_the_volume():
-    shape = (10, 20, 20)
-    box = (slice(0, 5), slice(5, 15), slice(5, 20))
-    mask = np.zeros((5, 10, 15), bool)
-    mask[0, 3, 3] = mask[2, 4, -1] = True  # on the volume's first slice and its last column: not inner faces
-    assert not touches_inner_face(mask, box, shape)
-    mask[-1, 4, 4] = True  # the box's last slice (5 < 10): inner
-    assert touches_inner_face(mask, box, shape)
-    mask[-1, 4, 4] = False
-    mask[2, 0, 4] = True  # the box's first row (5 > 0): inner
-    assert touches_inner_face(mask, box, shape)
+def test_a_cut_is_foreground_at_an_edge_of_the_prediction_inside_the_volume():
+    covered = np.zeros((20, 20), bool)
+    covered[5:15, 5:20] = True  # its right edge is the slice's own
+    fg = np.zeros((5, 20, 20), bool)
+    fg[2, 8, 19] = True  # on the slice's edge: not a cut
+    assert not cut_at_the_edge(fg, slice(0, 5), covered, 10)
+    fg[0, 8, 8] = True  # the first predicted slice, and the volume starts there: not a cut
+    assert not cut_at_the_edge(fg, slice(0, 5), covered, 10)
+    assert cut_at_the_edge(fg, slice(3, 8), covered, 10)  # the volume goes on before slice 3
+    fg[0, 8, 8] = False
+    fg[-1, 8, 8] = True  # the last predicted slice, 5 < 10
+    assert cut_at_the_edge(fg, slice(0, 5), covered, 10)
+    fg[-1, 8, 8] = False
+    fg[2, 5, 9] = True  # the first covered row, uncovered rows above it
+    assert cut_at_the_edge(fg, slice(0, 5), covered, 10)
+
+
+def test_kept_tiles_give_the_full_tilings_scores_inside_the_roi():
+    """Tiles overlapping the roi only: inside it the scores equal the full tiling's, outside the tiles background."""
+    from kidney_seg.inference import tile_coverage
+    from tests.test_inference import flip_equivariant_model
+
+    volume = np.random.default_rng(3).normal(size=(3, 90, 100)).astype(np.float32)
+    kw = {"num_classes": 2, "patch": (32, 32), "mirror_tta": True, "batch_size": 8}
+    roi = (slice(40, 50), slice(10, 20))
+    full = predict_probabilities(volume, flip_equivariant_model, **kw)
+    fn = Recorder(flip_equivariant_model)
+    part = predict_probabilities(volume, fn, roi=roi, **kw)
+    np.testing.assert_array_equal(part[(slice(None), slice(None)) + roi], full[(slice(None), slice(None)) + roi])
+    covered = tile_coverage((90, 100), (32, 32), 0.5, roi)
+    assert covered[roi].all() and not covered.all()
+    assert (part[0][:, ~covered] == 1).all() and (part[1][:, ~covered] == 0).all()
+    assert fn.pixels < 0.5 * len(volume) * 4 * 20 * 32 * 32  # fewer than the 20 tiles of the full tiling
 
 
 # ----------------------------------------------------------------------------- the localised pass
@@ -138,15 +159,16 @@ def plan(**training) -> dict:
     return fake_plan({"target_spacing": None, "clip": [-100, 300], "crop_to_body": False}, **training)
 
 
-def test_the_localised_pass_equals_the_full_pass_on_fewer_pixels(caplog):
-    image = block_scan()
+@pytest.mark.parametrize("tiling", ["sliding_window", "whole_slice"])
+def test_the_localised_pass_equals_the_full_pass_on_fewer_pixels(caplog, tiling):
+    image = block_scan(shape=(24, 100, 110))
     full_fn, fast_fn = Recorder(threshold_model), Recorder(threshold_model)
-    full = predict_volume(image, SPACING, plan(), full_fn, localized_cfg(localize=False))
+    full = predict_volume(image, SPACING, plan(), full_fn, localized_cfg(localize=False, tiling=tiling))
     with caplog.at_level(logging.INFO, logger="kidney_seg.inference"):
-        fast = predict_volume(image, SPACING, plan(), fast_fn, localized_cfg(localize_margin_mm=5.0))
+        fast = predict_volume(image, SPACING, plan(), fast_fn, localized_cfg(localize_margin_mm=5.0, tiling=tiling))
     np.testing.assert_array_equal(fast, full)
     assert (full == 1).sum() == 6 * 10 * 10  # the block, nothing else
-    assert fast_fn.pixels < 0.5 * full_fn.pixels, (fast_fn.pixels, full_fn.pixels)
+    assert fast_fn.pixels < 0.8 * full_fn.pixels, (fast_fn.pixels, full_fn.pixels)  # the cheap pass included
     assert any("full pass on" in r.getMessage() for r in caplog.records)
 
 
@@ -166,8 +188,8 @@ def test_foreground_at_the_edge_of_the_box_falls_back_to_every_slice(caplog):
     with caplog.at_level(logging.WARNING, logger="kidney_seg.inference"):
         labels = predict_volume(image, SPACING, plan(), fn, localized_cfg(localize_every=1, localize_margin_mm=0.0))
     assert (labels == 1).sum() == 12 * 10 * 10
-    assert any("reaches the edge of the box" in r.getMessage() for r in caplog.records)
-    assert sum(s[0] for s in fn.shapes) == 24 + 12 + 24  # cheap pass, the box, then every slice
+    assert any("foreground reaches the edge" in r.getMessage() for r in caplog.records)
+    assert sum(s[0] for s in fn.shapes) == 24 + 12 + 24  # the cheap pass, the box's slices, then every slice
 
 
 def test_outside_the_box_is_background_for_sigmoid_models_too():
