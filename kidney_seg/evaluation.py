@@ -60,6 +60,7 @@ from kidney_seg.atomic import atomic_path, write_json_atomic
 from kidney_seg.data.checks import read_record
 from kidney_seg.errors import CaseDataError
 from kidney_seg.preprocessing import box_from_list, label_on_plan_grid
+from kidney_seg.quality import QC_COLUMNS, UNCERTAINTY_COLUMNS
 from kidney_seg.vocabulary import CYST, KIDNEY, REGIONS, TUMOR, labels_of, surface_tolerances
 from kidney_seg.volume import read_label
 
@@ -441,8 +442,10 @@ def kits_hec_rows(by_name: dict[str, dict], n_cases: int) -> list[dict]:
 
 
 def miss_count_rows(per_case: pd.DataFrame) -> list[dict]:
-    """``{region}_missed_cases`` and ``{region}_false_positive_cases``: how many cases carry each flag present."""
+    """``{region}_missed_cases``, ``{region}_false_positive_cases`` and ``qc_flagged_cases``: cases per flag present."""
     rows = []
+    if "qc_flagged" in per_case.columns:
+        rows.append(_single("qc_flagged_cases", float(per_case["qc_flagged"].map(_as_flag).sum()), len(per_case)))
     for region in REGIONS:
         for kind in ("missed", "false_positive"):
             col = f"{region}_{kind}"
@@ -453,14 +456,15 @@ def miss_count_rows(per_case: pd.DataFrame) -> list[dict]:
 
 
 def _summarised_columns(per_case: pd.DataFrame) -> list[str]:
-    """The per-case columns described one by one: every numeric metric present, paper-grid columns included."""
+    """The per-case columns described one by one: every numeric metric present, paper-grid and uncertainty included."""
     known = [c for c in (*NUMERIC_METRICS, *MISS_COLUMNS, *CYST_COLUMNS) if c not in FLAG_COLUMNS]
     plan_grid = [
         c
         for c in per_case.columns
         if str(c).startswith(PLAN_GRID_PREFIX) and str(c).removeprefix(PLAN_GRID_PREFIX) not in FLAG_COLUMNS
     ]
-    return [c for c in known if c in per_case.columns or c in NUMERIC_METRICS] + plan_grid
+    uncertainty = [c for c in UNCERTAINTY_COLUMNS if c in per_case.columns]
+    return [c for c in known if c in per_case.columns or c in NUMERIC_METRICS] + plan_grid + uncertainty
 
 
 def summary_table(per_case: pd.DataFrame) -> pd.DataFrame:
@@ -503,7 +507,8 @@ def evaluate_case_on_both_grids(
     """``evaluate_case`` on the scan's grid plus, prefixed ``plan_grid_``, ``case_metrics`` on the plan's grid.
 
     ``prediction_record``: a prediction's record (``prediction``, ``plan_grid_prediction`` and
-    ``plan_grid`` = crop box, shape, spacing). On the plan's grid the truth is cut to the
+    ``plan_grid`` = crop box, shape, spacing; its QC columns, :data:`kidney_seg.quality.QC_COLUMNS`,
+    are copied into the metrics). On the plan's grid the truth is cut to the
     crop box and resampled nearest (:func:`kidney_seg.preprocessing.label_on_plan_grid`) and
     the prediction is the argmax there (no round trip). Writes JSON and returns it.
     """
@@ -518,5 +523,6 @@ def evaluate_case_on_both_grids(
     plan_truth = label_on_plan_grid(truth, box_from_list(grid["crop_box"]), shape)
     plan = case_metrics(plan_pred, plan_truth, spacing, source)
     result.update({f"{PLAN_GRID_PREFIX}{k}": v for k, v in plan.items()})
+    result.update({k: record[k] for k in QC_COLUMNS if k in record})
     write_json_atomic(out_json, json_safe(result))
     return result

@@ -57,6 +57,7 @@ from kidney_seg.preprocessing import (
     padding_value,
     preprocess_image,
 )
+from kidney_seg.quality import normalised_entropy, strict_json, uncertainty_summary
 from kidney_seg.volume import Geometry, from_internal, read_image, save_like, save_nifti
 
 log = logging.getLogger(__name__)
@@ -649,6 +650,26 @@ def load_predictor(
     return fns, shared
 
 
+@dataclass(frozen=True)
+class CasePrediction:
+    """One segmented scan: its labels (file layout), the plan's grid it was predicted on, and its uncertainty."""
+
+    labels: np.ndarray
+    plan_grid: PlanGrid
+    uncertainty: dict[str, float]
+
+
+def uncertainty_on_scan_grid(probs: np.ndarray, grid: PlanGrid, shape: tuple[int, int, int]) -> np.ndarray:
+    """The normalised entropy of class scores resampled (linear) into the crop box of a ``shape`` volume; 0 outside."""
+    entropy = normalised_entropy(probs)
+    out = np.zeros(shape, dtype=np.float32)
+    region = out[grid.crop_box]
+    for start in range(0, region.shape[0], 16):
+        stop = min(start + 16, region.shape[0])
+        region[start:stop] = resample_linear_slab(entropy, region.shape, start, stop, SCORES_ACROSS_SLICES)
+    return out
+
+
 def _predict_and_write(
     case_id: str,
     image_path: str | os.PathLike,
@@ -657,24 +678,52 @@ def _predict_and_write(
     inference_cfg: dict,
     postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None,
     plan_grid_path: str | os.PathLike | None,
-) -> tuple[np.ndarray, PlanGrid]:
-    """Predict one scan, write its labels (with ``plan_grid_path`` the plan-grid ones too); return them and the grid."""
+    uncertainty_path: str | os.PathLike | None = None,
+) -> CasePrediction:
+    """Predict one scan, write its labels (and the plan-grid labels, the uncertainty map where paths are given)."""
     predict_fn, model_plan = predictor
     image, geometry = read_image(image_path, case_id)
     probs, grid = predict_scores(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
+    uncertainty = uncertainty_summary(probs, grid.spacing)
     if plan_grid_path is not None:
         plan_labels = scores_to_labels(probs)
         if postprocess is not None:
             plan_labels = postprocess(plan_labels, grid.spacing)
         save_nifti(plan_grid_path, plan_labels, grid.affine(geometry), dtype=np.uint8)
+    if uncertainty_path is not None:
+        entropy = from_internal(uncertainty_on_scan_grid(probs, grid, image.shape), geometry)
+        save_like(uncertainty_path, entropy, reference=image_path, dtype=np.float32)
+        del entropy
     labels = labels_on_scan_grid(probs, grid, image.shape)
     del probs, image
     if postprocess is not None:
         labels = postprocess(labels, geometry.spacing)
     out = from_internal(labels, geometry)
     save_like(out_path, out, reference=image_path)
-    log.info("%s: predicted %s voxels, labels %s", case_id, out.shape, np.unique(out).tolist())
-    return out, grid
+    log.info(
+        "%s: predicted %s voxels, labels %s; uncertainty %s", case_id, out.shape, np.unique(out).tolist(), uncertainty
+    )
+    return CasePrediction(out, grid, uncertainty)
+
+
+def segment_case(
+    case_id: str,
+    image_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    predictor: tuple[Sequence[PredictFn], dict],
+    inference_cfg: dict,
+    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
+    uncertainty_path: str | os.PathLike | None = None,
+) -> CasePrediction:
+    """:func:`predict_case` returning the labels with the plan grid and the uncertainty summary.
+
+    With ``uncertainty_path``, the normalised entropy of the class scores (0 certain, 1
+    uniform; :func:`kidney_seg.quality.normalised_entropy`) is written there as float32 on
+    the scan's grid (resampled like the scores, 0 outside the crop box).
+    """
+    return _predict_and_write(
+        case_id, image_path, out_path, predictor, inference_cfg, postprocess, None, uncertainty_path
+    )
 
 
 def predict_case(
@@ -699,7 +748,9 @@ def predict_case(
     (:meth:`PlanGrid.affine`).
     """
     predictor = predictor or load_predictor(model_dir, plan)
-    return _predict_and_write(case_id, image_path, out_path, predictor, inference_cfg, postprocess, plan_grid_path)[0]
+    return _predict_and_write(
+        case_id, image_path, out_path, predictor, inference_cfg, postprocess, plan_grid_path
+    ).labels
 
 
 def predict_case_on_both_grids(
@@ -710,8 +761,11 @@ def predict_case_on_both_grids(
     plan_grid_path: str | os.PathLike,
     inference_cfg: dict,
     plan: dict | None = None,
+    uncertainty_path: str | os.PathLike | None = None,
 ) -> dict:
-    """:func:`predict_case` writing the plan-grid labels too; returns ``{"plan_grid": grid}`` for the record."""
+    """:func:`predict_case` writing the plan-grid labels too; returns the plan grid and uncertainty for the record."""
     predictor = load_predictor(model_dir, plan)
-    _, grid = _predict_and_write(case_id, image_path, out_path, predictor, inference_cfg, None, plan_grid_path)
-    return {"plan_grid": grid.to_dict()}
+    result = _predict_and_write(
+        case_id, image_path, out_path, predictor, inference_cfg, None, plan_grid_path, uncertainty_path
+    )
+    return {"plan_grid": result.plan_grid.to_dict(), **strict_json(result.uncertainty)}

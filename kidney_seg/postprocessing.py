@@ -48,8 +48,9 @@ from kidney_seg.atomic import write_json_atomic
 from kidney_seg.config import with_defaults
 from kidney_seg.data.checks import read_record
 from kidney_seg.evaluation import dice, voxel_volume_ml
+from kidney_seg.quality import UNCERTAINTY_COLUMNS, assess_labels
 from kidney_seg.vocabulary import KIDNEY, KITS19_LABELS, TUMOR
-from kidney_seg.volume import from_internal, read_label, save_like
+from kidney_seg.volume import Geometry, from_internal, read_label, save_like
 
 STEPS: tuple[str, ...] = ("foreground", "tumor")
 #: The region each step targets and the other region it must not harm.
@@ -359,6 +360,22 @@ def read_decision(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------ applying to a file
 
 
+def _postprocessed(
+    case_id: str,
+    prediction_path: str | os.PathLike,
+    out_path: str | os.PathLike,
+    decision: dict,
+    labels: tuple[int, ...],
+) -> tuple[np.ndarray, Geometry]:
+    """Apply a decision to a prediction file and write it on the input's grid; the labels (internal layout) and grid."""
+    decision = validate_decision(decision)
+    prediction, geometry = read_label(prediction_path, case_id, tuple(labels))
+    kept = apply_steps(prediction, geometry.spacing, decision["apply"], decision["settings"])
+    del prediction
+    save_like(out_path, from_internal(kept, geometry), reference=prediction_path)
+    return kept, geometry
+
+
 def postprocess_file(
     case_id: str,
     prediction_path: str | os.PathLike,
@@ -367,12 +384,8 @@ def postprocess_file(
     labels: tuple[int, ...] = KITS19_LABELS,
 ) -> np.ndarray:
     """Apply a decision to a prediction file; write a uint8 NIfTI atomically on the input's grid; return it."""
-    decision = validate_decision(decision)
-    prediction, geometry = read_label(prediction_path, case_id, tuple(labels))
-    out = from_internal(apply_steps(prediction, geometry.spacing, decision["apply"], decision["settings"]), geometry)
-    del prediction
-    save_like(out_path, out, reference=prediction_path)
-    return out
+    kept, geometry = _postprocessed(case_id, prediction_path, out_path, decision, labels)
+    return from_internal(kept, geometry)
 
 
 def postprocess_prediction(
@@ -382,13 +395,19 @@ def postprocess_prediction(
     plan_grid_out_path: str | os.PathLike,
     decision: dict,
     labels: tuple[int, ...] = KITS19_LABELS,
+    qc_reference: dict | None = None,
 ) -> dict:
-    """Apply a decision to both files of a raw prediction record (scan grid, plan grid); return the plan grid.
+    """Apply a decision to both files of a raw prediction record (scan grid, plan grid); return the record's details.
 
     The plan-grid labels are post-processed with their own spacing (the sizes in ml are
-    the same). The returned ``{"plan_grid": ...}`` goes into the post-processed record.
+    the same). The returned details (the plan grid, the raw record's uncertainty, and the
+    QC columns of the post-processed scan-grid labels against ``qc_reference``,
+    :func:`kidney_seg.quality.assess_labels`) go into the post-processed record.
     """
     raw = read_record(raw_record_json)
-    postprocess_file(case_id, raw["prediction"], out_path, decision, labels)
+    kept, geometry = _postprocessed(case_id, raw["prediction"], out_path, decision, labels)
     postprocess_file(case_id, raw["plan_grid_prediction"], plan_grid_out_path, decision, labels)
-    return {"plan_grid": raw["plan_grid"]}
+    uncertainty = {k: math.nan if raw.get(k) is None else raw[k] for k in UNCERTAINTY_COLUMNS}
+    max_uncertainty = (qc_reference or with_defaults("qc", {}))["max_uncertainty"]
+    qc = assess_labels(kept, geometry.spacing, uncertainty, qc_reference, max_uncertainty)
+    return {"plan_grid": raw["plan_grid"], **qc}

@@ -534,6 +534,14 @@ def slice_index(label: np.ndarray, num_classes: int) -> dict[str, list[int]]:
     return present
 
 
+def class_volumes_ml(label: np.ndarray, num_classes: int, spacing) -> list[float]:
+    """Millilitres of each class value 0..num_classes-1 in a label volume (streamed in chunks)."""
+    counts = np.zeros(num_classes, dtype=np.int64)
+    for axis, sl in chunks(label):
+        counts += np.bincount(take(label, axis, sl).ravel(), minlength=num_classes)[:num_classes]
+    return [float(n) * float(np.prod(spacing)) / 1000.0 for n in counts]
+
+
 def preprocess_case(
     case_id: str,
     image_path: str | os.PathLike,
@@ -551,7 +559,8 @@ def preprocess_case(
     ``crop_box`` ([[start, stop]] x 3 on the internal grid before resampling), the
     digest of the plan the settings come from (:func:`kidney_seg.plan.plan_digest`; None
     outside the workflow), the output shape and spacing, and the per-class slice index
-    ``slices`` (keys ``foreground`` and ``class_<c>``). An empty or one-slice volume
+    ``slices`` (keys ``foreground`` and ``class_<c>``) and the volume of each class in ml
+    at the original resolution, ``class_volumes_ml`` (the QC reference's training range). An empty or one-slice volume
     raises :class:`CaseDataError` naming the case and file.
     """
     image, geometry = read_image(image_path, case_id)
@@ -560,6 +569,7 @@ def preprocess_case(
     del image  # the raw scan goes before the label is read: peak memory is one volume, not two
     label, _ = read_label(label_path, case_id, tuple(valid_labels), geometry)
     seg = resample_label(label[box], data.shape, num_classes)
+    volumes_ml = class_volumes_ml(label, num_classes, geometry.spacing)
     del label
     cropped = [s.stop - s.start for s in box]
     out = Path(out_dir)
@@ -576,6 +586,7 @@ def preprocess_case(
         "shape": list(data.shape),
         "num_classes": num_classes,
         "slices": slice_index(seg, num_classes),
+        "class_volumes_ml": volumes_ml,
     }
     write_json_atomic(out / "meta.json", meta)
     log.info(

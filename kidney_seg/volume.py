@@ -1,4 +1,4 @@
-"""The one home of NIfTI volumes: reading, writing, geometry and the internal orientation.
+"""The one home of volumes (NIfTI files, DICOM series folders): reading, writing, geometry, internal orientation.
 
 Internal orientation: every volume is reoriented to the KiTS19 convention, axis codes
 (I, P, L). Axis 0 is then the slice axis: the voxel axis whose direction is closest to
@@ -18,6 +18,13 @@ array in the file's own dtype and memory layout (its CRC is checked on the way),
 is memory-mapped, and the result is a reoriented *view* of that array (no float32 or
 C-order copy of the whole scan). Checks stream over the data in chunks along the axis
 with the largest stride (:func:`chunks`), so they stay cache-friendly whatever the layout.
+
+DICOM: wherever a CT image file is accepted (:func:`read_image`, :func:`read_geometry`,
+the ``reference`` of :func:`save_like`), a folder holding one CT series is accepted too.
+:func:`kidney_seg.dicom.read_series` reads it into NIfTI layout with its RAS affine (an
+in-memory ``Nifti1Image``), and from there it goes through the same checks and
+reorientation as a file; a prediction for a series is written as a NIfTI with that
+affine. Label volumes are NIfTI files only.
 """
 
 from __future__ import annotations
@@ -94,7 +101,12 @@ def internal_affine(spacing: Sequence[float]) -> np.ndarray:
 
 def geometry_of(img: nib.Nifti1Image) -> Geometry:
     """The grid of an image, spacing taken from its affine; ValueError when the affine is degenerate or not finite."""
-    affine = np.asarray(img.affine, dtype=float)
+    return grid_geometry(img.shape[:3], img.affine)
+
+
+def grid_geometry(shape: Sequence[int], affine: np.ndarray) -> Geometry:
+    """The grid of a volume of ``shape`` with ``affine`` (see :func:`geometry_of`)."""
+    affine = np.asarray(affine, dtype=float)
     if not np.all(np.isfinite(affine)):
         raise ValueError("affine contains NaN or inf")
     current = ornt.io_orientation(affine)
@@ -108,7 +120,7 @@ def geometry_of(img: nib.Nifti1Image) -> Geometry:
     for src, (dst, _) in enumerate(transform):
         spacing[int(dst)] = zooms[src]
     return Geometry(
-        shape=tuple(int(s) for s in img.shape[:3]),
+        shape=tuple(int(s) for s in shape[:3]),
         affine=tuple(tuple(float(v) for v in row) for row in affine),
         transform=tuple((float(a), float(b)) for a, b in transform),
         spacing=tuple(spacing),
@@ -171,6 +183,10 @@ def take(array: np.ndarray, axis: int, sl: slice | np.ndarray) -> np.ndarray:
 
 def _open(path: Path, case_id: str | None) -> tuple[nib.Nifti1Image, Geometry]:
     """A NIfTI file's header, checked (3D, voxel type, size, affine, voxel sizes); no voxel data is read."""
+    if path.is_dir():
+        raise CaseDataError(
+            case_id, path, "a folder, not a NIfTI file (DICOM series folders are read as CT images only)"
+        )
     if not path.is_file():
         raise CaseDataError(case_id, path, "file not found")
     try:
@@ -288,13 +304,43 @@ def _check_finite(array: np.ndarray, case_id: str | None, path: object) -> None:
             raise CaseDataError(case_id, path, "voxel data contains NaN or inf")
 
 
+def _series_geometry(shape: Sequence[int], affine: np.ndarray, case_id: str | None, path: Path) -> Geometry:
+    """The checked geometry of a DICOM series: extent, size, affine and voxel sizes, as :func:`_open` checks a file."""
+    shape = tuple(int(s) for s in shape)
+    check_extent(shape, case_id, path)
+    n = math.prod(shape)
+    if n > MAX_VOXELS:
+        raise CaseDataError(case_id, path, f"series of shape {shape} has {n} voxels, above the limit of {MAX_VOXELS}")
+    try:
+        return grid_geometry(shape, affine)
+    except ValueError as exc:
+        raise CaseDataError(case_id, path, str(exc)) from exc
+
+
+def _read_series_image(path: Path, case_id: str | None) -> tuple[np.ndarray, Geometry]:
+    """A DICOM series folder as (file-layout HU volume, geometry), via an in-memory NIfTI image of it."""
+    from kidney_seg.dicom import read_series, read_series_header
+
+    header = read_series_header(path, case_id)
+    _series_geometry(header.shape, header.affine, case_id, path)  # refuse a bad grid before decoding any pixels
+    array, affine, _ = read_series(path, case_id, header=header)
+    img = nib.Nifti1Image(array, affine)
+    return np.asanyarray(img.dataobj), _series_geometry(img.shape, img.affine, case_id, path)
+
+
 def read_geometry(path: str | os.PathLike, case_id: str | None = None) -> Geometry:
-    """The checked geometry of a NIfTI file, from its header alone."""
-    return _open(Path(path), case_id)[1]
+    """The checked geometry of a NIfTI file, from its header alone, or of a DICOM series folder, from its headers."""
+    path = Path(path)
+    if path.is_dir():
+        from kidney_seg.dicom import read_series_header
+
+        header = read_series_header(path, case_id)
+        return _series_geometry(header.shape, header.affine, case_id, path)
+    return _open(path, case_id)[1]
 
 
 def read_image(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.ndarray, Geometry]:
-    """A CT volume in the internal orientation (read-only use), and its geometry.
+    """A CT volume (NIfTI file or DICOM series folder) in the internal orientation (read-only use), and its geometry.
 
     No second copy of the scan is made: files without scaling come back in their own
     dtype (int16 CT is half the size of float32) as a reoriented view; files with a
@@ -302,9 +348,13 @@ def read_image(path: str | os.PathLike, case_id: str | None = None) -> tuple[np.
     float32 array. Callers must not write into the result.
     """
     path = Path(path)
-    img, geometry = _open(path, case_id)
-    raw, slope, inter = _voxels(img, path, case_id)
-    del img
+    if path.is_dir():
+        raw, geometry = _read_series_image(path, case_id)
+        slope, inter = 1.0, 0.0  # read_series applied each slice's rescale
+    else:
+        img, geometry = _open(path, case_id)
+        raw, slope, inter = _voxels(img, path, case_id)
+        del img
     _check_finite(raw, case_id, path)
     internal = to_internal(raw, geometry)
     if (slope, inter) == (1.0, 0.0) and not (raw.dtype.kind == "f" and raw.dtype.itemsize > 4):
@@ -363,8 +413,10 @@ def read_label(
     """A label volume as uint8 in the internal orientation, and its geometry.
 
     Checks: integer values among ``labels``, and the grid (shape and affine) of ``grid``
-    when given. Integer files are checked in chunks in their own dtype and come back as
-    a view where the file is uint8. Callers must not write into the result.
+    when given (which may be a DICOM series' geometry, from :func:`read_image` or
+    :func:`read_geometry`). Integer files are checked in chunks in their own dtype and come
+    back as a view where the file is uint8. Labels are NIfTI files: a folder is refused.
+    Callers must not write into the result.
     """
     labels = tuple(int(v) for v in labels)
     if not labels or min(labels) < 0 or max(labels) > 255:
@@ -389,7 +441,19 @@ def read_label(
 
 
 def save_like(path: str | os.PathLike, array: np.ndarray, reference: str | os.PathLike, dtype=np.uint8) -> None:
-    """Write ``array`` (file layout) atomically with the reference file's affine and codes."""
+    """Write ``array`` (file layout) atomically with the reference file's affine and codes.
+
+    A DICOM series folder as ``reference`` gives a new NIfTI with the series' RAS affine
+    (qform and sform codes scanner), ``array`` being in the layout :func:`read_image` read it in.
+    """
+    if Path(reference).is_dir():
+        from kidney_seg.dicom import read_series_header
+
+        series = read_series_header(reference)
+        if tuple(array.shape) != series.shape:
+            raise ValueError(f"array shape {array.shape} != reference shape {series.shape} ({reference})")
+        save_nifti(path, np.asarray(array), series.affine, dtype=dtype)
+        return
     ref = nib.load(str(reference))
     if tuple(array.shape) != tuple(ref.shape[:3]):
         raise ValueError(f"array shape {array.shape} != reference shape {ref.shape[:3]} ({reference})")

@@ -19,12 +19,14 @@ rule decide_postprocessing:
 
 
 # Records in and out, the NIfTI predictions beside them (rules/check.smk says why): the
-# decided steps are applied to the scan-grid and to the plan-grid labels alike.
+# decided steps are applied to the scan-grid and to the plan-grid labels alike, and the
+# record gets the case's QC flags (kidney_seg/quality.py) with the raw record's uncertainty.
 rule postprocess:
     input:
         prediction=f"{RESULTS}/raw_predictions/{{case}}.json",
         check=f"{RESULTS}/checks/{{case}}.json",
         decision=f"{RESULTS}/model/postprocessing.json",
+        qc_reference=f"{RESULTS}/model/qc_reference.json",
         code=code_of("postprocess"),
     output:
         f"{RESULTS}/predictions/{{case}}.json",

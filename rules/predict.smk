@@ -1,7 +1,7 @@
 # The output is the prediction's record; the NIfTIs beside it exist only for a usable case
 # (rules/check.smk says why they are not declared outputs): the labels on the scan's grid and
 # on the plan's grid ({case}.plan_grid.nii.gz, the argmax there, no round trip; the record
-# holds that grid's crop box, shape and spacing).
+# holds that grid's crop box, shape and spacing, and the case's uncertainty summary).
 rule predict:
     input:
         image=raw_image,
@@ -23,6 +23,8 @@ rule predict:
     params:
         prediction=f"{RESULTS}/raw_predictions/{{case}}.nii.gz",
         plan_grid_prediction=f"{RESULTS}/raw_predictions/{{case}}.plan_grid.nii.gz",
+        # written only with inference.uncertainty_map: true
+        uncertainty_map=f"{RESULTS}/raw_predictions/{{case}}.uncertainty.nii.gz",
         inference=config["inference"],
         seed=config["seed"],
         deterministic=config["deterministic"],

@@ -4,7 +4,7 @@ import sys
 import numpy as np
 import pytest
 
-from kidney_seg.cli import build_parser, case_name, inference_config, main, nifti_inputs
+from kidney_seg.cli import build_parser, case_name, inference_config, main, scan_inputs
 from kidney_seg.config import with_defaults
 from tests.conftest import kits_affine, write_nifti
 
@@ -33,10 +33,10 @@ def test_wrong_paths_give_one_line_errors(tmp_path, capsys):
 def test_input_expansion(tmp_path):
     write_nifti(tmp_path / "case_00001" / "imaging.nii.gz", np.zeros((2, 3, 4), np.int16), kits_affine())
     write_nifti(tmp_path / "scan.nii.gz", np.zeros((2, 3, 4), np.int16), kits_affine())
-    found = nifti_inputs([str(tmp_path)])
+    found = scan_inputs([str(tmp_path)])
     assert [case_name(p) for p in found] == ["scan", "case_00001"]
     with pytest.raises(FileNotFoundError):
-        nifti_inputs([str(tmp_path / "missing.nii.gz")])
+        scan_inputs([str(tmp_path / "missing.nii.gz")])
 
 
 def test_evaluate_command(tmp_path, capsys):

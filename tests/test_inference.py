@@ -588,3 +588,31 @@ def test_plan_grid_file_holds_the_argmax_there_with_the_grid_affine(tmp_path, mo
         np.testing.assert_allclose(plan_affine @ grid_centre, internal_affine @ box_centre, atol=1e-6)
         on_plan[name] = labels
     np.testing.assert_array_equal(on_plan["ras"], on_plan["kits"])  # the same internal volume, the same labels
+
+
+def test_segment_case_writes_the_uncertainty_map_on_the_scan_grid(tmp_path):
+    from kidney_seg.inference import segment_case
+    from kidney_seg.quality import UNCERTAINTY_COLUMNS
+
+    image = body_phantom((7, 60, 70))
+    affine = np.diag([-1.0, -1.0, 2.5, 1.0])[[2, 1, 0, 3]]  # KiTS layout: slices first
+    write_nifti(tmp_path / "scan.nii.gz", image, affine)
+    predictor = ([threshold_model], fake_settings(target_spacing=None))
+    result = segment_case(
+        "scan",
+        tmp_path / "scan.nii.gz",
+        tmp_path / "pred.nii.gz",
+        predictor,
+        CFG,
+        uncertainty_path=tmp_path / "u.nii.gz",
+    )
+    assert set(result.uncertainty) == set(UNCERTAINTY_COLUMNS)
+    assert 0.0 <= result.uncertainty["uncertainty_tk"] < 0.5
+    written = nib.load(str(tmp_path / "u.nii.gz"))
+    np.testing.assert_allclose(written.affine, nib.load(str(tmp_path / "scan.nii.gz")).affine)
+    entropy = np.asanyarray(written.dataobj)
+    assert written.get_data_dtype() == np.float32 and entropy.shape == image.shape
+    assert 0.0 <= entropy.min() and entropy.max() <= 1.0
+    pred = np.asanyarray(nib.load(str(tmp_path / "pred.nii.gz")).dataobj)
+    edge = ndimage.binary_dilation(pred > 0) ^ ndimage.binary_erosion(pred > 0)
+    assert entropy[edge].mean() > entropy[~ndimage.binary_dilation(pred > 0, iterations=3)].mean()  # unsure at edges

@@ -3,7 +3,9 @@ import os
 import numpy as np
 import pytest
 
+from kidney_seg.data.checks import check_case
 from kidney_seg.data.sources import Case, fetch_image, fetch_label, list_cases, select
+from kidney_seg.dicom import write_series
 from kidney_seg.errors import CaseDataError
 from tests.conftest import kits_affine, write_nifti
 
@@ -232,3 +234,48 @@ def test_root_layout_symlinks_leading_outside_are_refused(tmp_path, root):
 def test_root_layout_folder_names_that_are_not_case_ids_are_ignored(root):
     _vol(root / "case_0000\u0661" / "imaging.nii.gz")  # a non-ASCII digit: \\d would match it
     assert _ids(list_cases({"source": "local", "root": str(root)})) == ["case_00000", "case_00001", "case_00002"]
+
+
+# ----------------------------------------------------------------------------- DICOM series as images
+
+
+def _series(folder, seed=0):
+    """A small CT series in ``folder`` and its label volume on the same grid (NIfTI layout, RAS affine)."""
+    affine = np.diag([-0.75, -0.75, 2.5, 1.0])
+    image = np.random.default_rng(seed).integers(-1000, 400, size=(6, 5, 4)).astype(np.int16)
+    write_series(image, affine, folder)
+    return image, (image > 0).astype(np.uint8), affine
+
+
+def test_manifest_image_may_be_a_dicom_series_folder(tmp_path):
+    data = tmp_path / "data"
+    image, label, affine = _series(data / "ct_a")
+    write_nifti(data / "seg_a.nii.gz", label, affine)
+    cfg = _manifest_case(tmp_path, "ct_a", label="seg_a.nii.gz")
+    assert list_cases(cfg) == [Case("case_00001", str(data / "ct_a"), str(data / "seg_a.nii.gz"))]
+    record = check_case("case_00001", str(data / "ct_a"), str(data / "seg_a.nii.gz"), (0, 1, 2))
+    assert record["ok"], record  # read as the pipeline reads it: the label is checked against the series' grid
+    (data / "not_a_series").mkdir()
+    with pytest.raises(CaseDataError, match=r"case_00001.*not_a_series.*holds no DICOM files.*line 2"):
+        list_cases(_manifest_case(tmp_path, "not_a_series"))
+    with pytest.raises(CaseDataError, match=r"case_00001.*ct_a.*is a folder, not a file"):
+        list_cases(_manifest_case(tmp_path, "seg_a.nii.gz", label="ct_a"))
+
+
+def test_root_layout_case_may_hold_its_ct_as_an_imaging_series_folder(root):
+    _, label, affine = _series(root / "case_00004" / "imaging")
+    write_nifti(root / "case_00004" / "segmentation.nii.gz", label, affine)
+    cases = {c.case_id: c for c in list_cases({"source": "local", "root": str(root)})}
+    assert cases["case_00004"] == Case(
+        "case_00004", str(root / "case_00004" / "imaging"), str(root / "case_00004" / "segmentation.nii.gz")
+    )
+    assert check_case("case_00004", cases["case_00004"].image, cases["case_00004"].label, (0, 1, 2))["ok"]
+
+
+def test_series_files_leading_outside_are_refused(tmp_path):
+    _series(tmp_path / "secret")
+    series = tmp_path / "data" / "ct"
+    _series(series, seed=1)
+    (series / "00005.dcm").symlink_to(next((tmp_path / "secret").iterdir()))
+    with pytest.raises(CaseDataError, match=r"case_00001.*00005\.dcm.*outside the manifest folder.*resolves to"):
+        list_cases(_manifest_case(tmp_path, "ct"))

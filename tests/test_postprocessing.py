@@ -493,7 +493,9 @@ def test_a_prediction_record_is_post_processed_and_scored_on_both_grids(tmp_path
     details = pp.postprocess_prediction(
         "case_x", raw_record, tmp_path / "pp.nii.gz", tmp_path / "pp.plan_grid.nii.gz", decision
     )
-    assert details == {"plan_grid": grid.to_dict()}
+    assert details["plan_grid"] == grid.to_dict()
+    assert details["kidney_components"] == 1 and details["uncertainty_entropy"] is None  # no uncertainty recorded
+    assert details["qc_reasons"] == "1 kidney components, expected 2 (0.864 ml)"
     cleaned, plan_geometry = read_label(tmp_path / "pp.plan_grid.nii.gz", "case_x", (0, 1, 2))
     assert plan_geometry.spacing == pytest.approx(grid.spacing) and cleaned.shape == grid.shape
     assert np.count_nonzero(cleaned) < np.count_nonzero(on_plan)
@@ -513,3 +515,4 @@ def test_a_prediction_record_is_post_processed_and_scored_on_both_grids(tmp_path
     assert json.loads((tmp_path / "metrics.json").read_text())["plan_grid_tk_hd95"] == 0.0
     table = ev.summary_table(ev.per_case_table([tmp_path / "metrics.json"])).set_index("metric")
     assert table.loc["plan_grid_tk_dice", "mean"] == 1.0
+    assert result["qc_flagged"] and table.loc["qc_flagged_cases", "mean"] == 1.0  # the record's QC, in the metrics

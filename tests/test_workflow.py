@@ -81,11 +81,19 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     assert decision["validation_cases"] == split.loc[split.subset == "val", "case_id"].tolist()
     assert [step["name"] for step in decision["steps"]] == ["foreground", "tumor"]
     assert (results / "raw_predictions" / f"{decision['validation_cases'][0]}.nii.gz").is_file()
+    for column in ("qc_flagged", "qc_reasons", "kidney_components", "uncertainty_entropy", "uncertainty_tk"):
+        assert column in per_case.columns, column
+    assert per_case["uncertainty_tk"].between(0, 1).all()
+    reference = json.loads((results / "model" / "qc_reference.json").read_text())
+    assert reference["n_cases"] == 5  # train + val
+    # the threshold: the validation case's uncertainty widened by the margin (the schema's defaults)
+    assert reference["max_uncertainty"] == pytest.approx(reference["validation_uncertainty"][0] * 1.25)
     html = (results / "report.html").read_text()
-    assert "Post-processing" in html
+    assert "Post-processing" in html and "Quality control" in html
     assert html.count('class="case-row"') == len(test_cases)
     assert all(f'data-case="{c}"' in html for c in test_cases)
-    for rule in ("download", "preprocess", "train", "predict", "decide_postprocessing", "postprocess", "report"):
+    rules = ("download", "preprocess", "train", "predict", "decide_postprocessing", "qc_reference", "postprocess")
+    for rule in (*rules, "report"):
         assert any((results / "benchmarks").rglob(f"*{rule}*")), rule
         assert any((results / "logs").rglob(f"*{rule}*")), rule
 
@@ -128,7 +136,8 @@ def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
     shutil.copyfile(data / case / "imaging.nii.gz", scan)
     kidney_seg = Path(sys.executable).parent / "kidney-seg"
     proc = subprocess.run(
-        [str(kidney_seg), "predict", str(results / "model"), str(scan.parent), "-o", str(tmp_path / "out")],
+        [str(kidney_seg), "predict", str(results / "model"), str(scan.parent), "-o", str(tmp_path / "out")]
+        + ["--uncertainty-map"],
         capture_output=True,
         text=True,
         timeout=300,
@@ -140,6 +149,16 @@ def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
     workflow_pred = nib.load(str(results / "predictions" / f"{case}.nii.gz"))
     np.testing.assert_allclose(out.affine, nib.load(str(scan)).affine)
     np.testing.assert_array_equal(np.asanyarray(out.dataobj), np.asanyarray(workflow_pred.dataobj))
+    # the scan's QC row equals the workflow's for the same case: same uncertainty, same reference, same flags
+    qc = pd.read_csv(tmp_path / "out" / "qc.csv", keep_default_na=False)
+    record = json.loads((results / "predictions" / f"{case}.json").read_text())
+    assert qc["case"].tolist() == ["new_scan"] and qc["output"].iloc[0].endswith("new_scan.nii.gz")
+    assert qc["qc_reasons"].iloc[0] == record["qc_reasons"]
+    assert str(qc["qc_flagged"].iloc[0]) == str(record["qc_flagged"])
+    assert float(qc["uncertainty_tk"].iloc[0]) == pytest.approx(record["uncertainty_tk"], rel=1e-6)
+    entropy = nib.load(str(tmp_path / "out" / "new_scan.uncertainty.nii.gz"))
+    assert entropy.shape == out.shape and entropy.get_data_dtype() == np.float32
+    assert 0.0 <= float(np.min(entropy.dataobj)) and float(np.max(entropy.dataobj)) <= 1.0
     bad = subprocess.run(
         [
             str(kidney_seg),
@@ -154,6 +173,53 @@ def test_cli_segments_a_phantom_scan_with_the_trained_model(tiny_run, tmp_path):
         timeout=300,
     )
     assert bad.returncode == 1 and "Traceback" not in bad.stderr and "missing.nii.gz" in bad.stderr
+
+
+@pytest.mark.workflow
+def test_cli_segments_a_dicom_series_as_it_segments_the_same_nifti(tiny_run, tmp_path):
+    """A phantom test scan as a DICOM series and as a NIfTI of the same grid and values: the same prediction; and
+    the DICOM SEG output holds it, frames matched to the source slices by their SOP instance UIDs."""
+    import highdicom as hd
+
+    from kidney_seg.cli import main
+    from kidney_seg.dicom import read_series_header, write_series
+
+    results, data = tiny_run.results, tiny_run.data
+    split = pd.read_csv(results / "split.csv")
+    case = split.loc[split.subset == "test", "case_id"].iloc[0]
+    img = nib.load(str(data / case / "imaging.nii.gz"))
+    assert nib.aff2axcodes(img.affine) == ("I", "P", "L")
+    # slices last and superior-ward, as a DICOM series lays them out; spacings snapped to quarter millimetres, an
+    # integer origin: an affine that NIfTI's float32 and DICOM's decimal strings both hold exactly
+    array = np.ascontiguousarray(np.transpose(np.asanyarray(img.dataobj), (2, 1, 0))[:, :, ::-1])
+    slice_mm, row_mm, col_mm = (round(float(s) * 4) / 4 for s in img.header.get_zooms())
+    affine = np.diag([-col_mm, -row_mm, slice_mm, 1.0])
+    affine[:3, 3] = [61, 83, -140]
+    series = tmp_path / "dicom" / "new_series"
+    write_series(array, affine, series, intercept=-1024)
+    nifti = tmp_path / "nifti" / "new_series.nii.gz"
+    nifti.parent.mkdir()
+    nib.save(nib.Nifti1Image(array, affine), str(nifti))
+    model = str(results / "model")
+    assert main(["predict", model, str(series.parent), "-o", str(tmp_path / "from_dicom")]) == 0  # a folder of series
+    assert main(["predict", model, str(nifti), "-o", str(tmp_path / "from_nifti")]) == 0
+    from_dicom = nib.load(str(tmp_path / "from_dicom" / "new_series.nii.gz"))
+    from_nifti = nib.load(str(tmp_path / "from_nifti" / "new_series.nii.gz"))
+    labels = np.asanyarray(from_nifti.dataobj)
+    assert set(np.unique(labels)) >= {0, 1}, "the model found no kidney: the comparison would say little"
+    np.testing.assert_array_equal(np.asanyarray(from_dicom.dataobj), labels)
+    np.testing.assert_array_equal(from_dicom.affine, affine)
+    np.testing.assert_array_equal(from_nifti.affine, affine)
+
+    out = tmp_path / "seg"
+    assert main(["predict", model, str(series), "-o", str(out), "--output-format", "dicom-seg"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["new_series.dcm", "qc.csv"]  # no NIfTI beside it
+    datasets = read_series_header(series).datasets
+    seg = hd.seg.segread(out / "new_series.dcm")
+    frames = seg.get_pixels_by_source_instance([ds.SOPInstanceUID for ds in datasets], combine_segments=True)
+    np.testing.assert_array_equal(np.transpose(frames, (2, 1, 0)), labels)
+    assert seg.ReferencedSeriesSequence[0].SeriesInstanceUID == datasets[0].SeriesInstanceUID
+    assert [d.SegmentLabel for d in seg.SegmentSequence] == ["Kidney", "Kidney tumour"]
 
 
 @pytest.mark.workflow
@@ -176,6 +242,7 @@ def test_rerun_train_plans_everything_downstream(tiny_run):
         "train",
         "predict",
         "decide_postprocessing",
+        "qc_reference",  # its uncertainty threshold comes from the validation predictions
         "postprocess",
         "evaluate_case",
         "evaluate",

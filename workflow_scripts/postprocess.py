@@ -1,8 +1,9 @@
-"""Snakemake script: the decided post-processing of one raw prediction, both grids (an excluded case: its record)."""
+"""Snakemake script: post-process one raw prediction on both grids and flag it (an excluded case: its record)."""
 
 from kidney_seg.data.checks import run_unless_excluded
 from kidney_seg.logs import log_to
 from kidney_seg.postprocessing import postprocess_prediction, read_decision
+from kidney_seg.quality import read_reference
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
@@ -17,4 +18,5 @@ with log_to(snakemake.log[0]):
         p.plan_grid_prediction,
         read_decision(snakemake.input.decision),
         tuple(p.labels),
+        qc_reference=read_reference(snakemake.input.qc_reference),
     )

@@ -19,16 +19,23 @@ with log_to(snakemake.log[0]):
         from kidney_seg.determinism import enable
 
         enable(snakemake.params.seed)
+    p = snakemake.params
+    outputs = {"prediction": p.prediction, "plan_grid_prediction": p.plan_grid_prediction}
+    if p.inference["uncertainty_map"]:
+        outputs["uncertainty_map"] = p.uncertainty_map
+    else:
+        Path(p.uncertainty_map).unlink(missing_ok=True)  # a stale map from a run that wrote one
     run_unless_excluded(
         snakemake.input.check,
         snakemake.output[0],
-        {"prediction": snakemake.params.prediction, "plan_grid_prediction": snakemake.params.plan_grid_prediction},
+        outputs,
         predict_case_on_both_grids,
         snakemake.wildcards.case,
         snakemake.input.image,
         [Path(m).parent for m in snakemake.input.models],
-        snakemake.params.prediction,
-        snakemake.params.plan_grid_prediction,
-        snakemake.params.inference,
+        p.prediction,
+        p.plan_grid_prediction,
+        p.inference,
         plan=read_plan(snakemake.input.plan),
+        uncertainty_path=outputs.get("uncertainty_map"),
     )

@@ -6,10 +6,14 @@ trained on or evaluated). Manifest: a CSV with columns ``case_id,image,label``; 
 label means imaging-only, relative paths are taken from the CSV's folder. Case ids must
 match ``case_XXXXX`` (five digits), the workflow's ``{case}`` wildcard constraint.
 
+DICOM: an image may be a folder holding one CT series (:mod:`kidney_seg.dicom`), the
+manifest's image cell naming the folder, or, in KiTS layout, ``case_XXXXX/imaging/``
+standing in for ``imaging.nii.gz``. Labels are NIfTI files.
+
 Containment: every image and label must resolve (symlinks followed) inside the data
 folder: ``dataset.root`` when set, else the manifest's own folder. A ``..`` path, an
 absolute path elsewhere or a symlink leading out of it is refused with an error naming
-the case, the manifest line and the path.
+the case, the manifest line and the path; so is a file of a series folder that leads out.
 """
 
 from __future__ import annotations
@@ -19,12 +23,16 @@ import logging
 import os
 from pathlib import Path
 
+from kidney_seg.dicom import is_series_folder, series_files
 from kidney_seg.errors import CaseDataError
 from kidney_seg.vocabulary import IMAGE_NAME, LABEL_NAME, is_case_id
 
 log = logging.getLogger(__name__)
 
 MANIFEST_COLUMNS = ("case_id", "image", "label")
+
+#: The folder of a KiTS-layout case that may hold its CT as a DICOM series instead of imaging.nii.gz.
+SERIES_FOLDER = "imaging"
 
 #: One case as (case id, image path, label path or None).
 Entry = tuple[str, str, str | None]
@@ -50,11 +58,13 @@ def scan_root(root: str | os.PathLike | None) -> list[Entry]:
 def _case_dir(folder: Path, root: Path) -> Entry | None:
     """The case held by one sub-folder of the root, or None when it holds no case."""
     image, label = folder / IMAGE_NAME, folder / LABEL_NAME
+    if not image.is_file() and is_series_folder(folder / SERIES_FOLDER):
+        image = folder / SERIES_FOLDER
     if not is_case_id(folder.name):
         if image.exists():
             log.warning("ignoring %s: folder name is not case_XXXXX (five digits)", folder)
         return None
-    if not image.is_file():
+    if not (image.is_file() or image.is_dir()):
         if label.exists():
             raise CaseDataError(folder.name, image, f"file not found (the folder has a {LABEL_NAME})")
         log.warning("ignoring %s: no %s", folder, IMAGE_NAME)
@@ -63,6 +73,8 @@ def _case_dir(folder: Path, root: Path) -> Entry | None:
     for path in (image, label_path):
         if path is not None:
             _check_inside(path, root, folder.name, f"dataset.root {root}")
+    if image.is_dir():
+        _check_series_inside(image, root, folder.name, f"dataset.root {root}")
     return folder.name, str(image), str(label) if label_path else None
 
 
@@ -113,18 +125,28 @@ def _manifest_row(row: dict, line: int, path: Path, base: Path, is_root: bool) -
     if not image:
         raise CaseDataError(case_id, path, f"line {line}: empty image path")
     where = f"{'dataset.root' if is_root else 'the manifest folder'} {base}"
-    image_path = _existing(image, path, case_id, line, base, where)
+    image_path = _existing(image, path, case_id, line, base, where, series=True)
     label_path = _existing(label, path, case_id, line, base, where) if label else None
     return case_id, image_path, label_path, line
 
 
-def _existing(value: str, manifest: Path, case_id: str, line: int, base: Path, where: str) -> str:
-    """A manifest path resolved against the CSV's folder; raise when it leaves ``base`` or the file is missing."""
+def _existing(value: str, manifest: Path, case_id: str, line: int, base: Path, where: str, series: bool = False) -> str:
+    """A manifest path resolved against the CSV's folder; raise when it leaves ``base`` or the file is missing.
+
+    With ``series``, a DICOM series folder is accepted too (each of its files checked to lie inside ``base``).
+    """
     resolved = Path(os.path.expanduser(value))
     if not resolved.is_absolute():
         resolved = manifest.parent / resolved
     resolved = Path(os.path.normpath(resolved))
-    _check_inside(resolved, base, case_id, where, f"manifest {manifest} line {line} (path {value!r})")
+    what = f"manifest {manifest} line {line} (path {value!r})"
+    _check_inside(resolved, base, case_id, where, what)
+    if series and is_series_folder(resolved):
+        _check_series_inside(resolved, base, case_id, where, what)
+        return str(resolved)
+    if resolved.is_dir():
+        reason = "holds no DICOM files" if series else "is a folder, not a file"
+        raise CaseDataError(case_id, resolved, f"{reason} (manifest {manifest} line {line})")
     if not resolved.is_file():
         raise CaseDataError(case_id, resolved, f"file not found (manifest {manifest} line {line})")
     return str(resolved)
@@ -141,6 +163,12 @@ def _check_inside(path: Path, base: Path, case_id: str, where: str, what: str | 
         path,
         f"{what + ': ' if what else ''}outside {where}{via}; refused: files must lie inside the data folder",
     )
+
+
+def _check_series_inside(folder: Path, base: Path, case_id: str, where: str, what: str | None = None) -> None:
+    """Raise unless every file of a DICOM series folder resolves inside ``base`` (a symlink may lead out)."""
+    for path in series_files(folder):
+        _check_inside(path, base, case_id, where, what)
 
 
 def _check_unique(entries: list[tuple[str, str, str | None, int]], path: Path) -> None:

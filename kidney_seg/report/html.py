@@ -24,6 +24,7 @@ import pandas as pd
 
 from kidney_seg.atomic import write_text_atomic
 from kidney_seg.curves import history_figure
+from kidney_seg.quality import flagged, flagged_first
 from kidney_seg.report.common import DASH, esc, fmt, img, note, png_data_uri, read_csv_or_none
 from kidney_seg.report.common import is_missing as _is_missing
 from kidney_seg.report.figures import distributions_section
@@ -58,6 +59,7 @@ __all__ = [
     "headline_table",
     "per_case_table",
     "postprocessing_section",
+    "quality_section",
     "render_html",
     "split_sizes",
     "training_curves",
@@ -333,14 +335,31 @@ def _cell(value: object, text: bool = False) -> str:
 
 
 def per_case_table(per_case: pd.DataFrame | None) -> str:
-    """Every case with every metric; rows are <tr class="case-row" data-case=...>."""
+    """Every case with every metric, flagged cases first; rows are <tr class="case-row" data-case=...>."""
     if per_case is None or per_case.empty or "case_id" not in per_case.columns:
         return note("No per-case metrics available (zero evaluated cases).")
     return (
         '<div class="scroll"><table class="sortable per-case">'
-        f"{_table_body(per_case, 'case_id', 'case-row')}</table></div>"
+        f"{_table_body(flagged_first(per_case), 'case_id', 'case-row')}</table></div>"
         '<p class="muted">Click a column header to sort (missing values stay last). HD95 in mm, volumes in ml.</p>'
     )
+
+
+QC_SHOWN: tuple[str, ...] = ("case_id", "qc_reasons", "uncertainty_entropy", "uncertainty_tk", "tk_dice", "tu_dice")
+
+
+def quality_section(per_case: pd.DataFrame | None) -> str:
+    """The cases the QC flags, each with its reasons (kidney_seg/quality.py), before the unflagged count."""
+    if per_case is None or per_case.empty or "qc_flagged" not in per_case.columns:
+        return note("No QC flags recorded.")
+    ordered = flagged_first(per_case)
+    shown = ordered[flagged(ordered)]
+    counts = f"<p><b>{len(shown)}</b> of {len(per_case)} test case(s) flagged.</p>"
+    if shown.empty:
+        return counts
+    table = shown[[c for c in QC_SHOWN if c in shown.columns]].fillna({"qc_reasons": ""})
+    body = _table_body(table, "case_id", "qc-row")
+    return f'{counts}<div class="scroll"><table class="sortable qc">{body}</table></div>'
 
 
 # ---------------------------------------------------------------- training curves
@@ -462,6 +481,7 @@ CONVENTIONS = (
 SECTIONS: tuple[tuple[str, str], ...] = (
     ("headline", "Headline"),
     ("per-case", "Per-case metrics"),
+    ("quality", "Quality control"),
     ("distributions", "Distributions"),
     ("overlays", "Overlays"),
     ("summary", "Summary statistics"),
@@ -510,6 +530,8 @@ def render_html(
         f'<p class="muted">{esc(CONVENTIONS)}</p>',
         _h2("per-case", "Per-case metrics"),
         per_case_table(per_case),
+        _h2("quality", "Quality control: cases to check"),
+        quality_section(per_case),
         _h2("distributions", "Distributions of the per-case metrics"),
         distributions_section(per_case),
         _h2("overlays", "Overlays: best, median and worst test case"),
