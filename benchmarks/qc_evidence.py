@@ -12,7 +12,8 @@ post-processing, the ``inference`` config of the schema with ``--set`` on top), 
 workflow's metrics and flagged with :func:`kidney_seg.quality.assess_labels` against the run's
 ``model/qc_reference.json``, or, for a run made before that file existed, a reference built the
 way the workflow builds it (the schema's ``qc`` defaults): the training and validation cases'
-range, and the uncertainty threshold from the validation cases, predicted here first.
+range (volumes, kidney HU, spacing, field of view), and the uncertainty thresholds from the
+validation cases, predicted here first.
 
 For the runs named by ``--corrupt``, each test case is also written three times, spoiled on
 purpose (image only; the label follows any change of grid), into ``<out>/data``:
@@ -25,8 +26,10 @@ purpose (image only; the label follows any change of grid), into ``<out>/data``:
 Out: ``cases.csv`` (one row per case: run, corruption, Dice, uncertainty, flags, seconds),
 ``summary.json`` and ``summary.md``: Spearman's rho of each uncertainty score against TK and TU
 Dice (all cases with a value), the mean Dice of flagged against unflagged cases, how often each
-reason fired, and the cost of the uncertainty (:func:`kidney_seg.quality.uncertainty_summary`
-timed on class scores of each case's plan-grid shape, over the case's whole prediction time).
+reason fired, and the cost of the uncertainty over the case's whole prediction time: the summary
+(:func:`kidney_seg.quality.uncertainty_summary`, always computed) and the optional map on the
+scan's grid (:func:`kidney_seg.inference.uncertainty_on_scan_grid`, file writing not included),
+both timed on class scores of the case's plan-grid shape.
 """
 
 from __future__ import annotations
@@ -50,21 +53,35 @@ if str(ROOT) not in sys.path:
 from kidney_seg.atomic import atomic_path, write_json_atomic  # noqa: E402
 from kidney_seg.config import with_defaults  # noqa: E402
 from kidney_seg.evaluation import case_metrics  # noqa: E402
-from kidney_seg.inference import load_predictor, segment_case  # noqa: E402
+from kidney_seg.inference import load_predictor, segment_case, uncertainty_on_scan_grid  # noqa: E402
 from kidney_seg.postprocessing import decided_steps, read_decision  # noqa: E402
 from kidney_seg.preprocessing import class_volumes_ml  # noqa: E402
 from kidney_seg.quality import (  # noqa: E402
     UNCERTAINTY_COLUMNS,
     assess_labels,
     build_reference,
+    kidney_intensity,
     read_reference,
     strict_json,
     uncertainty_summary,
 )
-from kidney_seg.volume import read_label  # noqa: E402
+from kidney_seg.volume import read_image, read_label  # noqa: E402
 
 log = logging.getLogger("qc_evidence")
 CORRUPTIONS = ("noise", "truncated", "shifted")
+#: Each kind of QC reason and the words that mark it (kidney_seg/quality.py writes them).
+REASON_KINDS = (
+    ("kidney components not 2", "kidney components"),
+    ("at the scan's edge", "scan's edge"),
+    ("tumour not touching a kidney", "not touching a kidney"),
+    ("kidney HU median out of range", "kidney HU median"),
+    ("kidney HU noise out of range", "kidney HU noise"),
+    ("kidney volume out of range", "kidney volume"),
+    ("tumour volume out of range", "tumour volume"),
+    ("spacing out of range", "spacing"),
+    ("field of view out of range", "field of view"),
+    ("high uncertainty", "high uncertainty"),
+)
 NOISE_HU, SHIFT_HU = 80.0, 250.0
 
 
@@ -96,12 +113,15 @@ def reference_of(results: Path, data: Path, cases: dict[str, list[str]], model: 
         return read_reference(existing)
     metas, records = [], []
     for case in cases["train"] + cases["val"]:
-        label, geometry = read_label(data / case / "segmentation.nii.gz", case, (0, 1, 2))
+        image, geometry = read_image(data / case / "imaging.nii.gz", case)
+        label, _ = read_label(data / case / "segmentation.nii.gz", case, (0, 1, 2), geometry)
         meta = {
             "spacing": list(geometry.spacing),
             "original_shape": list(geometry.internal_shape),
             "class_volumes_ml": class_volumes_ml(label, 3, geometry.spacing),
+            "kidney_hu": kidney_intensity(image, label),
         }
+        del image, label
         metas.append(out / "metas" / f"{case}.json")
         write_json_atomic(metas[-1], meta)
     for case in cases["val"]:
@@ -110,7 +130,7 @@ def reference_of(results: Path, data: Path, cases: dict[str, list[str]], model: 
             case, data / case / "imaging.nii.gz", pred, model["predictor"], model["inference"], model["postprocess"]
         )
         records.append(out / "validation" / f"{case}.json")
-        write_json_atomic(records[-1], {"case_id": case, **strict_json(result.uncertainty)})
+        write_json_atomic(records[-1], {"case_id": case, **strict_json(result.summary)})
     return build_reference(metas, with_defaults("qc", {}), out / "qc_reference.json", records)
 
 
@@ -156,17 +176,22 @@ def corrupt(case: str, data: Path, kind: str, out: Path, seed: int) -> Path:
     return folder
 
 
-def uncertainty_seconds(shape: tuple[int, ...], spacing, num_classes: int, repeats: int = 2) -> float:
-    """Seconds :func:`uncertainty_summary` takes on class scores of a plan-grid ``shape`` (best of ``repeats``)."""
+def uncertainty_seconds(grid, scan_shape: tuple[int, ...], num_classes: int) -> tuple[float, float]:
+    """Seconds of the uncertainty summary and of the optional map on the scan's grid, for a case's grids (best of 2).
+
+    Timed on random class scores of the plan grid's shape: both costs depend on the shapes alone.
+    """
     rng = np.random.default_rng(0)
-    logits = rng.normal(size=(num_classes, *shape)).astype(np.float32)
+    logits = rng.normal(size=(num_classes, *grid.shape)).astype(np.float32)
     probs = np.exp(logits) / np.exp(logits).sum(axis=0, keepdims=True)
-    best = np.inf
-    for _ in range(repeats):
+    best = [np.inf, np.inf]
+    for _ in range(2):
         start = time.perf_counter()
-        uncertainty_summary(probs, spacing)
-        best = min(best, time.perf_counter() - start)
-    return float(best)
+        uncertainty_summary(probs, grid.spacing)
+        middle = time.perf_counter()
+        uncertainty_on_scan_grid(probs, grid, scan_shape)
+        best = [min(best[0], middle - start), min(best[1], time.perf_counter() - middle)]
+    return float(best[0]), float(best[1])
 
 
 def run_case(name: str, case: str, kind: str, folder: Path, model: dict, out: Path) -> dict:
@@ -181,8 +206,8 @@ def run_case(name: str, case: str, kind: str, folder: Path, model: dict, out: Pa
     pred, _ = read_label(pred_path, case, (0, 1, 2), grid=geometry)
     metrics = case_metrics(pred, truth, geometry.spacing)
     ref = model["reference"]
-    qc = assess_labels(pred, geometry.spacing, result.uncertainty, ref, ref["max_uncertainty"])
-    cost = uncertainty_seconds(result.plan_grid.shape, result.plan_grid.spacing, model["predictor"][1]["num_classes"])
+    qc = assess_labels(pred, geometry.spacing, result.summary, ref)
+    summary_s, map_s = uncertainty_seconds(result.plan_grid, truth.shape, model["predictor"][1]["num_classes"])
     row = {
         "run": name,
         "case_id": case,
@@ -192,7 +217,8 @@ def run_case(name: str, case: str, kind: str, folder: Path, model: dict, out: Pa
         "tu_missed": metrics["tu_missed"],
         **qc,
         "seconds": seconds,
-        "uncertainty_seconds": cost,
+        "uncertainty_seconds": summary_s,
+        "uncertainty_map_seconds": map_s,
     }
     log.info("%s %s %s: TK %.3f TU %.3f %s", name, case, kind, row["tk_dice"], row["tu_dice"], qc["qc_reasons"])
     return row
@@ -228,6 +254,10 @@ def summarize(table: pd.DataFrame) -> dict:
         score: {region: _rho(table[score], table[f"{region}_dice"]) for region in ("tk", "tu")}
         for score in UNCERTAINTY_COLUMNS
     }
+    by_run = {
+        name: {score: {r: _rho(rows[score], rows[f"{r}_dice"]) for r in ("tk", "tu")} for score in UNCERTAINTY_COLUMNS}
+        for name, rows in table.groupby("run")
+    }
     groups = {}
     for flag, rows in table.groupby(table["qc_flagged"].astype(bool)):
         key = "flagged" if flag else "unflagged"
@@ -239,18 +269,21 @@ def summarize(table: pd.DataFrame) -> dict:
     reasons: dict[str, int] = {}
     for text in table["qc_reasons"].fillna(""):
         for reason in filter(None, (r.strip() for r in str(text).split(";"))):
-            kind = reason.split(" (")[0].split(" outside")[0]
-            kind = "kidney components" if "kidney components" in kind else kind
-            kind = "high uncertainty" if kind.startswith("high uncertainty") else kind
+            kind = next((name for name, marker in REASON_KINDS if marker in reason), reason)
             reasons[kind] = reasons.get(kind, 0) + 1
     share = table["uncertainty_seconds"] / table["seconds"]
+    map_share = table["uncertainty_map_seconds"] / table["seconds"]
     return {
         "n_cases": len(table),
         "by_corruption": table.groupby("corruption")[["tk_dice", "tu_dice"]].mean().to_dict(),
         "correlation": correlations,
+        "correlation_by_run": by_run,
+        "flagged_by_corruption": table.groupby("corruption")["qc_flagged"].agg(["sum", "count"]).to_dict(),
         "flagged_vs_unflagged": groups,
         "reasons": reasons,
         "uncertainty_cost": {"mean_share": float(share.mean()), "max_share": float(share.max())},
+        "uncertainty_map_cost": {"mean_share": float(map_share.mean()), "max_share": float(map_share.max())},
+        "mean_seconds_per_case": float(table["seconds"].mean()),
     }
 
 
@@ -274,7 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--set", type=parse_set, action="append", default=[], help="inference.KEY=VALUE")
     p.add_argument("--out", type=Path, default=Path("results/qc_evidence"))
     p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--summarize-only", action="store_true", help="recompute the summary from <out>/cases.csv")
     args = p.parse_args(argv)
+    if args.summarize_only:
+        return write_summary(pd.read_csv(args.out / "cases.csv"), args.out)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     inference = with_defaults("inference", {"tiling": "whole_slice", **dict(args.set)})
     rows = []
@@ -289,10 +325,15 @@ def main(argv: list[str] | None = None) -> int:
     table = pd.DataFrame(rows)
     with atomic_path(args.out / "cases.csv") as tmp:
         table.to_csv(tmp, index=False)
+    return write_summary(table, args.out)
+
+
+def write_summary(table: pd.DataFrame, out: Path) -> int:
+    """Write summary.json and summary.md of the case table, and print them."""
     summary = summarize(table)
-    write_json_atomic(args.out / "summary.json", summary)
+    write_json_atomic(out / "summary.json", summary)
     text = markdown(summary)
-    with atomic_path(args.out / "summary.md") as tmp:
+    with atomic_path(out / "summary.md") as tmp:
         Path(tmp).write_text(text)
     print(text)
     print(json.dumps(summary, indent=1))

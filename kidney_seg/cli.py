@@ -88,16 +88,15 @@ def model_name(model_dir: Path, folders: list[Path]) -> str:
     return f"2D U-Net {model_dir.resolve().name} ({len(folders)} model(s))"
 
 
-def qc_settings(model_dir: Path) -> tuple[dict | None, float]:
-    """The model folder's QC reference (None without qc_reference.json) and the uncertainty threshold to flag at."""
+def qc_reference_of(model_dir: Path) -> dict | None:
+    """The model folder's QC reference (its qc_reference.json), or None with a note on stderr."""
     from kidney_seg.quality import read_reference
 
     path = model_dir / "qc_reference.json"
-    if not path.is_file():
-        print(f"no {path}: QC flags without the training-range checks", file=sys.stderr)
-        return None, with_defaults("qc", {})["max_uncertainty"]
-    reference = read_reference(path)
-    return reference, reference["max_uncertainty"]
+    if path.is_file():
+        return read_reference(path)
+    print(f"no {path}: QC flags without the training-range and uncertainty checks", file=sys.stderr)
+    return None
 
 
 def segment_one(args: argparse.Namespace, path: Path, run: dict, scratch: Path) -> dict:
@@ -113,7 +112,7 @@ def segment_one(args: argparse.Namespace, path: Path, run: dict, scratch: Path) 
     uncertainty_path = out_dir / f"{name}.uncertainty.nii.gz" if args.uncertainty_map else None
     result = segment_case(name, path, nifti, run["predictor"], run["inference"], run["postprocess"], uncertainty_path)
     labels, geometry = read_label(nifti, name, tuple(run["predictor"][1]["labels"]))
-    qc = assess_labels(labels, geometry.spacing, result.uncertainty, run["reference"], run["max_uncertainty"])
+    qc = assess_labels(labels, geometry.spacing, result.summary, run["reference"])
     output = nifti
     if seg:
         output = out_dir / f"{name}.dcm"
@@ -137,14 +136,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     decision = postprocessing_decision(model_dir, not args.no_postprocessing)
     inputs = scan_inputs(args.inputs)
     check_output_format(inputs, args.output_format)
-    reference, max_uncertainty = qc_settings(model_dir)
     run = {
         "predictor": load_predictor(folders),
         "inference": inference_config(args),
         "postprocess": decided_steps(decision),
         "model": model_name(model_dir, folders),
-        "reference": reference,
-        "max_uncertainty": max_uncertainty,
+        "reference": qc_reference_of(model_dir),
     }
     steps = ", ".join(decision["apply"]) if decision and decision["apply"] else "none"
     print(f"{len(folders)} model(s) from {model_dir}; post-processing: {steps}", file=sys.stderr)
@@ -208,7 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "model_dir",
         help="trained model folder: results/model (every fold_*/ model, averaged, plus its "
-        "postprocessing.json) or one folder holding model.keras and inference.json",
+        "postprocessing.json and qc_reference.json) or one folder holding model.keras and inference.json",
     )
     p.add_argument(
         "inputs",

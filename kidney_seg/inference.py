@@ -44,7 +44,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-from nibabel import orientations as ornt
 from scipy import ndimage
 
 from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices
@@ -57,7 +56,7 @@ from kidney_seg.preprocessing import (
     padding_value,
     preprocess_image,
 )
-from kidney_seg.quality import normalised_entropy, strict_json, uncertainty_summary
+from kidney_seg.quality import kidney_intensity, normalised_entropy, strict_json, uncertainty_summary
 from kidney_seg.volume import Geometry, from_internal, read_image, save_like, save_nifti
 
 log = logging.getLogger(__name__)
@@ -463,8 +462,7 @@ class PlanGrid:
         Index j along an axis sits at scan index ``start + (j + 0.5) * r - 0.5``, r the
         size ratio (the pixel-extent alignment the resampling uses).
         """
-        file_to_internal = np.asarray(geometry.transform)
-        internal = np.asarray(geometry.affine) @ ornt.inv_ornt_aff(file_to_internal, geometry.shape)
+        internal = geometry.internal_world_affine
         scale = np.eye(4)
         for axis, (sl, n) in enumerate(zip(self.crop_box, self.shape)):
             ratio = (sl.stop - sl.start) / n
@@ -652,11 +650,11 @@ def load_predictor(
 
 @dataclass(frozen=True)
 class CasePrediction:
-    """One segmented scan: its labels (file layout), the plan's grid it was predicted on, and its uncertainty."""
+    """One segmented scan: its labels (file layout), the plan's grid, its uncertainty and kidney HU summary."""
 
     labels: np.ndarray
     plan_grid: PlanGrid
-    uncertainty: dict[str, float]
+    summary: dict[str, float | None]
 
 
 def uncertainty_on_scan_grid(probs: np.ndarray, grid: PlanGrid, shape: tuple[int, int, int]) -> np.ndarray:
@@ -684,7 +682,6 @@ def _predict_and_write(
     predict_fn, model_plan = predictor
     image, geometry = read_image(image_path, case_id)
     probs, grid = predict_scores(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
-    uncertainty = uncertainty_summary(probs, grid.spacing)
     if plan_grid_path is not None:
         plan_labels = scores_to_labels(probs)
         if postprocess is not None:
@@ -695,15 +692,14 @@ def _predict_and_write(
         save_like(uncertainty_path, entropy, reference=image_path, dtype=np.float32)
         del entropy
     labels = labels_on_scan_grid(probs, grid, image.shape)
+    summary = {**uncertainty_summary(probs, grid.spacing), **kidney_intensity(image, labels)}
     del probs, image
     if postprocess is not None:
         labels = postprocess(labels, geometry.spacing)
     out = from_internal(labels, geometry)
     save_like(out_path, out, reference=image_path)
-    log.info(
-        "%s: predicted %s voxels, labels %s; uncertainty %s", case_id, out.shape, np.unique(out).tolist(), uncertainty
-    )
-    return CasePrediction(out, grid, uncertainty)
+    log.info("%s: predicted %s voxels, labels %s; summary %s", case_id, out.shape, np.unique(out).tolist(), summary)
+    return CasePrediction(out, grid, summary)
 
 
 def segment_case(
@@ -768,4 +764,4 @@ def predict_case_on_both_grids(
     result = _predict_and_write(
         case_id, image_path, out_path, predictor, inference_cfg, None, plan_grid_path, uncertainty_path
     )
-    return {"plan_grid": result.plan_grid.to_dict(), **strict_json(result.uncertainty)}
+    return {"plan_grid": result.plan_grid.to_dict(), **strict_json(result.summary)}

@@ -48,7 +48,7 @@ from kidney_seg.atomic import write_json_atomic
 from kidney_seg.config import with_defaults
 from kidney_seg.data.checks import read_record
 from kidney_seg.evaluation import dice, voxel_volume_ml
-from kidney_seg.quality import UNCERTAINTY_COLUMNS, assess_labels
+from kidney_seg.quality import SUMMARY_COLUMNS, assess_labels
 from kidney_seg.vocabulary import KIDNEY, KITS19_LABELS, TUMOR
 from kidney_seg.volume import Geometry, from_internal, read_label, save_like
 
@@ -400,14 +400,13 @@ def postprocess_prediction(
     """Apply a decision to both files of a raw prediction record (scan grid, plan grid); return the record's details.
 
     The plan-grid labels are post-processed with their own spacing (the sizes in ml are
-    the same). The returned details (the plan grid, the raw record's uncertainty, and the
+    the same). The returned details (the plan grid, the raw record's uncertainty and kidney HU, and the
     QC columns of the post-processed scan-grid labels against ``qc_reference``,
     :func:`kidney_seg.quality.assess_labels`) go into the post-processed record.
     """
     raw = read_record(raw_record_json)
     kept, geometry = _postprocessed(case_id, raw["prediction"], out_path, decision, labels)
     postprocess_file(case_id, raw["plan_grid_prediction"], plan_grid_out_path, decision, labels)
-    uncertainty = {k: math.nan if raw.get(k) is None else raw[k] for k in UNCERTAINTY_COLUMNS}
-    max_uncertainty = (qc_reference or with_defaults("qc", {}))["max_uncertainty"]
-    qc = assess_labels(kept, geometry.spacing, uncertainty, qc_reference, max_uncertainty)
+    summary = {k: math.nan if raw.get(k) is None else raw[k] for k in SUMMARY_COLUMNS}
+    qc = assess_labels(kept, geometry.spacing, summary, qc_reference)
     return {"plan_grid": raw["plan_grid"], **qc}

@@ -48,6 +48,7 @@ import numpy as np
 from scipy import ndimage
 
 from kidney_seg.atomic import save_npy_atomic, write_json_atomic
+from kidney_seg.quality import kidney_intensity
 from kidney_seg.vocabulary import ALL_LABELS
 from kidney_seg.volume import CHUNK_BYTES, chunk_axis, chunks, read_image, read_label, take
 
@@ -560,14 +561,16 @@ def preprocess_case(
     digest of the plan the settings come from (:func:`kidney_seg.plan.plan_digest`; None
     outside the workflow), the output shape and spacing, and the per-class slice index
     ``slices`` (keys ``foreground`` and ``class_<c>``) and the volume of each class in ml
-    at the original resolution, ``class_volumes_ml`` (the QC reference's training range). An empty or one-slice volume
-    raises :class:`CaseDataError` naming the case and file.
+    at the original resolution, ``class_volumes_ml``, and the kidney's median HU and
+    noise, ``kidney_hu`` (:func:`kidney_seg.quality.kidney_intensity`): the QC reference's training
+    range. An empty or one-slice volume raises :class:`CaseDataError` naming the case and file.
     """
     image, geometry = read_image(image_path, case_id)
     num_classes = len(valid_labels)
     data, box = preprocess_image(image, geometry.spacing, settings)
-    del image  # the raw scan goes before the label is read: peak memory is one volume, not two
     label, _ = read_label(label_path, case_id, tuple(valid_labels), geometry)
+    kidney_hu = kidney_intensity(image, label)  # the QC reference's training range
+    del image  # peak memory: the scan, its uint8 label and the preprocessed crop
     seg = resample_label(label[box], data.shape, num_classes)
     volumes_ml = class_volumes_ml(label, num_classes, geometry.spacing)
     del label
@@ -587,6 +590,7 @@ def preprocess_case(
         "num_classes": num_classes,
         "slices": slice_index(seg, num_classes),
         "class_volumes_ml": volumes_ml,
+        "kidney_hu": kidney_hu,
     }
     write_json_atomic(out / "meta.json", meta)
     log.info(

@@ -1,4 +1,4 @@
-"""Quality control per case: an uncertainty score from the class scores inference computes, and flags with reasons.
+"""Quality control per case: uncertainty from the class scores inference computes, and flags with their reasons.
 
 Uncertainty (on the plan's grid, from the averaged class scores of the mirrors and folds,
 so it costs no extra forward pass):
@@ -22,11 +22,15 @@ and the training cases' range (:func:`build_reference`, ``model/qc_reference.jso
 * kidney or tumour reaches a face of the scan (the field of view may cut a kidney);
 * a tumour component has no kidney voxel among its face neighbours;
 * the kidney or tumour volume lies outside the training cases' range;
+* the median HU or the noise inside the predicted kidney (:func:`kidney_intensity`) lies outside
+  the training range (measured in the training cases' true kidney): a shifted HU scale, a
+  different contrast phase, a noisy scan;
 * a voxel spacing or the field of view (mm, per axis) lies outside the training range;
-* ``uncertainty_entropy`` above ``qc.max_uncertainty``, by default the highest value among the
-  validation cases' predictions widened by the margin (:func:`uncertainty_threshold`).
+* ``uncertainty_entropy`` above ``qc.max_uncertainty``, or ``uncertainty_tu`` above
+  ``qc.max_tumor_uncertainty``; by default each threshold is the highest value among the
+  validation cases' predictions, widened by the margin (:func:`uncertainty_thresholds`).
 
-Ranges are widened by ``qc.range_margin`` (a fraction) on both sides.
+Ranges are widened by ``qc.range_margin`` (a fraction of each end) on both sides.
 """
 
 from __future__ import annotations
@@ -44,14 +48,18 @@ from kidney_seg.vocabulary import KIDNEY, TUMOR
 
 #: Per-case uncertainty columns (prediction records, per_case.csv, the command line's qc.csv).
 UNCERTAINTY_COLUMNS: tuple[str, ...] = ("uncertainty_entropy", "uncertainty_tk", "uncertainty_tu")
-#: Per-case QC columns after the uncertainty ones.
+#: Per-case intensity columns: the CT values inside the predicted (or, for training cases, true) kidney.
+INTENSITY_COLUMNS: tuple[str, ...] = ("kidney_hu_median", "kidney_hu_noise")
+#: What inference summarises of a case besides its labels (prediction records).
+SUMMARY_COLUMNS: tuple[str, ...] = (*UNCERTAINTY_COLUMNS, *INTENSITY_COLUMNS)
+#: Per-case QC columns.
 QC_COLUMNS: tuple[str, ...] = (
     "qc_flagged",
     "qc_reasons",
     "kidney_components",
     "kidney_component_ml",
     "detached_tumors",
-    *UNCERTAINTY_COLUMNS,
+    *SUMMARY_COLUMNS,
 )
 #: Internal axes in words (axis 0 is the slice axis, then rows and columns).
 AXIS_NAMES: tuple[str, str, str] = ("slice", "row", "column")
@@ -109,6 +117,33 @@ def uncertainty_summary(probs: np.ndarray, spacing: Sequence[float]) -> dict[str
 
 
 # ---------------------------------------------------------------- what a prediction shows
+
+
+def kidney_intensity(image: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Median HU of the voxels labelled kidney, and the noise there: a robust sigma of neighbour differences.
+
+    The noise is (p75 - p25) / 1.349 of the differences between column neighbours that are
+    both kidney, divided by sqrt 2: white noise of sigma s gives s, while the kidney's own
+    texture (cortex, medulla), smooth at the voxel scale, adds little. ``image`` and
+    ``labels`` share one shape; None for both when no voxel is kidney.
+    """
+    values, steps = [], []
+    for z in range(0, labels.shape[0], _SLAB):
+        mask = labels[z : z + _SLAB] == KIDNEY
+        if not mask.any():
+            continue
+        hu = np.asarray(image[z : z + _SLAB], dtype=np.float32)
+        values.append(hu[mask])
+        pairs = mask[..., 1:] & mask[..., :-1]
+        steps.append((hu[..., 1:] - hu[..., :-1])[pairs])
+    if not values:
+        return dict.fromkeys(INTENSITY_COLUMNS)
+    diffs = np.concatenate(steps)
+    q25, q75 = np.percentile(diffs, [25, 75]) if diffs.size else (np.nan, np.nan)
+    return {
+        "kidney_hu_median": float(np.median(np.concatenate(values))),
+        "kidney_hu_noise": float((q75 - q25) / 1.349 / math.sqrt(2)) if diffs.size else None,
+    }
 
 
 def voxel_ml(spacing: Sequence[float]) -> float:
@@ -176,10 +211,11 @@ def _foreground_box(labels: np.ndarray) -> tuple[slice, ...] | None:
 
 
 def training_findings(meta: Mapping) -> dict:
-    """Volumes, spacing and field of view of one training case, from its slice cache's meta.json."""
+    """Volumes, kidney HU, spacing and field of view of one training case, from its slice cache's meta.json."""
     spacing = [float(s) for s in meta["spacing"]]
     volumes = [float(v) for v in meta["class_volumes_ml"]]
     return {
+        **{k: meta.get("kidney_hu", {}).get(k) for k in INTENSITY_COLUMNS},
         "kidney_ml": volumes[KIDNEY] if len(volumes) > KIDNEY else 0.0,
         "tumor_ml": volumes[TUMOR] if len(volumes) > TUMOR else 0.0,
         "spacing_mm": spacing,
@@ -193,17 +229,29 @@ def _span(values: Iterable[float]) -> list[float] | None:
     return [min(values), max(values)] if values else None
 
 
-def uncertainty_threshold(settings: Mapping, validation: Sequence[float]) -> float | None:
-    """``qc.max_uncertainty``, or when null the highest validation value widened by ``range_margin`` (None if none)."""
-    if settings["max_uncertainty"] is not None:
-        return float(settings["max_uncertainty"])
-    return max(validation) * (1 + float(settings["range_margin"])) if validation else None
+#: The uncertainty columns that flag a case, the ``qc`` setting of each threshold, and the reason's words.
+FLAGGING_UNCERTAINTY: dict[str, tuple[str, str]] = {
+    "uncertainty_entropy": ("max_uncertainty", "high uncertainty in the predicted foreground (entropy"),
+    "uncertainty_tu": ("max_tumor_uncertainty", "uncertain tumour, a miss or a false positive? (uncertainty_tu"),
+}
 
 
-def validation_uncertainty(record_paths: Sequence[str | os.PathLike]) -> list[float]:
-    """The ``uncertainty_entropy`` of some prediction records (those without a value left out)."""
-    values = (read_json(p).get("uncertainty_entropy") for p in record_paths)
-    return [float(v) for v in values if v is not None]
+def uncertainty_thresholds(settings: Mapping, validation: Mapping[str, Sequence[float]]) -> dict[str, float | None]:
+    """Per flagging column: its ``qc`` setting, or when null the highest validation value widened by the margin."""
+    thresholds = {}
+    for column, (key, _) in FLAGGING_UNCERTAINTY.items():
+        values = validation.get(column, [])
+        if settings[key] is not None:
+            thresholds[column] = float(settings[key])
+        else:
+            thresholds[column] = max(values) * (1 + float(settings["range_margin"])) if values else None
+    return thresholds
+
+
+def validation_uncertainty(record_paths: Sequence[str | os.PathLike]) -> dict[str, list[float]]:
+    """The uncertainty columns of some prediction records (values missing from a record left out)."""
+    records = [read_json(p) for p in record_paths]
+    return {c: [float(r[c]) for r in records if r.get(c) is not None] for c in UNCERTAINTY_COLUMNS}
 
 
 def build_reference(
@@ -212,10 +260,10 @@ def build_reference(
     out_json: str | os.PathLike,
     validation_records: Sequence[str | os.PathLike] = (),
 ) -> dict:
-    """The training cases' range (their slice caches' meta.json), the QC settings and the uncertainty threshold.
+    """The training cases' range (their slice caches' meta.json), the QC settings and the uncertainty thresholds.
 
-    The threshold comes from the validation predictions' records when ``qc.max_uncertainty`` is
-    null (:func:`uncertainty_threshold`). Written atomically.
+    A threshold set to null comes from the validation predictions' records
+    (:func:`uncertainty_thresholds`). Written atomically.
     """
     cases = [training_findings(read_json(p)) for p in meta_paths]
     if not cases:
@@ -227,9 +275,10 @@ def build_reference(
         "tumor_ml": _span(c["tumor_ml"] for c in cases if c["tumor_ml"] > 0),
         "spacing_mm": [_span(c["spacing_mm"][a] for c in cases) for a in range(3)],
         "field_of_view_mm": [_span(c["field_of_view_mm"][a] for c in cases) for a in range(3)],
+        **{k: _span(c[k] for c in cases if c[k] is not None) for k in INTENSITY_COLUMNS},
         "range_margin": float(settings["range_margin"]),
         "validation_uncertainty": validation,
-        "max_uncertainty": uncertainty_threshold(settings, validation),
+        "thresholds": uncertainty_thresholds(settings, validation),
     }
     write_json_atomic(out_json, reference)
     return reference
@@ -238,7 +287,7 @@ def build_reference(
 def read_reference(path: str | os.PathLike) -> dict:
     """A QC reference file, checked for its keys."""
     reference = read_json(path)
-    keys = ("kidney_ml", "tumor_ml", "spacing_mm", "field_of_view_mm", "range_margin", "max_uncertainty")
+    keys = ("kidney_ml", "tumor_ml", "spacing_mm", "field_of_view_mm", "range_margin", "thresholds")
     missing = [k for k in keys if not isinstance(reference, dict) or k not in reference]
     if missing:
         raise ValueError(f"{path}: not a QC reference (missing {missing})")
@@ -249,8 +298,8 @@ def read_reference(path: str | os.PathLike) -> dict:
 
 
 def _outside(value: float, span: Sequence[float] | None, margin: float) -> bool:
-    """Whether ``value`` lies outside ``span`` widened by ``margin`` (a fraction) on both sides."""
-    return span is not None and not (span[0] * (1 - margin) <= value <= span[1] * (1 + margin))
+    """Whether ``value`` lies outside ``span`` widened on both sides by ``margin`` (a fraction of each end's size)."""
+    return span is not None and not (span[0] - margin * abs(span[0]) <= value <= span[1] + margin * abs(span[1]))
 
 
 def _range_text(span: Sequence[float], unit: str) -> str:
@@ -264,12 +313,16 @@ def _ml_list(volumes: Sequence[float]) -> str:
 
 
 def range_reasons(findings: Mapping, reference: Mapping) -> list[str]:
-    """Reasons for the volumes, spacing and field of view outside the training range."""
+    """Reasons for the volumes, kidney HU, spacing and field of view outside the training range."""
     margin, reasons = float(reference["range_margin"]), []
     for key, name in (("kidney_ml", "kidney volume"), ("tumor_ml", "tumour volume")):
         value, span = findings[key], reference[key]
         if value > 0 and _outside(value, span, margin):
             reasons.append(f"{name} {value:.3g} ml outside the training range {_range_text(span, 'ml')}")
+    for key, name in (("kidney_hu_median", "kidney HU median"), ("kidney_hu_noise", "kidney HU noise")):
+        value, span = findings.get(key), reference.get(key)
+        if value is not None and _outside(value, span, margin):
+            reasons.append(f"{name} {value:.4g} outside the training range {_range_text(span, 'HU')}")
     for key, name in (("spacing_mm", "spacing"), ("field_of_view_mm", "field of view")):
         for axis, (value, span) in enumerate(zip(findings[key], reference[key])):
             if _outside(value, span, margin):
@@ -278,10 +331,21 @@ def range_reasons(findings: Mapping, reference: Mapping) -> list[str]:
     return reasons
 
 
-def qc_flags(
-    findings: Mapping, uncertainty: Mapping, reference: Mapping | None, max_uncertainty: float | None
-) -> list[str]:
-    """Every reason to distrust a prediction (empty: nothing flagged); the range checks need ``reference``."""
+def uncertainty_reasons(uncertainty: Mapping, thresholds: Mapping[str, float | None]) -> list[str]:
+    """Reasons for the uncertainty columns above their thresholds (a missing value or threshold flags nothing)."""
+    reasons = []
+    for column, (_, words) in FLAGGING_UNCERTAINTY.items():
+        value, threshold = uncertainty.get(column), thresholds.get(column)
+        if threshold is not None and value is not None and not math.isnan(value) and value > threshold:
+            reasons.append(f"{words} {value:.3f} > {threshold:.3g})")
+    return reasons
+
+
+def qc_flags(findings: Mapping, summary: Mapping, reference: Mapping | None) -> list[str]:
+    """Every reason to distrust a prediction (empty: nothing flagged); ranges and thresholds need ``reference``.
+
+    ``summary``: the case's uncertainty and intensity columns (:data:`SUMMARY_COLUMNS`).
+    """
     reasons = []
     components = findings["kidney_component_ml"]
     if len(components) != 2:
@@ -295,25 +359,21 @@ def qc_flags(
         detached = findings["detached_tumor_ml"]
         reasons.append(f"{len(detached)} tumour component(s) not touching a kidney ({_ml_list(detached)})")
     if reference is not None:
-        reasons += range_reasons(findings, reference)
-    entropy = uncertainty.get("uncertainty_entropy", math.nan)
-    if max_uncertainty is not None and entropy is not None and not math.isnan(entropy) and entropy > max_uncertainty:
-        reasons.append(f"high uncertainty in the predicted foreground (entropy {entropy:.3f} > {max_uncertainty:g})")
+        reasons += range_reasons({**findings, **summary}, reference)
+        reasons += uncertainty_reasons(summary, reference["thresholds"])
     return reasons
 
 
-def qc_record(
-    findings: Mapping, uncertainty: Mapping, reference: Mapping | None, max_uncertainty: float | None
-) -> dict:
+def qc_record(findings: Mapping, summary: Mapping, reference: Mapping | None) -> dict:
     """The per-case QC columns (:data:`QC_COLUMNS`) of a prediction."""
-    reasons = qc_flags(findings, uncertainty, reference, max_uncertainty)
+    reasons = qc_flags(findings, summary, reference)
     return {
         "qc_flagged": bool(reasons),
         "qc_reasons": "; ".join(reasons),
         "kidney_components": len(findings["kidney_component_ml"]),
         "kidney_component_ml": " ".join(f"{v:.2f}" for v in findings["kidney_component_ml"]),
         "detached_tumors": len(findings["detached_tumor_ml"]),
-        **strict_json(uncertainty),
+        **strict_json(summary),
     }
 
 
@@ -325,20 +385,15 @@ def _finite_or_none(value: object) -> float | None:
     return None if math.isnan(value) else value
 
 
-def strict_json(uncertainty: Mapping) -> dict[str, float | None]:
-    """The uncertainty columns of a summary, NaN written as None (for JSON records)."""
-    return {k: _finite_or_none(uncertainty.get(k)) for k in UNCERTAINTY_COLUMNS}
+def strict_json(summary: Mapping) -> dict[str, float | None]:
+    """The uncertainty and intensity columns of a case's summary, NaN written as None (for JSON records)."""
+    return {k: _finite_or_none(summary.get(k)) for k in SUMMARY_COLUMNS}
 
 
-def assess_labels(
-    labels: np.ndarray,
-    spacing: Sequence[float],
-    uncertainty: Mapping,
-    reference: Mapping | None,
-    max_uncertainty: float | None,
-) -> dict:
-    """The QC record of internal-orientation labels of ``spacing`` mm (no uncertainty flag without a threshold)."""
-    return qc_record(case_findings(labels, spacing), uncertainty, reference, max_uncertainty)
+def assess_labels(labels: np.ndarray, spacing: Sequence[float], summary: Mapping, reference: Mapping | None) -> dict:
+    """The QC record of internal-orientation labels of ``spacing`` mm (without ``reference``: no range or
+    uncertainty flags)."""
+    return qc_record(case_findings(labels, spacing), summary, reference)
 
 
 def flagged(per_case: pd.DataFrame) -> pd.Series:

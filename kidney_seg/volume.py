@@ -78,6 +78,11 @@ class Geometry:
         )
 
     @property
+    def internal_world_affine(self) -> np.ndarray:
+        """The world affine of the volume in the internal orientation (the same grid, internal voxel order)."""
+        return np.asarray(self.affine) @ ornt.inv_ornt_aff(np.asarray(self.transform), self.shape)
+
+    @property
     def internal_shape(self) -> tuple[int, int, int]:
         """Shape of the volume in the internal orientation."""
         order = [int(a) for a, _ in self.transform]
@@ -142,10 +147,14 @@ def from_internal(array: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def check_same_grid(a: Geometry, b: Geometry, case_id: str | None, path: object, atol: float = 1e-3) -> None:
-    """Raise unless two volumes share shape and affine (within ``atol`` mm)."""
-    if tuple(a.shape) != tuple(b.shape):
+    """Raise unless two volumes lie on one grid: the same voxels in the world (within ``atol`` mm).
+
+    The voxel order may differ (a label stored slices-first beside a DICOM series read
+    slices-last): both are compared in the internal orientation, where every stage reads them.
+    """
+    if tuple(a.internal_shape) != tuple(b.internal_shape):
         raise CaseDataError(case_id, path, f"grid mismatch: shape {b.shape} != image shape {a.shape}")
-    if not np.allclose(np.asarray(a.affine), np.asarray(b.affine), atol=atol):
+    if not np.allclose(a.internal_world_affine, b.internal_world_affine, atol=atol):
         raise CaseDataError(case_id, path, "grid mismatch: affine differs from the image's affine")
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from tests.workflow_runs import SNAKEMAKE, snakemake, tiny_config, write_config
@@ -38,6 +39,7 @@ def test_a_dry_run_on_a_fresh_folder_lists_every_stage(tmp_path):
         "train": 1,
         "predict": 2,
         "decide_postprocessing": 1,
+        "qc_reference": 1,
         "postprocess": 1,
         "evaluate_case": 1,
         "evaluate": 1,
@@ -52,3 +54,38 @@ def test_a_dry_run_on_a_fresh_folder_lists_every_stage(tmp_path):
 def test_a_dry_run_lists_the_fingerprint_where_the_config_needs_it(tmp_path):
     jobs = job_counts(_fresh_config(tmp_path, clip="auto", normalization="dataset"))
     assert jobs.get("fingerprint") == 1 and jobs.get("train") == 1 and jobs.get("report") == 1, jobs
+
+
+def test_a_local_case_given_as_a_dicom_series_is_checked_and_preprocessed(tmp_path):
+    """A manifest's image may be a DICOM series folder: the rules take the folder as input and read it."""
+    import json
+
+    from kidney_seg.data.phantom import PhantomParams, generate_case
+    from kidney_seg.dicom import write_series
+    from kidney_seg.volume import save_nifti
+
+    data = tmp_path / "data"
+    params = PhantomParams.from_config({"field_of_view_mm": [120.0, 130.0], "z_extent_mm": [80.0, 90.0]})
+    rows = ["case_id,image,label"]
+    for index in range(6):
+        case = generate_case(index, 7, params)
+        label = data / f"label_{index}.nii.gz"
+        save_nifti(label, case.label, case.affine)
+        image = data / f"image_{index}.nii.gz"
+        if index == 1:  # this one as a series: slices along axis 2, as DICOM stores them
+            image = data / "series_1"
+            write_series(np.transpose(case.image, (2, 1, 0)), case.affine[:, [2, 1, 0, 3]], image)
+            save_nifti(label, np.transpose(case.label, (2, 1, 0)), case.affine[:, [2, 1, 0, 3]])
+        else:
+            save_nifti(image, case.image, case.affine)
+        rows.append(f"case_{index:05d},{image.name},{label.name}")
+    (data / "manifest.csv").write_text("\n".join(rows) + "\n")
+    cfg = tiny_config(tmp_path)
+    cfg["dataset"] = {"source": "local", "manifest": str(data / "manifest.csv")}
+    config = write_config(tmp_path, cfg)
+    meta = tmp_path / "results" / "preprocessed" / "case_00001" / "meta.json"
+    snakemake(config, str(meta), "--cores", "1", timeout=300)
+    check = json.loads((tmp_path / "results" / "checks" / "case_00001.json").read_text())
+    assert check["ok"], check
+    written = json.loads(meta.read_text())
+    assert written["class_volumes_ml"][1] > 0 and written["shape"][0] > 1

@@ -592,7 +592,7 @@ def test_plan_grid_file_holds_the_argmax_there_with_the_grid_affine(tmp_path, mo
 
 def test_segment_case_writes_the_uncertainty_map_on_the_scan_grid(tmp_path):
     from kidney_seg.inference import segment_case
-    from kidney_seg.quality import UNCERTAINTY_COLUMNS
+    from kidney_seg.quality import SUMMARY_COLUMNS
 
     image = body_phantom((7, 60, 70))
     affine = np.diag([-1.0, -1.0, 2.5, 1.0])[[2, 1, 0, 3]]  # KiTS layout: slices first
@@ -606,8 +606,9 @@ def test_segment_case_writes_the_uncertainty_map_on_the_scan_grid(tmp_path):
         CFG,
         uncertainty_path=tmp_path / "u.nii.gz",
     )
-    assert set(result.uncertainty) == set(UNCERTAINTY_COLUMNS)
-    assert 0.0 <= result.uncertainty["uncertainty_tk"] < 0.5
+    assert set(result.summary) == set(SUMMARY_COLUMNS)
+    assert result.summary["kidney_hu_median"] == 250.0  # the bright block the threshold model calls kidney
+    assert 0.0 <= result.summary["uncertainty_tk"] < 0.5
     written = nib.load(str(tmp_path / "u.nii.gz"))
     np.testing.assert_allclose(written.affine, nib.load(str(tmp_path / "scan.nii.gz")).affine)
     entropy = np.asanyarray(written.dataobj)

@@ -14,6 +14,7 @@ from kidney_seg.quality import (
     build_reference,
     case_findings,
     flagged_first,
+    kidney_intensity,
     normalised_entropy,
     qc_flags,
     read_reference,
@@ -47,7 +48,7 @@ def reference(**overrides) -> dict:
         "spacing_mm": [[1.0, 3.0], [0.5, 1.0], [0.5, 1.0]],
         "field_of_view_mm": [[30.0, 60.0], [30.0, 50.0], [50.0, 70.0]],
         "range_margin": 0.25,
-        "max_uncertainty": 0.2,
+        "thresholds": {"uncertainty_entropy": 0.2, "uncertainty_tu": 0.5},
     }
     return {**ref, **overrides}
 
@@ -87,14 +88,14 @@ def test_two_kidneys_with_their_tumour_raise_no_flag():
     assert findings["kidney_component_ml"] == pytest.approx([8.0, 8.0])
     assert findings["detached_tumor_ml"] == []
     assert findings["tumor_ml"] == pytest.approx(0.2)
-    assert qc_flags(findings, {"uncertainty_entropy": 0.05}, reference(), 0.2) == []
+    assert qc_flags(findings, {"uncertainty_entropy": 0.05}, reference()) == []
 
 
 def test_each_flag_gives_its_reason():
     labels = two_kidneys()
     labels[5:15, 5:25, 35:55] = 0  # one kidney only
     findings = case_findings(labels, SPACING)
-    reasons = qc_flags(findings, {"uncertainty_entropy": 0.3}, reference(kidney_ml=[12.0, 20.0]), 0.2)
+    reasons = qc_flags(findings, {"uncertainty_entropy": 0.3}, reference(kidney_ml=[12.0, 20.0]))
     assert reasons == [
         "1 kidney components, expected 2 (8 ml)",
         "kidney volume 7.8 ml outside the training range 12-20 ml",
@@ -102,7 +103,7 @@ def test_each_flag_gives_its_reason():
     ]
     labels = two_kidneys()
     labels[2:4, 30:33, 30:33] = 2  # a tumour far from any kidney: 18 voxels, a third component
-    reasons = qc_flags(case_findings(labels, SPACING), {"uncertainty_entropy": 0.1}, reference(), 0.2)
+    reasons = qc_flags(case_findings(labels, SPACING), {"uncertainty_entropy": 0.1}, reference())
     assert reasons == [
         "3 kidney components, expected 2 (8, 8, 0.036 ml)",
         "1 tumour component(s) not touching a kidney (0.036 ml)",
@@ -111,18 +112,18 @@ def test_each_flag_gives_its_reason():
 
 def test_spacing_and_field_of_view_outside_the_training_range():
     findings = case_findings(two_kidneys(), (5.0, 1.0, 1.0))
-    reasons = qc_flags(findings, {}, reference(kidney_ml=[10.0, 50.0]), 0.2)
+    reasons = qc_flags(findings, {}, reference(kidney_ml=[10.0, 50.0]))
     assert "slice spacing 5 mm outside the training range 1-3 mm" in reasons[0]
     assert "slice field of view 100 mm outside the training range 30-60 mm" in reasons[1]
     assert len(reasons) == 2
     # within the margin: 3.5 mm lies inside 1-3 mm widened by 25%, and 70 mm inside 30-60 mm widened so
     within = case_findings(two_kidneys(), (3.5, 1.0, 1.0))
-    assert qc_flags(within, {}, reference(kidney_ml=[10.0, 50.0]), 0.2) == []
-    assert qc_flags(findings, {}, None, 0.2) == []  # no reference: no range checks
+    assert qc_flags(within, {}, reference(kidney_ml=[10.0, 50.0])) == []
+    assert qc_flags(findings, {}, None) == []  # no reference: no range checks
 
 
 def test_empty_prediction_is_flagged_with_no_component():
-    record = assess_labels(np.zeros((4, 5, 6), np.uint8), SPACING, {"uncertainty_entropy": math.nan}, None, 0.2)
+    record = assess_labels(np.zeros((4, 5, 6), np.uint8), SPACING, {"uncertainty_entropy": math.nan}, None)
     assert record["qc_flagged"] and record["qc_reasons"] == "0 kidney components, expected 2 (none)"
     assert record["uncertainty_entropy"] is None
     assert list(record) == list(QC_COLUMNS)
@@ -138,12 +139,11 @@ def test_reference_from_slice_cache_metas(tmp_path):
     for i, value in enumerate((0.1, None, 0.2)):  # validation predictions' records (one without a value)
         records.append(tmp_path / f"val_{i}.json")
         records[-1].write_text(json.dumps({"case_id": f"v{i}", "uncertainty_entropy": value}))
-    settings = {"range_margin": 0.1, "max_uncertainty": None}
+    settings = {"range_margin": 0.1, "max_uncertainty": None, "max_tumor_uncertainty": 0.9}
     ref = build_reference(metas, settings, tmp_path / "qc_reference.json", records)
-    assert ref["validation_uncertainty"] == [0.1, 0.2] and ref["max_uncertainty"] == pytest.approx(0.22)
-    fixed = build_reference(metas, {**settings, "max_uncertainty": 0.3}, tmp_path / "fixed.json", records)
-    assert fixed["max_uncertainty"] == 0.3
-    assert build_reference(metas, settings, tmp_path / "none.json")["max_uncertainty"] is None
+    assert ref["validation_uncertainty"]["uncertainty_entropy"] == [0.1, 0.2]
+    assert ref["thresholds"] == {"uncertainty_entropy": pytest.approx(0.22), "uncertainty_tu": 0.9}  # auto, fixed
+    assert build_reference(metas, settings, tmp_path / "none.json")["thresholds"]["uncertainty_entropy"] is None
     assert ref["kidney_ml"] == [150.0, 300.0] and ref["tumor_ml"] == [10.0, 40.0]  # cases without tumour left out
     assert ref["field_of_view_mm"][0] == [300.0, 600.0] and ref["spacing_mm"][1] == [0.8, 0.8]
     assert read_reference(tmp_path / "qc_reference.json") == ref
@@ -200,7 +200,7 @@ def test_postprocessed_record_carries_uncertainty_and_flags(tmp_path):
         tmp_path / "pp.nii.gz",
         tmp_path / "pp.plan.nii.gz",
         decision,
-        qc_reference=reference(max_uncertainty=0.3),
+        qc_reference=reference(thresholds={"uncertainty_entropy": 0.3, "uncertainty_tu": None}),
     )
     assert details["qc_reasons"].endswith("high uncertainty in the predicted foreground (entropy 0.350 > 0.3)")
 
@@ -209,6 +209,40 @@ def test_foreground_at_the_scan_edge_is_flagged():
     labels = two_kidneys()
     assert case_findings(labels, SPACING)["cut_faces"] == []
     cut = labels[8:]  # the field of view starts inside both kidneys
-    reasons = qc_flags(case_findings(cut, SPACING), {}, None, 0.2)
+    reasons = qc_flags(case_findings(cut, SPACING), {}, None)
     assert reasons == ["kidney or tumour at the scan's edge (first slice): the field of view may cut it"]
     assert case_findings(labels[:, :, :50], SPACING)["cut_faces"] == ["last column"]
+
+
+def test_an_uncertain_tumour_is_flagged_against_its_own_threshold():
+    findings = case_findings(two_kidneys(), SPACING)
+    ref = reference(kidney_ml=[5.0, 50.0])
+    assert qc_flags(findings, {"uncertainty_entropy": 0.1, "uncertainty_tu": 0.4}, ref) == []
+    assert qc_flags(findings, {"uncertainty_entropy": 0.1, "uncertainty_tu": 0.64}, ref) == [
+        "uncertain tumour, a miss or a false positive? (uncertainty_tu 0.640 > 0.5)"
+    ]
+    no_threshold = reference(kidney_ml=[5.0, 50.0], thresholds={"uncertainty_entropy": None, "uncertainty_tu": None})
+    assert qc_flags(findings, {"uncertainty_entropy": 0.9, "uncertainty_tu": 0.9}, no_threshold) == []
+
+
+def test_kidney_intensity_is_the_median_and_the_noise_of_kidney_hu():
+    labels = two_kidneys()
+    texture = np.where(labels == 1, 150.0, -100.0).astype(np.float32)
+    texture += 40.0 * np.sin(np.arange(labels.shape[1]) / 6.0)[None, :, None]  # smooth cortex-like variation
+    clean = kidney_intensity(texture, labels)
+    assert clean["kidney_hu_median"] == pytest.approx(float(np.median(texture[labels == 1])))
+    assert clean["kidney_hu_noise"] < 1.0  # texture smooth at the voxel scale is not noise
+    noisy = texture + np.random.default_rng(0).normal(0, 30, labels.shape).astype(np.float32)
+    assert kidney_intensity(noisy, labels)["kidney_hu_noise"] == pytest.approx(30, rel=0.05)
+    assert kidney_intensity(texture, np.zeros_like(labels)) == {"kidney_hu_median": None, "kidney_hu_noise": None}
+
+
+def test_kidney_hu_outside_the_training_range_is_flagged():
+    findings = case_findings(two_kidneys(), SPACING)
+    ref = reference(kidney_ml=[5.0, 50.0], kidney_hu_median=[120.0, 200.0], kidney_hu_noise=[20.0, 40.0])
+    assert qc_flags(findings, {"kidney_hu_median": 180.0, "kidney_hu_noise": 45.0}, ref) == []  # within 25%
+    assert qc_flags(findings, {"kidney_hu_median": 420.0, "kidney_hu_noise": 90.0}, ref) == [
+        "kidney HU median 420 outside the training range 120-200 HU",
+        "kidney HU noise 90 outside the training range 20-40 HU",
+    ]
+    assert qc_flags(findings, {"kidney_hu_median": None}, ref) == []  # no kidney predicted: nothing to compare

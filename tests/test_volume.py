@@ -128,6 +128,23 @@ def test_wrong_label_values_and_grid(tmp_path):
         read_label(small, "case_00009", (0, 1, 2), geometry)
 
 
+def test_a_label_on_the_same_grid_in_another_voxel_order_is_accepted(tmp_path):
+    """Same voxels in the world, stored slices-last: one grid (compared in the internal orientation)."""
+    image = np.arange(24, dtype=np.float32).reshape(2, 3, 4)
+    _, geometry = read_image(write_nifti(tmp_path / "img.nii.gz", image, kits_affine()), "case_00009")
+    label = (np.arange(24).reshape(2, 3, 4) % 3).astype(np.uint8)
+    flipped = np.ascontiguousarray(np.transpose(label, (2, 1, 0))[:, :, ::-1])
+    affine = kits_affine()[:, [2, 1, 0, 3]]
+    affine[:3, 3] += affine[:3, 2] * (label.shape[0] - 1)  # the last slice first
+    affine[:3, 2] *= -1
+    path = write_nifti(tmp_path / "seg.nii.gz", flipped, affine)
+    read, _ = read_label(path, "case_00009", (0, 1, 2), geometry)
+    np.testing.assert_array_equal(read, label)
+    affine[:3, 3] += 0.5  # half a millimetre off
+    with pytest.raises(CaseDataError, match="grid mismatch: affine"):
+        read_label(write_nifti(tmp_path / "moved.nii.gz", flipped, affine), "case_00009", (0, 1, 2), geometry)
+
+
 def test_real_kits_headers_round_trip(kits_labels_dir, tmp_path):
     path = kits_labels_dir / "case_00037" / "segmentation.nii.gz"  # uint16 on disk
     img = nib.load(str(path))

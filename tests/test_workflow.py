@@ -87,7 +87,9 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     reference = json.loads((results / "model" / "qc_reference.json").read_text())
     assert reference["n_cases"] == 5  # train + val
     # the threshold: the validation case's uncertainty widened by the margin (the schema's defaults)
-    assert reference["max_uncertainty"] == pytest.approx(reference["validation_uncertainty"][0] * 1.25)
+    for column in ("uncertainty_entropy", "uncertainty_tu"):
+        expected = reference["validation_uncertainty"][column][0] * 1.25
+        assert reference["thresholds"][column] == pytest.approx(expected), column
     html = (results / "report.html").read_text()
     assert "Post-processing" in html and "Quality control" in html
     assert html.count('class="case-row"') == len(test_cases)
