@@ -668,17 +668,23 @@ def uncertainty_on_scan_grid(probs: np.ndarray, grid: PlanGrid, shape: tuple[int
     return out
 
 
-def _predict_and_write(
+def segment_case(
     case_id: str,
     image_path: str | os.PathLike,
     out_path: str | os.PathLike,
     predictor: tuple[Sequence[PredictFn], dict],
     inference_cfg: dict,
-    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None,
-    plan_grid_path: str | os.PathLike | None,
+    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
     uncertainty_path: str | os.PathLike | None = None,
+    plan_grid_path: str | os.PathLike | None = None,
 ) -> CasePrediction:
-    """Predict one scan, write its labels (and the plan-grid labels, the uncertainty map where paths are given)."""
+    """:func:`predict_case` returning the labels (file layout) with the plan grid and the case's summary.
+
+    With ``uncertainty_path``, the normalised entropy of the class scores (0 certain, 1
+    uniform; :func:`kidney_seg.quality.normalised_entropy`) is written there as float32 on
+    the scan's grid (resampled like the scores, 0 outside the crop box); with
+    ``plan_grid_path``, the plan-grid labels (see :func:`predict_case`).
+    """
     predict_fn, model_plan = predictor
     image, geometry = read_image(image_path, case_id)
     probs, grid = predict_scores(image, geometry.spacing, model_plan, predict_fn, inference_cfg)
@@ -700,26 +706,6 @@ def _predict_and_write(
     save_like(out_path, out, reference=image_path)
     log.info("%s: predicted %s voxels, labels %s; summary %s", case_id, out.shape, np.unique(out).tolist(), summary)
     return CasePrediction(out, grid, summary)
-
-
-def segment_case(
-    case_id: str,
-    image_path: str | os.PathLike,
-    out_path: str | os.PathLike,
-    predictor: tuple[Sequence[PredictFn], dict],
-    inference_cfg: dict,
-    postprocess: Callable[[np.ndarray, tuple[float, ...]], np.ndarray] | None = None,
-    uncertainty_path: str | os.PathLike | None = None,
-) -> CasePrediction:
-    """:func:`predict_case` returning the labels with the plan grid and the uncertainty summary.
-
-    With ``uncertainty_path``, the normalised entropy of the class scores (0 certain, 1
-    uniform; :func:`kidney_seg.quality.normalised_entropy`) is written there as float32 on
-    the scan's grid (resampled like the scores, 0 outside the crop box).
-    """
-    return _predict_and_write(
-        case_id, image_path, out_path, predictor, inference_cfg, postprocess, None, uncertainty_path
-    )
 
 
 def predict_case(
@@ -744,8 +730,8 @@ def predict_case(
     (:meth:`PlanGrid.affine`).
     """
     predictor = predictor or load_predictor(model_dir, plan)
-    return _predict_and_write(
-        case_id, image_path, out_path, predictor, inference_cfg, postprocess, plan_grid_path
+    return segment_case(
+        case_id, image_path, out_path, predictor, inference_cfg, postprocess, None, plan_grid_path
     ).labels
 
 
@@ -761,7 +747,7 @@ def predict_case_on_both_grids(
 ) -> dict:
     """:func:`predict_case` writing the plan-grid labels too; returns the plan grid and uncertainty for the record."""
     predictor = load_predictor(model_dir, plan)
-    result = _predict_and_write(
-        case_id, image_path, out_path, predictor, inference_cfg, None, plan_grid_path, uncertainty_path
+    result = segment_case(
+        case_id, image_path, out_path, predictor, inference_cfg, None, uncertainty_path, plan_grid_path
     )
     return {"plan_grid": result.plan_grid.to_dict(), **strict_json(result.summary)}
