@@ -9,9 +9,9 @@ config's ``inference`` section (schema defaults, then ``--set``) overlaid by the
 
   full       sliding window of the training patch, Gaussian weights, mirror TTA (the paper setting);
   whole      whole slices (``tiling: whole_slice``), mirror TTA;
-  localized  whole slices, mirror TTA, the full pass only in the box a cheap pass finds
-             (``localize: true``, with its fallbacks; kidney_seg/localization.py);
-  tiles_localized  sliding window with ``localize: true``.
+  localized  whole slices, mirror TTA, the full pass only on the in-plane crop of the box a
+             cheap pass finds (``localize: true``, with its fallbacks; kidney_seg/localization.py);
+  tiles_localized  sliding window with ``localize: true`` (the full tiling's tiles that overlap the box).
 
 The scan is read once per case, outside the timing; each mode's time is the whole
 ``predict_volume`` (preprocess, forward passes, aggregation, resampling to the scan's grid,

@@ -524,29 +524,34 @@ def predict_localized(
     """Class scores (C, Z, Y, X) of a preprocessed volume, the full pass run only where a cheap pass found
     foreground (:mod:`kidney_seg.localization`); background elsewhere. A miss runs the full pass everywhere.
 
-    The full pass covers the box's slices, whole, and in them (sliding window) the tiles of the full
-    tiling that overlap the box in-plane: inside the box the scores are those of the full pass exactly.
+    The full pass covers the box's slices. Sliding window: in them, the tiles of the full tiling that
+    overlap the box in-plane, so inside the box the scores are those of the full pass exactly. Whole
+    slices: the box's in-plane crop, predicted whole (the margin is its context).
     """
     settings = _probability_settings(plan, inference_cfg)
     fns = as_predict_fns(predict_fn)
-    every = inference_cfg["localize_every"]
+    every, min_ml = inference_cfg["localize_every"], inference_cfg["localize_min_ml"]
     sampled = sampled_slices(len(volume), every)
     cheap = {**settings, "tiling": "whole_slice", "mirror_tta": False}  # one model, one mirroring, whole slices
     coarse = predict_probabilities(volume[sampled], fns[:1], **cheap)
-    box = foreground_box(coarse[0] < 0.5, sampled, volume.shape, spacing, every, inference_cfg["localize_margin_mm"])
+    margin = inference_cfg["localize_margin_mm"]
+    box = foreground_box(coarse[0] < 0.5, sampled, volume.shape, spacing, every, margin, min_ml)
     if box is None:
-        log.warning("localisation: no foreground in %d sampled slices; predicting every slice", len(sampled))
+        log.warning("localisation: no foreground of %g ml in %d sampled slices; every slice", min_ml, len(sampled))
         return predict_probabilities(volume, fns, **settings)
     z, roi = box[0], box[1:]
     probs = np.zeros((plan["num_classes"],) + volume.shape, dtype=np.float32)
-    probs[0] = 1.0  # background outside the predicted slices and tiles
-    probs[:, z] = predict_probabilities(volume[z], fns, **settings, roi=roi)
+    probs[0] = 1.0  # background outside the predicted slices and pixels
     if settings["tiling"] == "sliding_window":
+        probs[:, z] = predict_probabilities(volume[z], fns, **settings, roi=roi)
         covered = tile_coverage(volume.shape[1:], settings["patch"], settings["step"], roi)
     else:
-        covered = np.ones(volume.shape[1:], dtype=bool)
-    if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(volume)):
-        log.warning("localisation: foreground reaches the edge of what was predicted (slices %s); every slice", z)
+        probs[(slice(None), z) + roi] = predict_probabilities(volume[(z,) + roi], fns, **settings)
+        covered = np.zeros(volume.shape[1:], dtype=bool)
+        covered[roi] = True
+    voxel_ml = float(np.prod(spacing)) / 1000.0
+    if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(volume), voxel_ml, min_ml):
+        log.warning("localisation: foreground reaches the edge of what was predicted (box %s); every slice", box)
         return predict_probabilities(volume, fns, **settings)
     share = (z.stop - z.start) * covered.mean() / len(volume)
     log.info(

@@ -3,17 +3,20 @@
 A cheap first pass (:func:`kidney_seg.inference.predict_localized`) predicts every
 ``every``-th slice of the preprocessed volume (whole slices, one mirroring, the first
 model of an ensemble). :func:`foreground_box` turns the voxels it calls foreground (class
-scores whose background score is below 0.5) into a box: the sampled slices with foreground,
-widened by the ``every - 1`` slices that were not looked at plus a margin in millimetres,
-and the in-plane extent of all that foreground, widened by the margin. The full pass then
-runs on the box's slices only, and in them (sliding window) only the tiles of the full
-tiling that overlap the box, so that inside the box its scores are exactly the full pass's;
-everything it does not predict is background.
+scores whose background score is below 0.5) into a box. Components of that foreground
+smaller than a volume (``min_ml``, :func:`large_components`; each sampled slice standing
+for ``every`` slices) are specks, not kidneys, and do not widen it. The box is the sampled
+slices with foreground, widened by the ``every - 1`` slices that were not looked at plus a
+margin in millimetres, and the in-plane extent of that foreground, widened by the margin.
+The full pass then runs on the box's slices only: with sliding windows, only the tiles of
+the full tiling that overlap the box, so that inside the box its scores are exactly the full
+pass's; with whole slices, on the box's in-plane crop. Everything it does not predict is
+background.
 
-Two misses fall back to the full pass over the whole volume: no foreground in any sampled
-slice (:func:`foreground_box` gives None), and foreground of the full pass reaching the
-edge of what it predicted where the volume goes on (:func:`cut_at_the_edge`: the box cut
-something off). NumPy and SciPy only.
+Two misses fall back to the full pass over the whole volume: no component of at least
+``min_ml`` in any sampled slice (:func:`foreground_box` gives None), and a component of the
+full pass's foreground of at least ``min_ml`` reaching the edge of what it predicted where
+the volume goes on (:func:`cut_at_the_edge`: the box cut something off). NumPy and SciPy only.
 """
 
 from __future__ import annotations
@@ -34,6 +37,19 @@ def sampled_slices(n_slices: int, every: int) -> list[int]:
     return picked
 
 
+def large_components(mask: np.ndarray, voxel_ml: float, min_ml: float) -> np.ndarray:
+    """The voxels of ``mask`` (3D bool) in face-connected components of at least ``min_ml`` (``voxel_ml`` each)."""
+    from scipy import ndimage
+
+    mask = np.asarray(mask, dtype=bool)
+    if min_ml <= 0 or not mask.any():
+        return mask
+    labels, n = ndimage.label(mask)
+    big = np.bincount(labels.ravel(), minlength=n + 1) * voxel_ml >= min_ml
+    big[0] = False
+    return big[labels]
+
+
 def foreground_box(
     found: np.ndarray,
     sampled: Sequence[int],
@@ -41,10 +57,11 @@ def foreground_box(
     spacing: Sequence[float],
     every: int,
     margin_mm: float,
+    min_ml: float = 0.0,
 ) -> Box3 | None:
-    """The box (slices of the volume) around the foreground ``found`` (bool, one plane per ``sampled`` slice);
-    None when nothing was found."""
-    found = np.asarray(found, dtype=bool)
+    """The box (slices of the volume) around the foreground ``found`` (bool, one plane per ``sampled`` slice),
+    its components under ``min_ml`` left out; None when nothing is left."""
+    found = large_components(found, float(np.prod(spacing)) * every / 1000.0, min_ml)
     hit = [z for z, plane in zip(sampled, found) if plane.any()]
     if not hit:
         return None
@@ -56,11 +73,20 @@ def foreground_box(
     )
 
 
-def cut_at_the_edge(foreground: np.ndarray, slices: slice, covered: np.ndarray, n_slices: int) -> bool:
-    """Whether ``foreground`` (the predicted slices' voxels) reaches the edge of what was predicted inside the
-    volume: the first or last predicted slice where the volume goes on, or the border of the ``covered`` pixels
-    (2D) where uncovered pixels lie beyond it."""
+def cut_at_the_edge(
+    foreground: np.ndarray,
+    slices: slice,
+    covered: np.ndarray,
+    n_slices: int,
+    voxel_ml: float = 0.0,
+    min_ml: float = 0.0,
+) -> bool:
+    """Whether ``foreground`` (the predicted slices' voxels; its components under ``min_ml`` left out) reaches the
+    edge of what was predicted inside the volume: the first or last predicted slice where the volume goes on, or
+    the border of the ``covered`` pixels (2D) where uncovered pixels lie beyond it."""
     from scipy import ndimage
+
+    foreground = large_components(foreground, voxel_ml, min_ml)
 
     if slices.start > 0 and foreground[0].any():
         return True

@@ -13,7 +13,7 @@ from kidney_seg.inference import (
     predict_probabilities,
     predict_volume,
 )
-from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices
+from kidney_seg.localization import cut_at_the_edge, foreground_box, large_components, sampled_slices
 from tests.test_inference import fake_plan, flip_equivariant_model, passthrough_model, threshold_model
 
 SPACING = (2.5, 1.0, 1.0)
@@ -102,6 +102,19 @@ def test_foreground_box_widens_by_the_gap_and_the_margin():
     assert foreground_box(np.zeros((4, 50, 60), bool), sampled, (14, 50, 60), (3, 1, 1), 4, 6.0) is None
 
 
+def test_components_under_min_ml_do_not_place_the_box():
+    sampled = [0, 4, 8, 12]
+    found = np.zeros((4, 50, 60), bool)
+    found[1:3, 20:30, 30:40] = True  # 200 sampled voxels x 4 slices x 1 mm3 = 0.8 ml
+    found[3, 2, 2] = True  # a speck: 0.004 ml
+    kw = {"shape": (14, 50, 60), "spacing": (1.0, 1.0, 1.0), "every": 4, "margin_mm": 0.0}
+    assert foreground_box(found, sampled, **kw, min_ml=0.5) == (slice(1, 12), slice(20, 30), slice(30, 40))
+    assert foreground_box(found, sampled, **kw, min_ml=0.0) == (slice(1, 14), slice(2, 30), slice(2, 40))
+    assert foreground_box(found, sampled, **kw, min_ml=1.0) is None
+    kept = large_components(found, 0.004, 0.5)
+    assert kept.sum() == 200 and not kept[3, 2, 2]
+
+
 def test_a_cut_is_foreground_at_an_edge_of_the_prediction_inside_the_volume():
     covered = np.zeros((20, 20), bool)
     covered[5:15, 5:20] = True  # its right edge is the slice's own
@@ -117,6 +130,9 @@ def test_a_cut_is_foreground_at_an_edge_of_the_prediction_inside_the_volume():
     fg[-1, 8, 8] = False
     fg[2, 5, 9] = True  # the first covered row, uncovered rows above it
     assert cut_at_the_edge(fg, slice(0, 5), covered, 10)
+    assert not cut_at_the_edge(fg, slice(0, 5), covered, 10, voxel_ml=0.001, min_ml=0.002)  # a one-voxel speck
+    fg[2, 5:8, 9] = True
+    assert cut_at_the_edge(fg, slice(0, 5), covered, 10, voxel_ml=0.001, min_ml=0.002)  # three voxels: a component
 
 
 def test_kept_tiles_give_the_full_tilings_scores_inside_the_roi():
@@ -150,7 +166,15 @@ def block_scan(shape=(24, 60, 70), block=((9, 15), (25, 35), (30, 40))) -> np.nd
 def localized_cfg(**over) -> dict:
     return with_defaults(
         "inference",
-        {"mirror_tta": False, "batch_size": 8, "tiling": "whole_slice", "localize": True, "localize_every": 4, **over},
+        {
+            "mirror_tta": False,
+            "batch_size": 8,
+            "tiling": "whole_slice",
+            "localize": True,
+            "localize_every": 4,
+            "localize_min_ml": 0.0,
+            **over,
+        },
     )
 
 
@@ -178,7 +202,7 @@ def test_nothing_found_by_the_cheap_pass_falls_back_to_every_slice(caplog):
     with caplog.at_level(logging.WARNING, logger="kidney_seg.inference"):
         labels = predict_volume(image, SPACING, plan(), threshold_model, localized_cfg())
     assert (labels == 1).sum() == 2 * 10 * 10
-    assert any("no foreground in 7 sampled slices; predicting every slice" in r.getMessage() for r in caplog.records)
+    assert any("no foreground of 0 ml in 7 sampled slices; every slice" in r.getMessage() for r in caplog.records)
 
 
 def test_foreground_at_the_edge_of_the_box_falls_back_to_every_slice(caplog):
@@ -203,3 +227,19 @@ def test_outside_the_box_is_background_for_sigmoid_models_too():
     )
     np.testing.assert_array_equal(labels, full)
     assert (labels == 1).sum() == 6 * 10 * 10
+
+
+def test_a_speck_of_the_cheap_pass_neither_widens_the_box_nor_forces_the_fallback(caplog):
+    """Whole slices: a bright one-voxel speck far from the block is dropped by localize_min_ml; the block is found."""
+    image = block_scan(shape=(24, 100, 110))
+    image[12, 90, 100] = 250  # a sampled slice: the cheap pass sees it
+    full = predict_volume(image, SPACING, plan(), threshold_model, localized_cfg(localize=False))
+    fn = Recorder(threshold_model)
+    with caplog.at_level(logging.INFO, logger="kidney_seg.inference"):
+        fast = predict_volume(image, SPACING, plan(), fn, localized_cfg(localize_margin_mm=5.0, localize_min_ml=0.5))
+    assert (full == 1).sum() == 6 * 10 * 10 + 1
+    assert (fast == 1).sum() == 6 * 10 * 10 and fast[12, 90, 100] == 0  # the speck is outside the box
+    np.testing.assert_array_equal(fast[:, :80, :80], full[:, :80, :80])
+    assert not any("every slice" in r.getMessage() for r in caplog.records)
+    _, h, w = fn.shapes[-1]  # the full pass's last call
+    assert h * w < 0.25 * 100 * 110  # an in-plane crop, not the whole slice
