@@ -13,8 +13,8 @@ the model's inference.json, a copy of the plan it was trained with: :mod:`kidney
 
 A fold ensemble (``results/model/fold_*``) predicts each slab with every fold and averages
 their logits, as nnU-Net v2 does; the averaged logits become class scores once (softmax
-probabilities, or for a sigmoid model the foreground sigmoids with background 1 - their
-maximum, see :func:`sigmoid_scores`).
+probabilities; for a sigmoid model the foreground sigmoids with background 1 - their
+maximum, :func:`sigmoid_scores`; for a region model :func:`region_scores`).
 
 Two grids come out. On the plan's grid (the crop box at the target spacing,
 :class:`PlanGrid`) the labels are the argmax of the class scores, no resampling
@@ -47,7 +47,7 @@ import numpy as np
 from scipy import ndimage
 
 from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices
-from kidney_seg.plan import read_plan
+from kidney_seg.plan import OUTPUT_ACTIVATIONS, read_plan
 from kidney_seg.preprocessing import (
     Box,
     box_from_list,
@@ -256,12 +256,30 @@ def sigmoid_scores(logits: np.ndarray, axis: int = -1) -> np.ndarray:
     return np.concatenate([background, fg], axis=axis)
 
 
+def region_scores(logits: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Class scores of nested-region logits (region c = "label >= c", c = 1..C-1, along ``axis``).
+
+    With s_c the region sigmoids: p_c = min(s_c, 1 - s_d for every d > c), p_0 = min_c (1 - s_c).
+    Their argmax (ties to the lower class) is the highest region whose sigmoid exceeds 0.5,
+    else background: nnU-Net v2's rule for regions (each region in order overwrites the
+    label where its probability exceeds 0.5).
+    """
+    from scipy.special import expit
+
+    s = np.moveaxis(expit(np.asarray(logits, dtype=np.float32)).astype(np.float32), axis, -1)
+    above = np.minimum.accumulate((1.0 - s)[..., ::-1], axis=-1)[..., ::-1]  # above[c] = min(1 - s_d, d >= c)
+    fg = np.concatenate([np.minimum(s[..., :-1], above[..., 1:]), s[..., -1:]], axis=-1)
+    return np.moveaxis(np.concatenate([above[..., :1], fg], axis=-1), -1, axis)
+
+
 def class_scores(logits: np.ndarray, output_activation: str = "softmax", axis: int = -1) -> np.ndarray:
     """Per-class scores (num_classes along ``axis``) of a model's aggregated logits."""
     if output_activation == "softmax":
         return softmax(logits, axis=axis)
     if output_activation == "sigmoid":
         return sigmoid_scores(logits, axis=axis)
+    if output_activation == "regions":
+        return region_scores(logits, axis=axis)
     raise ValueError(f"unknown output_activation {output_activation!r}")
 
 
@@ -289,7 +307,8 @@ def predict_probabilities(
     """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
 
     softmax: ``predict_fn`` gives C logits, the scores are softmax probabilities; sigmoid:
-    it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`.
+    it gives C-1 logits (one per foreground class), the scores are :func:`sigmoid_scores`;
+    regions: C-1 logits (one per nested region), the scores are :func:`region_scores`.
     Logits are averaged over tiles and mirrors before either conversion. A sequence of
     forward functions is a fold ensemble: their aggregated logits are averaged too, slab
     by slab, and converted once, as nnU-Net v2 does (``predict_logits_from_preprocessed_data``
@@ -305,7 +324,9 @@ def predict_probabilities(
     equal those of the full tiling.
     """
     fns = as_predict_fns(predict_fn)
-    channels = num_classes - 1 if output_activation == "sigmoid" else num_classes
+    if output_activation not in OUTPUT_ACTIVATIONS:
+        raise ValueError(f"unknown output_activation {output_activation!r}")
+    channels = num_classes if output_activation == "softmax" else num_classes - 1
     probs = np.empty((num_classes,) + volume.shape, dtype=np.float32)
     if tiling not in ("sliding_window", "whole_slice"):
         raise ValueError(f"unknown tiling {tiling!r}")

@@ -1,9 +1,12 @@
 """Soft Dice + cross-entropy from logits with sparse labels (the paper's loss), and Dice metrics.
 
-Two output layouts exist (``training.output_activation``): ``softmax``, one logit per
-class (the paper), and ``sigmoid``, the paper's "sigmoid counterpart" with one logit per
+Three output layouts exist (``training.output_activation``): ``softmax``, one logit per
+class (the paper); ``sigmoid``, the paper's "sigmoid counterpart" with one logit per
 foreground class, each a binary "voxel belongs to class c" decision
-(:class:`SigmoidDiceBCELoss`).
+(:class:`SigmoidDiceBCELoss`); and ``regions``, one logit per nested region "label >= c"
+(KiTS19: kidney+tumour, tumour), nnU-Net's region-based training for KiTS, where a voxel
+takes the highest region whose sigmoid exceeds 0.5 (nnU-Net v2's
+``LabelManager.convert_probabilities_to_segmentation``).
 
 Dice is computed over the whole batch ("batch Dice"), per class,
 then averaged over classes (background included or not by config); smooth = 1e-5.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import keras
 from keras import ops
 
+from kidney_seg.plan import OUTPUT_ACTIVATIONS
+
 
 def _prepare(y_true, y_pred, num_classes: int):
     """Cast logits to float32 and one-hot the sparse labels."""
@@ -24,6 +29,11 @@ def _prepare(y_true, y_pred, num_classes: int):
     if len(labels.shape) == len(logits.shape):
         labels = ops.squeeze(labels, axis=-1)
     return logits, labels, ops.one_hot(labels, num_classes, dtype="float32")
+
+
+def region_targets(onehot):
+    """Nested region targets of one-hot labels: region c (c = 1..C-1) is "label >= c" (kidney+tumour, tumour)."""
+    return ops.flip(ops.cumsum(ops.flip(onehot, axis=-1), axis=-1), axis=-1)[..., 1:]
 
 
 def soft_dice_per_class(onehot, probs, smooth: float = 1e-5):
@@ -66,40 +76,55 @@ class DiceCELoss(keras.losses.Loss):
 
 @keras.saving.register_keras_serializable(package="kidney_seg")
 class SigmoidDiceBCELoss(keras.losses.Loss):
-    """The sigmoid counterpart: one logit per foreground class c = 1..C-1, target ``label == c``.
+    """The sigmoid counterpart: one logit per foreground class c = 1..C-1, target ``label == c``;
+    with ``regions``, one logit per nested region, target ``label >= c`` (:func:`region_targets`).
 
-    Loss = (1 - mean over foreground classes of the batch soft Dice of sigmoid(logits))
-    + mean binary cross-entropy from logits (over pixels and foreground classes).
+    Loss = (1 - mean over outputs of the batch soft Dice of sigmoid(logits))
+    + mean binary cross-entropy from logits (over pixels and outputs).
     """
 
-    def __init__(self, num_classes: int = 3, smooth: float = 1e-5, name="sigmoid_dice_bce", **kwargs):
+    def __init__(
+        self, num_classes: int = 3, smooth: float = 1e-5, regions: bool = False, name="sigmoid_dice_bce", **kwargs
+    ):
         super().__init__(name=name, **kwargs)
         self.num_classes = num_classes
         self.smooth = smooth
+        self.regions = regions
 
     def call(self, y_true, y_pred):
         logits, _, onehot = _prepare(y_true, y_pred, self.num_classes)
-        targets = onehot[..., 1:]
+        targets = region_targets(onehot) if self.regions else onehot[..., 1:]
         probs = ops.sigmoid(logits)
         dice = soft_dice_per_class(targets, probs, self.smooth)
         bce = ops.mean(keras.losses.binary_crossentropy(targets, logits, from_logits=True))
         return (1.0 - ops.mean(dice)) + bce
 
     def get_config(self):
-        return {**super().get_config(), "num_classes": self.num_classes, "smooth": self.smooth}
+        return {
+            **super().get_config(),
+            "num_classes": self.num_classes,
+            "smooth": self.smooth,
+            "regions": self.regions,
+        }
 
 
-ACTIVATIONS = ("softmax", "sigmoid")
+ACTIVATIONS = OUTPUT_ACTIVATIONS
 
 
 def hard_labels(logits, activation: str = "softmax"):
-    """Integer labels of logits: argmax (softmax), or for sigmoid logits (one per foreground
-    class) the foreground class of highest probability where it exceeds 0.5, else 0."""
+    """Integer labels of logits: argmax (softmax); for sigmoid logits (one per foreground
+    class) the foreground class of highest probability where it exceeds 0.5, else 0; for
+    region logits the highest region c whose probability exceeds 0.5, else 0."""
     if activation == "softmax":
         return ops.argmax(logits, axis=-1)
     if activation == "sigmoid":
         best = ops.cast(ops.argmax(logits, axis=-1), "int32") + 1
         return ops.where(ops.max(logits, axis=-1) > 0, best, ops.zeros_like(best))
+    if activation == "regions":
+        labels = ops.zeros_like(ops.cast(logits[..., 0], "int32"))
+        for c in range(logits.shape[-1]):
+            labels = ops.where(logits[..., c] > 0, c + 1, labels)
+        return labels
     raise ValueError(f"unknown activation {activation!r}")
 
 

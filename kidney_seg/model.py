@@ -102,10 +102,10 @@ def build_unet(
 
 
 def output_channels(num_classes: int, output_activation: str = "softmax") -> int:
-    """Logits per pixel: one per class (softmax) or one per foreground class (sigmoid)."""
+    """Logits per pixel: one per class (softmax), one per foreground class (sigmoid) or nested region (regions)."""
     if output_activation == "softmax":
         return num_classes
-    if output_activation == "sigmoid":
+    if output_activation in ("sigmoid", "regions"):
         return num_classes - 1
     raise ValueError(f"unknown output_activation {output_activation!r}")
 

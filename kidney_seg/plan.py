@@ -10,7 +10,7 @@ A plan holds::
     class_names        their names, e.g. ["background", "kidney", "tumor"]
     num_classes        the model's classes (len(labels))
     patch_size         training crop and inference tile [rows, cols]
-    output_activation  softmax | sigmoid
+    output_activation  softmax | sigmoid | regions
     preprocessing      resolved settings: target_spacing, clip, normalization, mean, std, crop_to_body
 
 Every plan is checked where it is made (:func:`make_plan`) and where it is read
@@ -30,7 +30,8 @@ from kidney_seg.vocabulary import class_names, labels_of
 
 PLAN_NAME = "plans.json"
 PLAN_KEYS = ("labels", "class_names", "num_classes", "patch_size", "output_activation", "preprocessing")
-OUTPUT_ACTIVATIONS = ("softmax", "sigmoid")
+#: softmax: a logit per class; sigmoid: a logit per foreground class; regions: a logit per nested region.
+OUTPUT_ACTIVATIONS = ("softmax", "sigmoid", "regions")
 
 
 def plan_inputs(config: dict) -> dict:

@@ -138,7 +138,7 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
     """Attach the configured optimizer (:mod:`kidney_seg.schedules`), the activation's loss and Dice metrics.
 
     softmax: Dice + CE over all classes (the paper); sigmoid: the sigmoid counterpart,
-    Dice + binary CE over the foreground classes.
+    Dice + binary CE over the foreground classes; regions: the same over the nested regions.
     """
     from kidney_seg.losses import DiceCELoss, HardDice, SigmoidDiceBCELoss
     from kidney_seg.schedules import make_optimizer
@@ -146,8 +146,8 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
     activation = train_cfg["output_activation"]
     if activation == "softmax":
         loss = DiceCELoss(num_classes, include_background=train_cfg["dice_include_background"])
-    elif activation == "sigmoid":
-        loss = SigmoidDiceBCELoss(num_classes)
+    elif activation in ("sigmoid", "regions"):
+        loss = SigmoidDiceBCELoss(num_classes, regions=activation == "regions")
     else:
         raise ValueError(f"unknown output_activation {activation!r}")
     names = class_names(tuple(range(num_classes)))

@@ -340,6 +340,25 @@ def test_sigmoid_scores_threshold_and_sum_rule():
         class_scores(logits, "tanh")
 
 
+def test_region_scores_argmax_is_nnunets_region_rule():
+    """argmax of region_scores = the highest nested region whose sigmoid exceeds 0.5 (nnU-Net v2's order of writes)."""
+    from kidney_seg.inference import class_scores, region_scores
+
+    rng = np.random.default_rng(7)
+    logits = np.concatenate([rng.normal(0, 3, size=(500, 3)), [[0.0, 0.0, 0.0], [1.0, -1.0, 2.0]]]).astype(np.float32)
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    rule = np.zeros(len(logits), int)
+    for c in range(3):  # regions "label >= 1", ">= 2", ">= 3" of a 4-class problem
+        rule[probs[:, c] > 0.5] = c + 1
+    scores = region_scores(logits)
+    assert scores.shape == (502, 4) and scores.dtype == np.float32
+    np.testing.assert_array_equal(scores.argmax(1), rule)
+    np.testing.assert_allclose(scores[:, 0], (1 - probs).min(1), atol=1e-6)
+    np.testing.assert_allclose(scores[:, 3], probs[:, 2], atol=1e-6)
+    np.testing.assert_allclose(region_scores(np.moveaxis(logits, -1, 0), axis=0), scores.T)
+    np.testing.assert_allclose(class_scores(logits, "regions"), scores)
+
+
 @pytest.mark.parametrize("kidney,tumor,expected", [(0.3, -1.0, 1), (-1.0, -2.0, 0), (1.0, 2.0, 2), (0.0, -5.0, 0)])
 def test_sigmoid_predict_volume_constant_logits(kidney, tumor, expected):
     image = body_phantom()

@@ -99,6 +99,32 @@ def test_sigmoid_hard_labels_threshold_and_largest_foreground():
         hard_labels(logits, "tanh")
 
 
+def test_region_loss_targets_nested_regions():
+    """regions: output 1 is kidney+tumour (label >= 1), output 2 tumour (label >= 2): the sigmoid loss on those."""
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, size=(2, 8, 8))
+    logits = rng.normal(size=(2, 8, 8, 2)).astype(np.float32) * 3
+    got = float(keras.ops.convert_to_numpy(SigmoidDiceBCELoss(3, regions=True)(labels, logits)))
+    # the reference's targets are label == c; labels remapped so that == c means >= c
+    nested = np.stack([labels >= 1, labels >= 2], -1).astype(np.float32)
+    perfect = (nested * 2 - 1) * 12
+    assert float(SigmoidDiceBCELoss(3, regions=True)(labels, perfect)) < 0.01
+    assert float(SigmoidDiceBCELoss(3)(labels, perfect)) > 0.1  # not the per-class targets
+    probs = 1 / (1 + np.exp(-logits.astype(np.float64)))
+    dice = (2 * (nested * probs).sum((0, 1, 2)) + 1e-5) / (nested.sum((0, 1, 2)) + probs.sum((0, 1, 2)) + 1e-5)
+    bce = -(nested * np.log(probs) + (1 - nested) * np.log(1 - probs)).mean()
+    assert got == pytest.approx(1 - dice.mean() + bce, rel=1e-4)
+    again = keras.losses.deserialize(keras.losses.serialize(SigmoidDiceBCELoss(3, regions=True)))
+    assert again.regions is True
+
+
+def test_region_hard_labels_take_the_highest_region_above_one_half():
+    # per pixel: (kidney+tumour, tumour) logits; nnU-Net: each region in order overwrites where p > 0.5
+    logits = np.array([[[[-1.0, -2.0], [0.5, -1.0], [0.5, 2.0], [-3.0, 1.0], [0.0, 0.0], [2.0, 0.0]]]], np.float32)
+    got = keras.ops.convert_to_numpy(hard_labels(logits, "regions"))
+    np.testing.assert_array_equal(got, [[[0, 1, 2, 2, 0, 1]]])
+
+
 def test_hard_dice_metric_sigmoid():
     truth = np.array([[[0, 1, 1, 2, 2]]])
     logits = np.array([[[[-5, -5], [5, -5], [-5, -5], [-5, 5], [1, 2]]]], np.float32)  # predicts 0 1 0 2 2

@@ -59,7 +59,7 @@ def test_saved_model_round_trip(tmp_path):
     np.testing.assert_allclose(again.predict_on_batch(x), model.predict_on_batch(x), atol=1e-5)
 
 
-@pytest.mark.parametrize("activation,channels", [("softmax", 3), ("sigmoid", 2)])
+@pytest.mark.parametrize("activation,channels", [("softmax", 3), ("sigmoid", 2), ("regions", 2)])
 def test_build_from_config_output_channels(activation, channels):
     from kidney_seg.model import build_from_config
 

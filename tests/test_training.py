@@ -150,7 +150,9 @@ def test_a_plan_that_disagrees_with_the_training_config_is_refused(cache, tmp_pa
         )
 
 
-def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
+@pytest.mark.parametrize("activation", ["sigmoid", "regions"])
+def test_sigmoid_outputs_train_and_predict(cache, tmp_path, activation):
+    """The sigmoid counterpart and the nested regions: two logits, the sigmoid loss, labels 0-2 on the scan's grid."""
     import nibabel as nib
 
     from kidney_seg.inference import load_predictor, predict_case
@@ -158,14 +160,15 @@ def test_sigmoid_counterpart_trains_and_predicts(cache, tmp_path):
     from tests.conftest import kits_affine, write_nifti
 
     out = tmp_path / "model"
-    history = run(cache, out, epochs=1, output_activation="sigmoid")
+    history = run(cache, out, epochs=1, output_activation=activation)
     assert list(history["epoch"]) == [1]
     assert {"val_dice_kidney", "val_dice_tumor"} <= set(history.columns)
     assert np.isfinite(history[["loss", "val_loss", "val_dice_kidney", "val_dice_tumor"]].to_numpy(float)).all()
     settings = json.loads((out / "inference.json").read_text())
-    assert settings["output_activation"] == "sigmoid" and settings["num_classes"] == 3
+    assert settings["output_activation"] == activation and settings["num_classes"] == 3
     model = load_model(out / "model.keras")
     assert model.output_shape[-1] == 2 and type(model.loss).__name__ == "SigmoidDiceBCELoss"
+    assert model.loss.regions == (activation == "regions")
     predictor = load_predictor(out)
     assert predictor[0][0](np.zeros((1, 16, 16, 1), np.float32)).shape == (1, 16, 16, 2)
     data = np.random.default_rng(0).normal(0, 20, (5, 22, 19)).astype(np.float32)
