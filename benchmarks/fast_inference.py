@@ -9,9 +9,10 @@ config's ``inference`` section (schema defaults, then ``--set``) overlaid by the
 
   full       sliding window of the training patch, Gaussian weights, mirror TTA (the paper setting);
   whole      whole slices (``tiling: whole_slice``), mirror TTA;
-  localized  whole slices, mirror TTA, the full pass only on the in-plane crop of the box a
-             cheap pass finds (``localize: true``, with its fallbacks; kidney_seg/localization.py);
-  tiles_localized  sliding window with ``localize: true`` (the full tiling's tiles that overlap the box).
+  localized  whole slices, mirror TTA, the full pass only on the box a cheap pass finds (its
+             slices, cropped in-plane; ``localize: true``, with its fallbacks;
+             kidney_seg/localization.py), the crop predicted whole;
+  tiles_localized  the same, the crop tiled by the sliding window (Gaussian weights, mirror TTA).
 
 The scan is read once per case, outside the timing; each mode's time is the whole
 ``predict_volume`` (preprocess, forward passes, aggregation, resampling to the scan's grid,

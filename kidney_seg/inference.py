@@ -46,7 +46,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices
+from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_slices, widened_to
 from kidney_seg.plan import OUTPUT_ACTIVATIONS, read_plan
 from kidney_seg.preprocessing import (
     Box,
@@ -112,36 +112,6 @@ def tile_corners(shape: tuple[int, int], patch: tuple[int, int], step: float) ->
     return [(y, x) for y in tile_starts(shape[0], patch[0], step) for x in tile_starts(shape[1], patch[1], step)]
 
 
-def kept_corners(
-    corners: list[tuple[int, int]], patch: tuple[int, int], roi: tuple[slice, slice] | None
-) -> list[tuple[int, int]]:
-    """The tile corners whose tile overlaps ``roi`` (in the padded slice's coordinates); all of them without one."""
-    if roi is None:
-        return corners
-    return [
-        (y, x)
-        for y, x in corners
-        if y < roi[0].stop and y + patch[0] > roi[0].start and x < roi[1].stop and x + patch[1] > roi[1].start
-    ]
-
-
-def _padded_roi(roi: tuple[slice, slice] | None, region: tuple[slice, slice]) -> tuple[slice, slice] | None:
-    """``roi`` (slice coordinates) moved by the padding that :func:`pad_to` added."""
-    if roi is None:
-        return None
-    return tuple(slice(r.start + g.start, r.stop + g.start) for r, g in zip(roi, region))
-
-
-def tile_coverage(shape: tuple[int, int], patch: tuple[int, int], step: float, roi: tuple[slice, slice] | None):
-    """Which pixels of a slice of ``shape`` the tiles kept for ``roi`` cover (bool, the slice's shape)."""
-    padded = tuple(max(s, p) for s, p in zip(shape, patch))
-    region = tuple(slice((p - s) // 2, (p - s) // 2 + s) for s, p in zip(shape, padded))
-    covered = np.zeros(padded, dtype=bool)
-    for y, x in kept_corners(tile_corners(padded, patch, step), patch, _padded_roi(roi, region)):
-        covered[y : y + patch[0], x : x + patch[1]] = True
-    return covered[region]
-
-
 def predict_slab_logits(
     slab: np.ndarray,
     predict_fn: PredictFn,
@@ -151,17 +121,11 @@ def predict_slab_logits(
     gaussian: bool = True,
     mirror_tta: bool = True,
     batch_size: int = 16,
-    roi: tuple[slice, slice] | None = None,
 ) -> np.ndarray:
-    """Aggregated logits (K, H, W, C) of a stack of K normalised slices, all tiles batched together.
-
-    With ``roi`` (in-plane slices), only the tiles that overlap it are run; pixels no kept tile
-    covers get logits 0 (:func:`tile_coverage` says which). Every pixel inside ``roi`` gets exactly
-    the logits of the full tiling, since every tile covering it overlaps ``roi``.
-    """
+    """Aggregated logits (K, H, W, C) of a stack of K normalised slices, all tiles batched together."""
     padded, region = pad_to(np.asarray(slab, dtype=np.float32), patch)
     weights = gaussian_importance_map(patch) if gaussian else np.ones(patch, dtype=np.float32)
-    corners = kept_corners(tile_corners(padded.shape[1:], patch, step), patch, _padded_roi(roi, region))
+    corners = tile_corners(padded.shape[1:], patch, step)
     tiles = np.stack([padded[k, y : y + patch[0], x : x + patch[1]] for k in range(len(padded)) for y, x in corners])[
         ..., None
     ]
@@ -178,8 +142,6 @@ def predict_slab_logits(
         total[k, y : y + patch[0], x : x + patch[1]] += tile_logits * weights[..., None]
     for y, x in corners:
         norm[y : y + patch[0], x : x + patch[1]] += weights
-    if roi is not None:
-        norm[norm == 0] = np.inf  # uncovered: 0 / inf = 0
     return (total / norm[..., None])[(slice(None),) + region]
 
 
@@ -302,7 +264,6 @@ def predict_probabilities(
     batch_size: int = 16,
     output_activation: str = "softmax",
     tiling: str = "sliding_window",
-    roi: tuple[slice, slice] | None = None,
 ) -> np.ndarray:
     """Class scores (C, Z, Y, X) of a preprocessed volume, a slab of slices at a time.
 
@@ -318,10 +279,6 @@ def predict_probabilities(
     pass (:func:`predict_slab_logits_whole`; ``step`` and ``gaussian`` unused), padded to a
     multiple of the forward function's ``divisor`` attribute (:class:`Forward`), else of
     :func:`patch_divisor`, with about ``batch_size`` tiles' worth of pixels per call.
-
-    ``roi`` (in-plane slices, sliding window only): only the tiles overlapping it run, and the
-    pixels no kept tile covers are background (score 1 for class 0); inside ``roi`` the scores
-    equal those of the full tiling.
     """
     fns = as_predict_fns(predict_fn)
     if output_activation not in OUTPUT_ACTIVATIONS:
@@ -351,14 +308,9 @@ def predict_probabilities(
                     gaussian=gaussian,
                     mirror_tta=mirror_tta,
                     batch_size=batch_size,
-                    roi=roi,
                 )
             logits = fold if logits is None else logits + fold
         probs[:, z : z + k] = np.moveaxis(class_scores(logits / len(fns), output_activation), -1, 0)
-    if roi is not None and tiling == "sliding_window":
-        outside = ~tile_coverage(volume.shape[1:], tuple(patch), step, roi)
-        probs[:, :, outside] = 0.0
-        probs[0][:, outside] = 1.0
     return probs
 
 
@@ -545,9 +497,9 @@ def predict_localized(
     """Class scores (C, Z, Y, X) of a preprocessed volume, the full pass run only where a cheap pass found
     foreground (:mod:`kidney_seg.localization`); background elsewhere. A miss runs the full pass everywhere.
 
-    The full pass covers the box's slices. Sliding window: in them, the tiles of the full tiling that
-    overlap the box in-plane, so inside the box the scores are those of the full pass exactly. Whole
-    slices: the box's in-plane crop, predicted whole (the margin is its context).
+    The full pass predicts the box's slices, cropped in-plane to the box (widened to at least one
+    training patch, so that the network sees as much real context as it did in training), with the
+    configured tiling: tiles of the crop, or the crop whole.
     """
     settings = _probability_settings(plan, inference_cfg)
     fns = as_predict_fns(predict_fn)
@@ -560,16 +512,12 @@ def predict_localized(
     if box is None:
         log.warning("localisation: no foreground of %g ml in %d sampled slices; every slice", min_ml, len(sampled))
         return predict_probabilities(volume, fns, **settings)
-    z, roi = box[0], box[1:]
+    z, plane = box[0], widened_to(box[1:], settings["patch"], volume.shape[1:])
     probs = np.zeros((plan["num_classes"],) + volume.shape, dtype=np.float32)
     probs[0] = 1.0  # background outside the predicted slices and pixels
-    if settings["tiling"] == "sliding_window":
-        probs[:, z] = predict_probabilities(volume[z], fns, **settings, roi=roi)
-        covered = tile_coverage(volume.shape[1:], settings["patch"], settings["step"], roi)
-    else:
-        probs[(slice(None), z) + roi] = predict_probabilities(volume[(z,) + roi], fns, **settings)
-        covered = np.zeros(volume.shape[1:], dtype=bool)
-        covered[roi] = True
+    probs[(slice(None), z) + plane] = predict_probabilities(volume[(z,) + plane], fns, **settings)
+    covered = np.zeros(volume.shape[1:], dtype=bool)
+    covered[plane] = True
     voxel_ml = float(np.prod(spacing)) / 1000.0
     if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(volume), voxel_ml, min_ml):
         log.warning("localisation: foreground reaches the edge of what was predicted (box %s); every slice", box)

@@ -8,10 +8,9 @@ smaller than a volume (``min_ml``, :func:`large_components`; each sampled slice 
 for ``every`` slices) are specks, not kidneys, and do not widen it. The box is the sampled
 slices with foreground, widened by the ``every - 1`` slices that were not looked at plus a
 margin in millimetres, and the in-plane extent of that foreground, widened by the margin.
-The full pass then runs on the box's slices only: with sliding windows, only the tiles of
-the full tiling that overlap the box, so that inside the box its scores are exactly the full
-pass's; with whole slices, on the box's in-plane crop. Everything it does not predict is
-background.
+The full pass then runs on the box's slices only, cropped in-plane to the box widened to at
+least one training patch (:func:`widened_to`), with the configured tiling (tiles of the crop,
+or the crop whole). Everything it does not predict is background.
 
 Two misses fall back to the full pass over the whole volume: no component of at least
 ``min_ml`` in any sampled slice (:func:`foreground_box` gives None), and a component of the
@@ -71,6 +70,16 @@ def foreground_box(
     return tuple(
         slice(max(0, int(lo) - m), min(int(n), int(hi) + m + 1)) for lo, hi, m, n in zip(lows, highs, margins, shape)
     )
+
+
+def widened_to(planes: Sequence[slice], size: Sequence[int], shape: Sequence[int]) -> tuple[slice, ...]:
+    """In-plane ``planes`` widened about their centre to at least ``size`` pixels each, kept inside ``shape``."""
+    out = []
+    for sl, s, n in zip(planes, size, shape):
+        want = min(max(sl.stop - sl.start, int(s)), int(n))
+        start = min(max(0, sl.start - (want - (sl.stop - sl.start)) // 2), int(n) - want)
+        out.append(slice(start, start + want))
+    return tuple(out)
 
 
 def cut_at_the_edge(

@@ -13,7 +13,7 @@ from kidney_seg.inference import (
     predict_probabilities,
     predict_volume,
 )
-from kidney_seg.localization import cut_at_the_edge, foreground_box, large_components, sampled_slices
+from kidney_seg.localization import cut_at_the_edge, foreground_box, large_components, sampled_slices, widened_to
 from tests.test_inference import fake_plan, flip_equivariant_model, passthrough_model, threshold_model
 
 SPACING = (2.5, 1.0, 1.0)
@@ -135,22 +135,10 @@ def test_a_cut_is_foreground_at_an_edge_of_the_prediction_inside_the_volume():
     assert cut_at_the_edge(fg, slice(0, 5), covered, 10, voxel_ml=0.001, min_ml=0.002)  # three voxels: a component
 
 
-def test_kept_tiles_give_the_full_tilings_scores_inside_the_roi():
-    """Tiles overlapping the roi only: inside it the scores equal the full tiling's, outside the tiles background."""
-    from kidney_seg.inference import tile_coverage
-    from tests.test_inference import flip_equivariant_model
-
-    volume = np.random.default_rng(3).normal(size=(3, 90, 100)).astype(np.float32)
-    kw = {"num_classes": 2, "patch": (32, 32), "mirror_tta": True, "batch_size": 8}
-    roi = (slice(40, 50), slice(10, 20))
-    full = predict_probabilities(volume, flip_equivariant_model, **kw)
-    fn = Recorder(flip_equivariant_model)
-    part = predict_probabilities(volume, fn, roi=roi, **kw)
-    np.testing.assert_array_equal(part[(slice(None), slice(None)) + roi], full[(slice(None), slice(None)) + roi])
-    covered = tile_coverage((90, 100), (32, 32), 0.5, roi)
-    assert covered[roi].all() and not covered.all()
-    assert (part[0][:, ~covered] == 1).all() and (part[1][:, ~covered] == 0).all()
-    assert fn.pixels < 0.5 * len(volume) * 4 * 20 * 32 * 32  # fewer than the 20 tiles of the full tiling
+def test_the_crop_is_widened_to_a_patch_inside_the_slice():
+    assert widened_to((slice(40, 50), slice(10, 20)), (32, 32), (90, 100)) == (slice(29, 61), slice(0, 32))
+    assert widened_to((slice(0, 60), slice(95, 100)), (32, 32), (90, 100)) == (slice(0, 60), slice(68, 100))
+    assert widened_to((slice(3, 5), slice(3, 5)), (32, 32), (20, 40)) == (slice(0, 20), slice(0, 32))
 
 
 # ----------------------------------------------------------------------------- the localised pass
