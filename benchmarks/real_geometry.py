@@ -64,7 +64,9 @@ config.yaml <out>/config.yaml``, as tests/workflow_runs.py does, so it never tou
 run's locks) and prints the scores from ``metrics/summary.csv`` (TK and TU Dice, tumour
 precision and recall, the share of test cases with a tumour whose tumour was missed entirely),
 the training steps and times, and the time per case of each stage. ``<out>/summary.md`` and
-``summary.json`` keep them.
+``summary.json`` keep them. ``--leave-out CASE ...`` drops cases from the manifest (so that a
+benchmark can time a model on a case it never trained on); ``--train-only`` stops the workflow
+once the model is trained (``snakemake --until train``) and scores nothing.
 """
 
 from __future__ import annotations
@@ -883,10 +885,12 @@ def build_dataset(cases: list[tuple[int, str, Path]], data_dir: Path, seed: int)
     return records
 
 
-def write_manifest(data_dir: Path, case_ids: list[str]) -> Path:
-    """``manifest_<N>.csv`` (case_id, image, label; paths relative to ``data_dir``)."""
+def write_manifest(data_dir: Path, case_ids: list[str], left_out: Sequence[str] = ()) -> Path:
+    """``manifest_<N>.csv``, or ``manifest_<N>_without_<ids>.csv`` (case_id, image, label; paths relative to
+    ``data_dir``)."""
     rows = [{"case_id": c, "image": f"{c}/{IMAGE_NAME}", "label": f"{c}/{LABEL_NAME}"} for c in case_ids]
-    path = data_dir / f"manifest_{len(case_ids)}.csv"
+    suffix = f"_without_{'_'.join(left_out)}" if left_out else ""
+    path = data_dir / f"manifest_{len(case_ids)}{suffix}.csv"
     with atomic_path(path) as tmp:
         pd.DataFrame(rows, columns=["case_id", "image", "label"]).to_csv(tmp, index=False)
     return path
@@ -927,21 +931,23 @@ def run_config(presets: Sequence[Path], out: Path, manifest: Path, split: Sequen
     return cfg
 
 
-def snakemake_command(config_path: Path, cores: int) -> list[str]:
-    """The workflow on ``config_path``, in the config's folder as working directory (as the tests run it)."""
+def snakemake_command(config_path: Path, cores: int, train_only: bool = False) -> list[str]:
+    """The workflow on ``config_path``, in the config's folder as working directory (as the tests run it);
+    with ``train_only``, until the model is trained."""
     snakemake = shutil.which("snakemake", path=str(Path(sys.executable).parent)) or "snakemake"
     where = ["--snakefile", str(ROOT / "Snakefile"), "--directory", str(config_path.parent)]
     configs = ["--configfile", str(ROOT / "config.yaml"), str(config_path)]
-    return [snakemake, "--cores", str(cores), "--rerun-incomplete", *where, *configs]
+    until = ["--until", "train"] if train_only else []
+    return [snakemake, "--cores", str(cores), "--rerun-incomplete", *where, *until, *configs]
 
 
-def run_workflow(config_path: Path, cores: int) -> tuple[int, float]:
+def run_workflow(config_path: Path, cores: int, train_only: bool = False) -> tuple[int, float]:
     """Run the workflow, output to ``snakemake.log`` beside the config; (exit status, seconds)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     start = time.perf_counter()
     with open(config_path.parent / "snakemake.log", "w") as log:
-        cmd = snakemake_command(config_path, cores)
+        cmd = snakemake_command(config_path, cores, train_only)
         rc = subprocess.run(cmd, cwd=config_path.parent, env=env, stdout=log, stderr=subprocess.STDOUT).returncode
     return rc, time.perf_counter() - start
 
@@ -1063,6 +1069,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=DEFAULT_SEED, help="seed of the intensities")
     p.add_argument("--cores", type=int, default=2)
     p.add_argument("--build-only", action="store_true", help="write the cases and the manifest, run nothing")
+    p.add_argument("--leave-out", nargs="+", default=[], metavar="CASE", help="cases left out of the manifest")
+    p.add_argument("--train-only", action="store_true", help="stop once the model is trained; score nothing")
     return p.parse_args(argv)
 
 
@@ -1088,9 +1096,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no case_*/{LABEL_NAME} under {args.labels} (../shared/data is absent?)", file=sys.stderr)
         return 1
     chosen = [(i, c, p) for i, (c, p) in enumerate(available)][: args.cases]
+    unknown = sorted(set(args.leave_out) - {c for _, c, _ in chosen})
+    if unknown:
+        print(f"--leave-out: {', '.join(unknown)} not among the chosen cases", file=sys.stderr)
+        return 1
     start = time.perf_counter()
     records = build_dataset(chosen, args.data, args.seed)
-    manifest = write_manifest(args.data, [c for _, c, _ in chosen])
+    kept = [c for _, c, _ in chosen if c not in args.leave_out]
+    manifest = write_manifest(args.data, kept, args.leave_out)
     build_s = time.perf_counter() - start
     print(f"data: {len(records)} cases in {args.data} ({build_s:.0f} s), manifest {manifest}", file=sys.stderr)
     return 0 if args.build_only else run_and_report(args, manifest, records, build_s)
@@ -1102,11 +1115,15 @@ def run_and_report(args: argparse.Namespace, manifest: Path, records: list[dict]
     cfg = run_config(args.preset, args.out, manifest, args.split, args.sets)
     config_path = args.out / "config.yaml"
     write_text_atomic(config_path, yaml.safe_dump(cfg, sort_keys=False))
-    print(f"running: {' '.join(snakemake_command(config_path, args.cores))}", file=sys.stderr, flush=True)
-    rc, workflow_s = run_workflow(config_path, args.cores)
+    command = snakemake_command(config_path, args.cores, args.train_only)
+    print(f"running: {' '.join(command)}", file=sys.stderr, flush=True)
+    rc, workflow_s = run_workflow(config_path, args.cores, args.train_only)
     if rc != 0:
         print(f"snakemake failed ({rc}) after {workflow_s:.0f} s: see {args.out / 'snakemake.log'}", file=sys.stderr)
         return rc
+    if args.train_only:
+        print(f"trained in {workflow_s:.0f} s: {Path(cfg['results_dir']) / 'model'}", file=sys.stderr)
+        return 0
     results = Path(cfg["results_dir"])
     resolved = validate_config(deep_merge(yaml.safe_load((ROOT / "config.yaml").read_text()), cfg))
     s, train, stages = scores(results), training_record(results, resolved), stage_times(results)

@@ -154,6 +154,15 @@ def test_dataset_is_reused_and_its_manifest_reads(tmp_path):
     assert [r["cached"] for r in (*first, *again, *other)] == [False, True, False]
     manifest = rg.write_manifest(tmp_path / "data", ["case_00003"])
     assert [e[0] for e in read_manifest(manifest)] == ["case_00003"]
+    without = rg.write_manifest(tmp_path / "data", ["case_00003"], left_out=["case_00000"])
+    assert without.name == "manifest_1_without_case_00000.csv" and without.read_text() == manifest.read_text()
+
+
+def test_train_only_stops_the_workflow_after_training():
+    config = Path("run/config.yaml")
+    assert "--until" not in rg.snakemake_command(config, 2)
+    command = rg.snakemake_command(config, 2, train_only=True)
+    assert command[command.index("--until") + 1] == "train"
 
 
 def test_run_config_is_a_valid_local_config(tmp_path):
