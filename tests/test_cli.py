@@ -71,6 +71,10 @@ def test_predict_options_fill_the_inference_section_from_the_schema():
         )
     )
     assert given == {**defaults, "mirror_tta": False, "step": 0.25, "batch_size": 4}
+    fast = inference_config(
+        parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--whole-slice", "--localize"])
+    )
+    assert fast == {**defaults, "tiling": "whole_slice", "localize": True}
     with pytest.raises(ValueError, match="inference.step"):
         inference_config(parser.parse_args(["predict", "model", "scan.nii.gz", "-o", "out", "--step", "2"]))
 
