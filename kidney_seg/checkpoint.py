@@ -32,7 +32,9 @@ from kidney_seg.code_inputs import SOURCE_ROOT, training_code
 
 log = logging.getLogger(__name__)
 
-HISTORY_COLUMNS = ("epoch", "lr", "loss", "val_loss", "seconds")
+#: seconds: the epoch's steps and validation; train_seconds: its steps alone (both before the checkpoint commit).
+HISTORY_COLUMNS = ("epoch", "lr", "loss", "val_loss", "seconds", "train_seconds")
+TIMING_COLUMNS = ("seconds", "train_seconds")  # the columns that differ between identical runs
 # read_csv parses floats exactly by default from pandas 3 on (and deprecates the option); before, only "round_trip" does
 EXACT_FLOATS = {"float_precision": "round_trip"} if int(pd.__version__.split(".")[0]) < 3 else {}
 RESUME_KEY_NAME = "resume_key.json"
@@ -108,15 +110,21 @@ def make_checkpointer(state_dir: Path, history: pd.DataFrame):
 
         def on_epoch_begin(self, epoch, logs=None):
             self.t0 = time.perf_counter()
+            self.t_steps = None
+
+        def on_test_begin(self, logs=None):
+            self.t_steps = time.perf_counter()  # fit's validation starts: the epoch's steps are done
 
         def on_epoch_end(self, epoch, logs=None):
             logs = dict(logs or {})
+            end = time.perf_counter()
             row = {
                 "epoch": epoch + 1,
                 "lr": current_lr(self.model),
                 "loss": logs.get("loss"),
                 "val_loss": logs.get("val_loss"),
-                "seconds": round(time.perf_counter() - self.t0, 3),
+                "seconds": round(end - self.t0, 3),
+                "train_seconds": round((self.t_steps or end) - self.t0, 3),
             }
             row.update({k: float(v) for k, v in logs.items() if k.startswith("val_dice_")})
             self.rows.append(row)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from kidney_seg.checkpoint import read_history
+from kidney_seg.checkpoint import TIMING_COLUMNS, read_history
 from kidney_seg.config import with_defaults
 from kidney_seg.plan import make_plan
 from kidney_seg.training import compile_model, make_strategy, precision_policy, train
@@ -106,7 +106,8 @@ def copy_of(trained, tmp_path):
 def test_train_writes_model_history_and_settings(trained):
     model_dir, history, _ = trained
     assert list(history["epoch"]) == [1, 2, 3]
-    assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", "seconds"} <= set(history.columns)
+    assert {"lr", "loss", "val_loss", "val_dice_kidney", "val_dice_tumor", *TIMING_COLUMNS} <= set(history.columns)
+    assert (history["train_seconds"] > 0).all() and (history["train_seconds"] < history["seconds"]).all()
     for name in (
         "model.keras",
         "history.csv",
@@ -255,7 +256,7 @@ def _weights(path):
 
 
 def _without_seconds(df):
-    return df.drop(columns="seconds")
+    return df.drop(columns=list(TIMING_COLUMNS))
 
 
 def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, trained, tmp_path):

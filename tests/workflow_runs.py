@@ -29,6 +29,7 @@ import numpy as np
 import pandas as pd
 import yaml
 
+from kidney_seg.checkpoint import TIMING_COLUMNS
 from tests.conftest import REPO
 
 VENV_BIN = Path(sys.executable).parent
@@ -232,7 +233,7 @@ def differences(a: Path, b: Path) -> list[str]:
         if bad:
             found.append(f"{rel}: {len(bad)} of {len(wa)} weight arrays, e.g. {bad[:3]}")
     for rel in _files(a, "model/fold_*/history.csv"):
-        ha, hb = (pd.read_csv(r / rel).drop(columns="seconds") for r in (a, b))
+        ha, hb = (pd.read_csv(r / rel).drop(columns=list(TIMING_COLUMNS)) for r in (a, b))
         if not ha.equals(hb):
             found.append(f"{rel}:\n{ha.compare(hb) if ha.shape == hb.shape else (ha.shape, hb.shape)}")
     for rel in _files(a, "raw_predictions/*.nii.gz") + _files(a, "predictions/*.nii.gz"):
