@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import pytest
+# Under pytest-xdist each worker is one process of several on a few cores: BLAS and OpenMP threads beyond one
+# per worker only contend (OpenBLAS spins while it waits). Set before NumPy loads OpenBLAS; a value given by
+# the caller is kept.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+    for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
+
+from pathlib import Path  # noqa: E402
+
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests run on the CPU, on any machine (no test may need a GPU): GPUs are hidden before anything imports
