@@ -56,6 +56,7 @@ def test_a_dry_run_lists_the_fingerprint_where_the_config_needs_it(tmp_path):
     assert jobs.get("fingerprint") == 1 and jobs.get("train") == 1 and jobs.get("report") == 1, jobs
 
 
+@pytest.mark.workflow  # runs part of the workflow (download, check, preprocess): not in `make test-quick`
 def test_a_local_case_given_as_a_dicom_series_is_checked_and_preprocessed(tmp_path):
     """A manifest's image may be a DICOM series folder: the rules take the folder as input and read it."""
     import json
