@@ -210,9 +210,10 @@ def main(argv: list[str] | None = None) -> int:
 
     import keras
 
+    from kidney_seg.environment import configure_threads
     from kidney_seg.model import build_from_config
     from kidney_seg.sampling import BatchLoader
-    from kidney_seg.training import compile_model, configure_threads, stream_spec
+    from kidney_seg.training import compile_model, stream_spec
 
     configure_threads(threads)
     with tempfile.TemporaryDirectory() as tmp:

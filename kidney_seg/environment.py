@@ -180,6 +180,26 @@ def describe_device(accelerators: list[dict]) -> str:
     return f"CPU {cpu_model() or 'unknown model'} ({_usable_cpus() or os.cpu_count()} usable cores)"
 
 
+def configure_threads(threads: int | None) -> None:
+    """Limit the backend's CPU threads to what the scheduler granted."""
+    if not threads:
+        return
+    import keras
+
+    if keras.backend.backend() == "tensorflow":
+        import tensorflow as tf
+
+        try:
+            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
+            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
+        except RuntimeError:  # runtime already initialised
+            import logging
+
+            logging.getLogger(__name__).warning(
+                "could not set TensorFlow thread counts; the runtime was already initialised"
+            )
+
+
 def require_device(job: str, allow_cpu: bool, backend: str | None = None) -> list[dict]:
     """The accelerators a GPU job (train, predict) runs on, logged; without any, NoAcceleratorError unless
     ``allow_cpu``."""

@@ -42,6 +42,7 @@ from kidney_seg.checkpoint import (
     write_history,
 )
 from kidney_seg.curves import write_curves
+from kidney_seg.environment import configure_threads
 from kidney_seg.plan import check_training_agrees
 from kidney_seg.vocabulary import class_names
 
@@ -52,22 +53,6 @@ log = logging.getLogger(__name__)
 
 MIXED_POLICIES = {"bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 PUBLISHED_FILES = ("model.keras", "history.csv", "curves.png", "inference.json", "environment.json")  # in model_dir
-
-
-def configure_threads(threads: int | None) -> None:
-    """Limit the backend's CPU threads to what the scheduler granted."""
-    if not threads:
-        return
-    import keras
-
-    if keras.backend.backend() == "tensorflow":
-        import tensorflow as tf
-
-        try:
-            tf.config.threading.set_intra_op_parallelism_threads(int(threads))
-            tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
-        except RuntimeError:  # runtime already initialised
-            log.warning("could not set TensorFlow thread counts; the runtime was already initialised")
 
 
 @contextmanager

@@ -144,16 +144,28 @@ def validation_labels(wildcards=None):
     return [CASE[c].label for c in VALIDATION]
 
 
-def train_threads(wildcards):
-    """Cores per train job: all of them, shared between the folds so that they can train side by side.
-
-    Without --cores (e.g. `snakemake --report`) no job runs, and the count is 1.
-    """
+def cores_shared_by(jobs):
+    """Cores per job when ``jobs`` jobs share the run's cores; 1 without --cores (e.g. `snakemake --report`)."""
     try:
         cores = workflow.cores
     except WorkflowError:
         return 1
-    return max(1, cores // len(FOLDS))
+    return max(1, cores // jobs)
+
+
+def train_threads(wildcards):
+    """Cores per train job: all of them, shared between the folds so that they can train side by side."""
+    return cores_shared_by(len(FOLDS))
+
+
+def predict_threads(wildcards):
+    """Cores per predict job: half of them, so that two cases predict side by side.
+
+    A predict job spends about half its time on one core starting TensorFlow and loading the
+    model: on 2 cores, two jobs of one thread each predicted the demo's 12 cases in 110 s where
+    one job of two threads at a time took 188 s (benchmarks/README.md).
+    """
+    return cores_shared_by(2)
 
 
 def report_failures(failures_csv):

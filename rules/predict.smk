@@ -17,7 +17,7 @@ rule predict:
         f"{RESULTS}/benchmarks/predict/{{case}}.tsv"
     conda:
         "../envs/gpu.yaml"
-    threads: 2
+    threads: predict_threads
     resources:
         gpu=1,
     params:

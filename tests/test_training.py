@@ -291,7 +291,8 @@ from pathlib import Path
 import tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
-from kidney_seg.training import configure_threads, train
+from kidney_seg.environment import configure_threads
+from kidney_seg.training import train
 configure_threads(2)
 from kidney_seg.determinism import enable
 backend = enable(3)

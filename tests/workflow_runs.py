@@ -273,8 +273,7 @@ def make_deterministic_runs(root: Path) -> tuple[TinyRun, InterruptedRun]:
     snakefile = copy_workflow(root / "workflow")
     config = deterministic_config(root / "reference")
     log = root / "reference.log"
-    # a deterministic predict job computes on one thread: the two tiny predictions go side by side
-    reference = start_snakemake(config, "--cores", "2", "--set-threads", "predict=1", log=log, snakefile=snakefile)
+    reference = start_snakemake(config, "--cores", "2", log=log, snakefile=snakefile)
     try:
         interrupted = make_interrupted_run(root / "interrupted")
         rc = reference.wait(timeout=900)

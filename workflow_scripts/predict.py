@@ -8,13 +8,14 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
     prepare_environment()
 
 from kidney_seg.data.checks import run_unless_excluded
-from kidney_seg.environment import require_device
+from kidney_seg.environment import configure_threads, require_device
 from kidney_seg.inference import predict_case_on_both_grids
 from kidney_seg.logs import log_to
 from kidney_seg.plan import read_plan
 
 with log_to(snakemake.log[0]):
     require_device("predict", snakemake.params.allow_cpu)  # a GPU job without a GPU stops here, unless allowed
+    configure_threads(snakemake.threads)  # TensorFlow's CPU threads: what the scheduler granted the job
     if snakemake.params.deterministic:
         from kidney_seg.determinism import enable
 
