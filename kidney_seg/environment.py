@@ -187,17 +187,18 @@ def configure_threads(threads: int | None) -> None:
     import keras
 
     if keras.backend.backend() == "tensorflow":
+        import logging
+
         import tensorflow as tf
 
+        log = logging.getLogger(__name__)
         try:
             tf.config.threading.set_intra_op_parallelism_threads(int(threads))
             tf.config.threading.set_inter_op_parallelism_threads(min(2, int(threads)))
         except RuntimeError:  # runtime already initialised
-            import logging
-
-            logging.getLogger(__name__).warning(
-                "could not set TensorFlow thread counts; the runtime was already initialised"
-            )
+            log.warning("could not set TensorFlow thread counts; the runtime was already initialised")
+            return
+        log.info("TensorFlow CPU threads: %d intra-op, %d inter-op", int(threads), min(2, int(threads)))
 
 
 def require_device(job: str, allow_cpu: bool, backend: str | None = None) -> list[dict]:

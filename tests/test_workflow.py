@@ -120,6 +120,16 @@ def test_metrics_on_the_plan_grid_sit_beside_the_scan_grid_ones(tiny_run):
 
 
 @pytest.mark.workflow
+def test_predict_jobs_share_the_cores_and_tensorflow_keeps_to_its_share(tiny_run):
+    """On 2 cores a predict job claims one (rules/common.smk predict_threads), so two cases predict side by side,
+    and TensorFlow's CPU threads are limited to that claim."""
+    logs = sorted((tiny_run.results / "logs" / "predict").glob("*.log"))
+    assert logs, "no predict log"
+    for log in logs:
+        assert "TensorFlow CPU threads: 1 intra-op, 1 inter-op" in log.read_text(), log
+
+
+@pytest.mark.workflow
 def test_forced_evaluate_reruns_only_that_rule_with_same_result(tiny_run):
     results = tiny_run.results
     before = (results / "metrics" / "per_case.csv").read_bytes()
