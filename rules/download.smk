@@ -1,18 +1,36 @@
-# One job per file, so cases download (or are generated) in parallel. A local dataset is
-# read where it lies: no rule may ever produce (or delete) a user's own files.
-# Only the phantom's files depend on library code (the generator the script runs);
-# downloaded files never go stale.
-# Downloads use https; dataset.allow_http (plain http to a loopback test server) is read
-# by the scripts from the config, not passed as a param: a params change reruns a job, and
-# toggling the override must not download the files again.
-GENERATOR_CODE = code_of("download") if DOWNLOAD_SETTINGS["source"] == "phantom" else []
+# One job per case (the phantom: its image and label are generated together) or per file (KiTS:
+# cases download in parallel, the label checked against its image). A local dataset is read where
+# it lies: no rule may ever produce (or delete) a user's own files.
+# Only the phantom's files depend on library code (the generator the script runs); downloaded
+# files never go stale.
+# Downloads use https; dataset.allow_http (plain http to a loopback test server) is read by the
+# scripts from the config, not passed as a param: a params change reruns a job, and toggling the
+# override must not download the files again.
 
 
-if DOWNLOAD_SETTINGS["source"] != "local":
+if DOWNLOAD_SETTINGS["source"] == "phantom":
+
+    rule generate_phantom:
+        input:
+            code=code_of("generate_phantom"),
+        output:
+            image=f"{RAW}/{{case}}/imaging.nii.gz",
+            label=f"{RAW}/{{case}}/segmentation.nii.gz",
+        log:
+            f"{RESULTS}/logs/generate_phantom/{{case}}.log",
+        benchmark:
+            f"{RESULTS}/benchmarks/generate_phantom/{{case}}.tsv"
+        conda:
+            "../envs/core.yaml"
+        params:
+            dataset=DOWNLOAD_SETTINGS,
+            seed=config["seed"],
+        script:
+            "../workflow_scripts/generate_phantom.py"
+
+elif DOWNLOAD_SETTINGS["source"] != "local":
 
     rule download_image:
-        input:
-            code=GENERATOR_CODE,
         output:
             f"{RAW}/{{case}}/imaging.nii.gz",
         log:
@@ -32,7 +50,6 @@ if DOWNLOAD_SETTINGS["source"] != "local":
     rule download_label:
         input:
             image=raw_image,
-            code=GENERATOR_CODE,
         output:
             f"{RAW}/{{case}}/segmentation.nii.gz",
         log:

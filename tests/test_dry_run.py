@@ -30,8 +30,7 @@ def test_a_dry_run_on_a_fresh_folder_lists_every_stage(tmp_path):
     jobs = job_counts(_fresh_config(tmp_path))
     # 6 phantom cases, split 4 train, 1 validation, 1 test: one job per case or fold, as the real run has
     expected = {
-        "download_image": 6,
-        "download_label": 6,
+        "generate_phantom": 6,
         "check_case": 6,
         "collect_checks": 1,
         "split": 1,

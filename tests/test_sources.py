@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 
 from kidney_seg.data import kits
-from kidney_seg.data.sources import Case, fetch_image, fetch_label, labels_of, list_cases, raw_root, select
+from kidney_seg.data.sources import Case, fetch_case, fetch_image, fetch_label, labels_of, list_cases, raw_root, select
 from kidney_seg.errors import CaseDataError
 from kidney_seg.vocabulary import SOURCE_LABELS as LABELS
 from kidney_seg.volume import read_image, read_label
@@ -129,6 +129,24 @@ def test_phantom_fetch_writes_only_the_requested_file_and_files_agree(tmp_path):
     np.testing.assert_array_equal(read_image(other, "case_00002")[0], image)
     with pytest.raises(CaseDataError, match="case_00003"):
         fetch_image("case_00003", cfg, 7, str(tmp_path / "x.nii.gz"))
+
+
+def test_fetch_case_generates_a_phantom_case_once_and_writes_both_files(tmp_path, monkeypatch):
+    from kidney_seg.data import phantom, sources
+
+    cfg = {"source": "phantom", "root": str(tmp_path), "phantom": SMALL_PHANTOM}
+    case = list_cases(cfg)[1]
+    sources._generate.cache_clear()
+    made = []
+    real = phantom.generate_case
+    monkeypatch.setattr(phantom, "generate_case", lambda *a: made.append(a) or real(*a))
+    fetch_case("case_00001", cfg, 7, case.image, case.label)
+    assert len(made) == 1  # the image and the label come from one generation
+    image, geometry = read_image(case.image, "case_00001")
+    label, _ = read_label(case.label, "case_00001", (0, 1, 2), grid=geometry)
+    expected = real(1, 7, phantom.PhantomParams.from_config(SMALL_PHANTOM))
+    np.testing.assert_array_equal(image, expected.image)
+    np.testing.assert_array_equal(label, expected.label)
 
 
 def test_local_unlabelled_scans_are_predicted_by_default():

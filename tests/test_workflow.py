@@ -94,7 +94,15 @@ def test_outputs_exist_and_are_well_formed(tiny_run):
     assert "Post-processing" in html and "Quality control" in html
     assert html.count('class="case-row"') == len(test_cases)
     assert all(f'data-case="{c}"' in html for c in test_cases)
-    rules = ("download", "preprocess", "train", "predict", "decide_postprocessing", "qc_reference", "postprocess")
+    rules = (
+        "generate_phantom",
+        "preprocess",
+        "train",
+        "predict",
+        "decide_postprocessing",
+        "qc_reference",
+        "postprocess",
+    )
     for rule in (*rules, "report"):
         assert any((results / "benchmarks").rglob(f"*{rule}*")), rule
         assert any((results / "logs").rglob(f"*{rule}*")), rule

@@ -1,4 +1,4 @@
-"""Snakemake script: download (or generate) one file of a case: the image or the label, by rule.
+"""Snakemake script: download one file of a KiTS case: the image or the label, by rule.
 
 dataset.allow_http comes from the config, not from a param, so that toggling it reruns nothing.
 """

@@ -138,6 +138,14 @@ def fetch_label(case_id: str, dataset_cfg: dict, seed: int, out: str, allow_http
     _fetch("label", case_id, dataset_cfg, seed, out, allow_http)
 
 
+def fetch_case(
+    case_id: str, dataset_cfg: dict, seed: int, image_out: str, label_out: str, allow_http: bool = False
+) -> None:
+    """Download or generate both files of a labelled case, the image first (a phantom case is generated once)."""
+    fetch_image(case_id, dataset_cfg, seed, image_out, allow_http=allow_http)
+    fetch_label(case_id, dataset_cfg, seed, label_out, allow_http=allow_http)
+
+
 def _fetch(kind: str, case_id: str, dataset_cfg: dict, seed: int, out: str, allow_http: bool) -> None:
     """Produce the ``kind`` ("image" or "label") file of a case for any source."""
     source = dataset_cfg["source"]
