@@ -129,10 +129,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """Segment each input scan with a trained model folder (one model or a fold ensemble); write qc.csv beside."""
     from tqdm import tqdm
 
-    from kidney_seg.environment import accelerator_devices, describe_device
+    from kidney_seg.environment import accelerator_devices, describe_device, import_framework
     from kidney_seg.inference import load_predictor, model_folders
     from kidney_seg.postprocessing import decided_steps
     from kidney_seg.quality import write_qc_csv
+
+    import_framework()
 
     model_dir = Path(args.model_dir)
     folders = model_folders(model_dir)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import functools
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 PACKAGE = "kidney_seg"
@@ -29,13 +30,18 @@ def _is_type_checking(node: ast.AST) -> bool:
     )
 
 
-def _walk(tree: ast.AST):
-    """Every node of ``tree`` except those under ``if TYPE_CHECKING:``."""
-    stack = [tree]
-    while stack:
-        node = stack.pop()
+#: The fields of a node that hold statements (an import is a statement: nothing else can hold one).
+STATEMENT_FIELDS = ("body", "orelse", "finalbody", "handlers", "cases")
+
+
+def _statements(nodes) -> Iterator[ast.AST]:
+    """Every statement in ``nodes`` and the blocks below them, except those under ``if TYPE_CHECKING:``."""
+    for node in nodes:
+        if _is_type_checking(node):
+            continue
         yield node
-        stack.extend(child for child in ast.iter_child_nodes(node) if not _is_type_checking(child))
+        for field in STATEMENT_FIELDS:
+            yield from _statements(getattr(node, field, None) or ())
 
 
 def module_path(module: str, root: Path = SOURCE_ROOT) -> Path | None:
@@ -82,7 +88,7 @@ def _imported_names(source: str, filename: str, importer: str, is_package: bool)
     resume key, read the same library files over and over.
     """
     found: set[str] = set()
-    for node in _walk(ast.parse(source, filename=filename)):
+    for node in _statements(ast.parse(source, filename=filename).body):
         if isinstance(node, ast.Import):
             found.update(alias.name for alias in node.names)
         elif isinstance(node, ast.ImportFrom):

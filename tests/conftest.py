@@ -118,10 +118,12 @@ def pytest_collection_finish(session) -> None:
     session: Python's full garbage collections, tens of them in a worker, then skip it. Tracing a Keras model
     allocates millions of short-lived objects: a young generation of 50,000 instead of 700 collects it about a
     tenth less often in time (test_training.py and test_schedules.py: 51 s instead of 55 s on one core)."""
+    import atexit
     import gc
 
     gc.freeze()
     gc.set_threshold(50_000, 50, 50)
+    atexit.register(gc.freeze)  # and no last full collection when the worker exits
 
 
 #: The files of the most CPU time outside the whole-workflow tests, slowest first (seconds on one core, measured

@@ -130,3 +130,20 @@ def test_training_code_is_below_the_report_layer():
 def test_an_unknown_script_is_an_error():
     with pytest.raises(FileNotFoundError, match="no workflow script"):
         code_of("no_such_script")
+
+
+def test_imports_in_every_kind_of_block_are_found(tmp_path):
+    blocks = (
+        "class A:\n    def m(self):\n        import kidney_seg.k1\n"
+        "try:\n    import kidney_seg.k2\nexcept ImportError:\n    import kidney_seg.k3\nelse:\n    import kidney_seg.k4\n"
+        "finally:\n    import kidney_seg.k5\n"
+        "with open('x') as f:\n    for _ in f:\n        while True:\n            import kidney_seg.k6\n"
+        "        else:\n            import kidney_seg.k7\n"
+        "match 1:\n    case 1:\n        import kidney_seg.k8\n"
+        "if False:\n    pass\nelif True:\n    from kidney_seg import k9\n"
+        "async def g():\n    async with x:\n        import kidney_seg.k10\n"
+    )
+    modules = {f"kidney_seg/k{i}.py": "" for i in range(1, 11)}
+    _package(tmp_path, {"kidney_seg/__init__.py": "", **modules, "script.py": blocks})
+    found = imported_modules(tmp_path / "script.py", tmp_path)
+    assert found == {"kidney_seg", *(f"kidney_seg.k{i}" for i in range(1, 11))}  # the package: `from kidney_seg`

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib.util
 import json
 import os
@@ -238,3 +239,24 @@ def test_the_gpu_install_path():
     assert 'pip install --quiet -e ".[test,lint,gpu]"' in plan.stdout, plan.stdout
     plain = subprocess.run([make, "-n", "-B", "install", "PYTHON=python3"], cwd=REPO, capture_output=True, text=True)
     assert 'pip install --quiet -e ".[test,lint]"' in plain.stdout, plain.stdout
+
+
+def test_import_framework_holds_the_collector_back_then_freezes_and_restores_it(monkeypatch):
+    import keras  # noqa: F401  (first: its own exit handlers stay real)
+
+    frozen_under: list[tuple[int, ...]] = []
+    at_exit: list = []
+    monkeypatch.setattr(envmod.gc, "freeze", lambda: frozen_under.append(gc.get_threshold()))
+    monkeypatch.setattr(envmod.atexit, "register", at_exit.append)
+    before = gc.get_threshold()
+    gc.set_threshold(700, 11, 12)
+    try:
+        envmod.import_framework()
+        after = gc.get_threshold()
+    finally:
+        gc.set_threshold(*before)
+    assert frozen_under == [(envmod.IMPORT_GC_THRESHOLD, 11, 12)]  # frozen once, while still held back
+    assert after == (700, 11, 12)  # the caller's thresholds again
+    assert len(at_exit) == 1
+    at_exit[0]()
+    assert len(frozen_under) == 2  # at exit: frozen again, so no last full collection

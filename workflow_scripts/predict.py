@@ -8,10 +8,12 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
     prepare_environment()
 
 from kidney_seg.data.checks import run_unless_excluded
-from kidney_seg.environment import configure_threads, require_device
+from kidney_seg.environment import configure_threads, import_framework, require_device
 from kidney_seg.inference import predict_case_on_both_grids
 from kidney_seg.logs import log_to
 from kidney_seg.plan import read_plan
+
+import_framework()  # before the framework's objects exist: fewer garbage collections over them
 
 with log_to(snakemake.log[0]):
     require_device("predict", snakemake.params.allow_cpu)  # a GPU job without a GPU stops here, unless allowed

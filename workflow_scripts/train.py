@@ -8,10 +8,12 @@ if snakemake.params.deterministic:  # first: XLA reads XLA_FLAGS once, when JAX 
     prepare_environment()
 
 from kidney_seg.data.checks import usable_records
-from kidney_seg.environment import require_device
+from kidney_seg.environment import import_framework, require_device
 from kidney_seg.logs import log_to
 from kidney_seg.plan import read_plan
 from kidney_seg.training import train
+
+import_framework()  # before the framework's objects exist: fewer garbage collections over them
 
 with log_to(snakemake.log[0]):
     p = snakemake.params
