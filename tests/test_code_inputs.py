@@ -135,8 +135,8 @@ def test_an_unknown_script_is_an_error():
 def test_imports_in_every_kind_of_block_are_found(tmp_path):
     blocks = (
         "class A:\n    def m(self):\n        import kidney_seg.k1\n"
-        "try:\n    import kidney_seg.k2\nexcept ImportError:\n    import kidney_seg.k3\nelse:\n    import kidney_seg.k4\n"
-        "finally:\n    import kidney_seg.k5\n"
+        "try:\n    import kidney_seg.k2\nexcept ImportError:\n    import kidney_seg.k3\n"
+        "else:\n    import kidney_seg.k4\nfinally:\n    import kidney_seg.k5\n"
         "with open('x') as f:\n    for _ in f:\n        while True:\n            import kidney_seg.k6\n"
         "        else:\n            import kidney_seg.k7\n"
         "match 1:\n    case 1:\n        import kidney_seg.k8\n"
