@@ -23,6 +23,8 @@ import json, sys
 sys.modules["tensorflow"] = None  # as on a JAX-only install (keras.utils.set_random_seed would import it)
 from pathlib import Path
 import numpy as np
+from kidney_seg.environment import import_framework
+import_framework()  # Keras and JAX, as a job imports them
 import keras
 assert keras.backend.backend() == "jax", keras.backend.backend()
 from kidney_seg.losses import DiceCELoss, SigmoidDiceBCELoss

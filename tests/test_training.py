@@ -288,6 +288,8 @@ def test_a_run_killed_at_any_point_of_an_epoch_commit_resumes_bitwise(cache, tra
 FRESH_TENSORFLOW_SCRIPT = r"""
 import json, logging, os, sys
 from pathlib import Path
+from kidney_seg.environment import import_framework
+import_framework()  # Keras and TensorFlow, as a job imports them
 import tensorflow as tf
 cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * 2)
