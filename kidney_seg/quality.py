@@ -38,13 +38,16 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import pandas as pd
 from scipy import ndimage
 
 from kidney_seg.atomic import atomic_path, read_json, write_json_atomic
 from kidney_seg.vocabulary import KIDNEY, TUMOR
+
+if TYPE_CHECKING:  # pandas is imported where a table is made: the preprocess and predict jobs import this module
+    import pandas as pd
 
 #: Per-case uncertainty columns (prediction records, per_case.csv, the command line's qc.csv).
 UNCERTAINTY_COLUMNS: tuple[str, ...] = ("uncertainty_entropy", "uncertainty_tk", "uncertainty_tu")
@@ -399,6 +402,8 @@ def assess_labels(labels: np.ndarray, spacing: Sequence[float], summary: Mapping
 def flagged(per_case: pd.DataFrame) -> pd.Series:
     """Whether each per-case row is flagged (``qc_flagged`` as bool, text or number; missing = not flagged)."""
     if "qc_flagged" not in per_case.columns:
+        import pandas as pd
+
         return pd.Series(False, index=per_case.index)
     return per_case["qc_flagged"].map(lambda v: str(v).strip().lower() in ("true", "1", "1.0"))
 
@@ -414,6 +419,8 @@ def flagged_first(per_case: pd.DataFrame) -> pd.DataFrame:
 
 def write_qc_csv(records: Sequence[Mapping], out_csv: str | os.PathLike) -> pd.DataFrame:
     """The command line's qc.csv (case, output and the QC columns, flagged cases first), written atomically."""
+    import pandas as pd
+
     table = flagged_first(pd.DataFrame(list(records)))
     with atomic_path(out_csv) as tmp:
         table.to_csv(tmp, index=False)

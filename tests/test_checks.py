@@ -258,3 +258,14 @@ def test_a_step_that_returns_a_dict_adds_it_to_the_record(tmp_path):
     assert json.loads((tmp_path / "rec.json").read_text()) == record
     with pytest.raises(ValueError, match="overwrite"):
         run_unless_excluded(good, tmp_path / "rec2.json", {"prediction": nifti}, lambda: {"prediction": "other"})
+
+
+def test_the_per_case_jobs_modules_import_no_pandas():
+    """check_case and preprocess run once per case: pandas (about 0.2 s a start) is imported only where a table
+    is made."""
+    import subprocess
+    import sys
+
+    code = "import sys, kidney_seg.data.checks, kidney_seg.preprocessing; print('pandas' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

@@ -26,12 +26,14 @@ import logging
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from kidney_seg.atomic import atomic_path, read_json, write_json_atomic
 from kidney_seg.errors import CaseDataError
 from kidney_seg.volume import read_image, read_label
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +188,8 @@ def usable_scans(scans: Mapping[str, Sequence]) -> dict[str, tuple[str, str, str
 
 def collect_checks(check_jsons: list, out_csv: str | os.PathLike, failures_csv: str | os.PathLike) -> pd.DataFrame:
     """Gather the per-case records into checks.csv and the failed ones into failures.csv (both atomic)."""
+    import pandas as pd  # here: a case's check job, which imports this module, never needs pandas
+
     table = pd.DataFrame([read_check(p) for p in check_jsons], columns=list(CHECK_COLUMNS))
     table = table.sort_values("case_id", kind="stable").reset_index(drop=True)
     table["ok"] = table["ok"].astype(bool)
@@ -209,6 +213,8 @@ def failure_message(failures_csv: str | os.PathLike) -> str | None:
     path = Path(failures_csv)
     if not path.is_file():
         return None
+    import pandas as pd
+
     failed = pd.read_csv(path, dtype=str, keep_default_na=False)
     if failed.empty:
         return None
