@@ -192,8 +192,8 @@ def import_framework() -> None:
     TensorFlow's import makes about a million long-lived objects, over which Python's default collector runs
     full collections while they are made and once more at exit, all for nothing. Frozen objects are left out
     of every later collection; the thresholds go back to what they were. A job calls this before it touches
-    the framework (after setting ``KERAS_BACKEND`` or ``XLA_FLAGS``). Measured: the tiny train job 9.0 -> 6.1 s,
-    a tiny predict job 7.2 -> 6.3 s (benchmarks/README.md, "Job start-up")."""
+    the framework (after setting ``KERAS_BACKEND`` or ``XLA_FLAGS``). Measured: about 1.5 s less a job, start to
+    exit (benchmarks/job_startup.py)."""
     thresholds = gc.get_threshold()
     gc.set_threshold(IMPORT_GC_THRESHOLD, *thresholds[1:])
     try:
