@@ -4,6 +4,14 @@ from __future__ import annotations
 
 import os
 
+# NumPy asks the kernel for transparent huge pages on every large array (madvise). Where the kernel then
+# compacts memory on the page fault (transparent_hugepage/defrag "madvise", as on the 2-vCPU hosts these tests
+# are timed on), the tests that make many large arrays wait in the kernel, by how much depending on the host's
+# memory at the time: test_report, test_phantom and test_kits_metrics on one core took 46.5 s with it and 36 s
+# without (two pairs, 14:50), then 64 s and 60 s (two pairs, 15:10; Intel Xeon, 2026-12-03).
+# Read by NumPy when it is imported, so set first; a value given by the caller is kept.
+os.environ.setdefault("NUMPY_MADVISE_HUGEPAGE", "0")
+
 # Under pytest-xdist each worker is one process of several on a few cores: BLAS and OpenMP threads beyond one
 # per worker only contend (OpenBLAS spins while it waits). Set before NumPy loads OpenBLAS; a value given by
 # the caller is kept.
@@ -11,11 +19,16 @@ if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
     for _var in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS"):
         os.environ.setdefault(_var, "1")
 
+import gc  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+
+# Collection imports TensorFlow and Keras (about a million long-lived objects): the collector held back from here
+# on (as kidney_seg.environment.import_framework does for a job) saves about a second of each worker's collection.
+gc.set_threshold(50_000, 50, 50)
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The tests run on the CPU, on any machine (no test may need a GPU): GPUs are hidden before anything imports
@@ -116,13 +129,12 @@ def server():
 def pytest_collection_finish(session) -> None:
     """Freeze what collection imported (TensorFlow and Keras: about half a million objects), which lives for the
     session: Python's full garbage collections, tens of them in a worker, then skip it. Tracing a Keras model
-    allocates millions of short-lived objects: a young generation of 50,000 instead of 700 collects it about a
-    tenth less often in time (test_training.py and test_schedules.py: 51 s instead of 55 s on one core)."""
+    allocates millions of short-lived objects: the young generation of 50,000 set above instead of 700 collects
+    it about a tenth less often in time (test_training.py and test_schedules.py: 51 s instead of 55 s on one
+    core)."""
     import atexit
-    import gc
 
     gc.freeze()
-    gc.set_threshold(50_000, 50, 50)
     atexit.register(gc.freeze)  # and no last full collection when the worker exits
 
 
