@@ -5,7 +5,7 @@
 
 Every train and predict job of the workflow is a fresh Python process that imports Keras and
 its backend, builds or loads a model, traces a function and exits. TensorFlow's import makes
-about a million long-lived Python objects; Python's default garbage collector walks them in
+about 450,000 long-lived Python objects; Python's default garbage collector walks them in
 full collections while they are made, while the job's own objects come and go, and once more
 at exit. ``kidney_seg.environment.import_framework`` (called first by the train and predict
 scripts and by ``kidney-seg predict``) holds the collector back during the import, freezes what

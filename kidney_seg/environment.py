@@ -189,7 +189,7 @@ IMPORT_GC_THRESHOLD = 50_000
 def import_framework() -> None:
     """Import Keras and its backend with the cyclic garbage collector held back, then freeze what they made.
 
-    TensorFlow's import makes about a million long-lived objects, over which Python's default collector runs
+    TensorFlow's import makes about 450,000 long-lived objects, over which Python's default collector runs
     full collections while they are made and once more at exit, all for nothing. Frozen objects are left out
     of every later collection; the thresholds go back to what they were. A job calls this before it touches
     the framework (after setting ``KERAS_BACKEND`` or ``XLA_FLAGS``). Measured: about 1.5 s less a job, start to

@@ -26,7 +26,7 @@ import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-# Collection imports TensorFlow and Keras (about a million long-lived objects): the collector held back from here
+# Collection imports TensorFlow and Keras (about 450,000 long-lived objects): the collector held back from here
 # on (as kidney_seg.environment.import_framework does for a job) saves about a second of each worker's collection.
 gc.set_threshold(50_000, 50, 50)
 
