@@ -141,19 +141,18 @@ def pytest_collection_finish(session) -> None:
 #: The files of the most CPU time outside the whole-workflow tests, slowest first (seconds on one core, measured
 #: December 2026): handed out first, after the whole-workflow tests, so that both workers end on short files.
 SLOW_FILES = (
-    "test_training.py",  # ~40
-    "test_report.py",  # ~30
-    "test_schedules.py",  # ~24
-    "test_kits_metrics.py",  # ~20
-    "test_backends.py",  # ~17
-    "test_sampling.py",  # ~14
-    "test_browser.py",  # ~9
-    "test_environment.py",  # ~9
+    "test_training.py",  # ~48
+    "test_phantom.py",  # ~19
+    "test_schedules.py",  # ~16
+    "test_kits_metrics.py",  # ~16
+    "test_backends.py",  # ~15
+    "test_browser.py",  # ~10
     "test_atomic.py",  # ~9
-    "test_phantom.py",  # ~8
     "test_model.py",  # ~8
-    "test_inference.py",  # ~7
-    "test_dry_run.py",  # ~7
+    "test_sampling.py",  # ~7
+    "test_report.py",  # ~6
+    "test_dry_run.py",  # ~5
+    "test_slurm.py",  # ~4 (tests/cluster: its profile checks; the cluster runs themselves are `make cluster-test`)
 )
 
 

@@ -19,6 +19,8 @@ from kidney_seg.report import build_report
 from kidney_seg.report import figures as rdist
 from kidney_seg.report import html as rh
 from kidney_seg.report import overlays as roverlays
+from kidney_seg.report.common import read_csv_or_none
+from kidney_seg.report.provenance import benchmark_inputs, provenance_section
 from tests.conftest import kits_affine, write_nifti
 
 CASES = ["case_00003", "case_00010", "case_00021"]
@@ -81,7 +83,8 @@ CONFIG = {
 }
 
 
-def _build(tmp_path, **overrides):
+def _inputs(tmp_path, **overrides) -> dict:
+    """build_report's arguments for the default synthetic inputs, with these overrides."""
     per_case_csv, summary_csv = _per_case_and_summary(tmp_path)
     kwargs = dict(
         out_html=tmp_path / "out" / "report.html",
@@ -93,8 +96,28 @@ def _build(tmp_path, **overrides):
         benchmark_files=[_benchmark(tmp_path)],
     )
     kwargs.update(overrides)
+    return kwargs
+
+
+def _build(tmp_path, **overrides):
+    """The whole report page of :func:`_inputs`."""
+    kwargs = _inputs(tmp_path, **overrides)
     build_report(**kwargs)
     return kwargs["out_html"].read_text()
+
+
+def _provenance(kwargs: dict) -> str:
+    """The provenance section of build_report's arguments, rendered alone (no figures drawn)."""
+    benchmark_files, root = benchmark_inputs(kwargs.get("benchmark_files"))
+    return provenance_section(
+        kwargs["config"],
+        read_csv_or_none(kwargs["per_case_csv"]),
+        kwargs["split_csv"],
+        benchmark_files,
+        benchmark_root=root,
+        environment_files=list(kwargs.get("environment_files") or []),
+        workflow_dir=kwargs.get("workflow_dir"),
+    )
 
 
 @pytest.fixture(scope="module")
@@ -156,9 +179,8 @@ def test_missing_history_still_produces_report(tmp_path):
 def test_empty_history_and_missing_split(tmp_path):
     empty = tmp_path / "empty_history.csv"
     empty.write_text("epoch,lr,loss,val_loss,seconds\n")
-    page = _build(tmp_path, history_csv=empty, split_csv=tmp_path / "nope.csv")
-    assert "No training history available" in page
-    assert "No split available" in page
+    assert "No training history available" in rh.training_curves(empty)
+    assert "No split available" in _provenance(_inputs(tmp_path, split_csv=tmp_path / "nope.csv"))
 
 
 def test_all_nan_metrics_and_zero_cases(tmp_path):
@@ -203,8 +225,7 @@ def test_odd_benchmark_files_do_not_fail(tmp_path, bad):
     path = tmp_path / "bench" / "odd.tsv"
     path.parent.mkdir()
     path.write_text(bad)
-    page = _build(tmp_path, benchmark_files=[path, tmp_path / "missing.tsv"])
-    assert "bench/odd" in page
+    assert "bench/odd" in _provenance(_inputs(tmp_path, benchmark_files=[path, tmp_path / "missing.tsv"]))
 
 
 # ---------------------------------------------------------------- every section from synthetic scans
@@ -366,13 +387,6 @@ def full_report(tmp_path_factory) -> tuple[dict, str]:
     return kwargs, kwargs["out_html"].read_text()
 
 
-def _build_full(tmp_path, **overrides):
-    kwargs = full_inputs(tmp_path)
-    kwargs.update(overrides)
-    build_report(**kwargs)
-    return kwargs["out_html"].read_text()
-
-
 def _pngs(fragment):
     return [base64.b64decode(d) for d in re.findall(r'src="data:image/png;base64,([A-Za-z0-9+/=]+)"', fragment)]
 
@@ -396,15 +410,11 @@ def test_headline_shows_distance_rows_without_paper_values(page):
 
 
 def test_headline_shows_4class_rows(tmp_path):
-    per_case_csv, summary_csv = _per_case_and_summary(tmp_path)
+    per_case_csv, _ = _per_case_and_summary(tmp_path)
     df = pd.read_csv(per_case_csv)
     for col in ev.CYST_COLUMNS:
         df[col] = 0.5
-    df.to_csv(per_case_csv, index=False)
-    ev.summary_table(df).to_csv(summary_csv, index=False)
-    out = tmp_path / "r.html"
-    build_report(out, per_case_csv, summary_csv, None, None, CONFIG)
-    headline = out.read_text().split('<table class="headline">')[1].split("</table>")[0]
+    headline = rh.headline_table(ev.summary_table(df), "kits19")
     for key in ("masses_dice", "masses_hd95", "masses_surface_dice", "kits_hec_dice", "kits_hec_surface_dice"):
         assert f'<tr data-metric="{key}">' in headline, key
     assert re.search(r'<tr data-metric="masses_dice"><td class=txt>[^<]*</td><td><b>0.500</b>', headline)
@@ -453,13 +463,10 @@ def test_distribution_values_skip_nan_and_count_them():
 
 
 def test_all_nan_metric_is_stated(tmp_path):
-    per_case_csv, summary_csv = _per_case_and_summary(tmp_path)
+    per_case_csv, _ = _per_case_and_summary(tmp_path)
     df = pd.read_csv(per_case_csv)
     df["tu_hd95"] = np.nan
-    all_nan = tmp_path / "all_nan.csv"
-    df.to_csv(all_nan, index=False)
-    page = _build(tmp_path, per_case_csv=all_nan)
-    section = _section(page, "distributions")
+    section = rdist.distributions_section(df)
     assert '<tr data-metric="tu_hd95" data-plotted="0" data-skipped="3">' in section
     assert "tu_hd95: 3 of 3" in section
 
@@ -550,9 +557,7 @@ def test_overlay_uses_the_largest_kidney_slice_when_no_case_has_a_tumour(tmp_pat
     kwargs = full_inputs(tmp_path)
     df = pd.read_csv(kwargs["per_case_csv"])
     df = df[df["case_id"] == "case_00003"]  # the only case: no tumour
-    df.to_csv(kwargs["per_case_csv"], index=False)
-    build_report(**kwargs)
-    section = _section(kwargs["out_html"].read_text(), "overlays")
+    section = roverlays.overlays_section(df, kwargs["scans"])
     assert "TK Dice (no test case has a tumour)" in section
     assert re.search(
         rf'data-case="case_00003" data-roles="best median worst" data-slice="{KIDNEY_CENTRE_SLICE}"', section
@@ -585,8 +590,7 @@ def test_missing_or_unreadable_scan_gives_a_note(tmp_path):
     scans["case_00010"] = (missing, *scans["case_00010"][1:])
     broken = scans["case_00034"][2]
     broken.write_bytes(broken.read_bytes()[:100])  # a truncated prediction
-    build_report(**{**kwargs, "scans": scans})
-    section = _section(kwargs["out_html"].read_text(), "overlays")
+    section = roverlays.overlays_section(pd.read_csv(kwargs["per_case_csv"]), scans)
     notes = re.findall(r'<p class="note">(.*?)</p>', section)
     assert any("case_00010" in n and str(missing) in n for n in notes), notes
     assert any("case_00034" in n and str(broken) in n for n in notes), notes
@@ -631,11 +635,11 @@ def _git_repo(path):
 
 def test_provenance_shows_commit_versions_and_hardware(tmp_path):
     commit = _git_repo(tmp_path / "wf")
-    page = _build_full(tmp_path, workflow_dir=tmp_path / "wf")
-    prov = _section(page, "provenance")
+    kwargs = {**full_inputs(tmp_path), "workflow_dir": tmp_path / "wf"}
+    prov = _provenance(kwargs)
     assert f'data-commit="{commit}" data-dirty="false"' in prov and "<b>clean</b>" in prov
     (tmp_path / "wf" / "Snakefile").write_text("rule all:\n    input: []\n")
-    prov = _section(_build_full(tmp_path, workflow_dir=tmp_path / "wf"), "provenance")
+    prov = _provenance(kwargs)
     assert f'data-commit="{commit}" data-dirty="true"' in prov and "modified" in prov
     # training hardware from fold_0/environment.json; fold 1 has none
     fold0 = re.search(r'<tr data-role="training, fold 0">(.*?)</tr>', prov).group(1)
@@ -660,7 +664,7 @@ def test_provenance_without_git_or_environment(page, tmp_path):
     bad = tmp_path / "model" / "fold_0" / "environment.json"
     bad.parent.mkdir(parents=True)
     bad.write_text("{not json")
-    prov = _section(_build(tmp_path, environment_files=[bad], workflow_dir=tmp_path / "nope"), "provenance")
+    prov = _provenance(_inputs(tmp_path, environment_files=[bad], workflow_dir=tmp_path / "nope"))
     assert "unreadable" in re.search(r'<tr data-role="training, fold 0">(.*?)</tr>', prov).group(1)
     assert "is not a git work tree" in prov
 
@@ -695,7 +699,7 @@ def test_no_failures(tmp_path, kind):
     path = {"none": None, "missing": tmp_path / "absent.csv", "header_only": tmp_path / "f.csv"}[kind]
     if kind == "header_only":
         path.write_text("case_id,stage,reason,log\n")
-    section = _section(_build_full(tmp_path, failures=path), "failures")
+    section = rh.failures_section(path)
     assert "No failures recorded." in section and "<table" not in section
 
 
@@ -704,9 +708,9 @@ def test_hostile_failure_case_id(tmp_path):
     pd.DataFrame([{"case_id": '"><script>alert(1)</script>', "stage": "train", "reason": "x", "log": ""}]).to_csv(
         failures, index=False
     )
-    page = _build(tmp_path, failures=failures)
-    assert "<script>alert(1)</script>" not in page
-    assert 'data-case="&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in page
+    section = rh.failures_section(failures)
+    assert "<script>alert(1)</script>" not in section
+    assert 'data-case="&quot;&gt;&lt;script&gt;alert(1)&lt;/script&gt;"' in section
 
 
 # ---- self-contained and ASCII

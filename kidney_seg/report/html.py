@@ -30,11 +30,11 @@ from kidney_seg.report.common import is_missing as _is_missing
 from kidney_seg.report.figures import distributions_section
 from kidney_seg.report.overlays import overlays_section
 from kidney_seg.report.provenance import (
+    benchmark_inputs,
     benchmark_row,
     benchmarks_table,
     config_text,
     dataset_source,
-    find_benchmarks,
     provenance_section,
     split_sizes,
 )
@@ -597,17 +597,14 @@ def build_report(
     its git commit. ``failures``: a CSV with case_id, stage, reason, log (None or missing:
     no failures).
     """
-    root = None
-    if benchmark_files is not None and not isinstance(benchmark_files, (list, tuple)):
-        root = Path(benchmark_files)
-        benchmark_files = find_benchmarks(root)
+    benchmark_files, root = benchmark_inputs(benchmark_files)
     page = render_html(
         read_csv_or_none(per_case_csv),
         read_csv_or_none(summary_csv),
         history_csv,
         split_csv,
         dict(config or {}),
-        list(benchmark_files or []),
+        benchmark_files,
         postprocessing_json,
         scans=scans,
         label_values=tuple(label_values),

@@ -76,6 +76,14 @@ def find_benchmarks(benchmark_dir: str | os.PathLike) -> list[Path]:
     return sorted(root.rglob("*.tsv")) if root.is_dir() else []
 
 
+def benchmark_inputs(benchmark_files: str | os.PathLike | list | None) -> tuple[list, Path | None]:
+    """(TSV paths, root folder or None) of a folder of benchmarks (searched) or a list of TSV paths."""
+    if benchmark_files is not None and not isinstance(benchmark_files, (list, tuple)):
+        root = Path(benchmark_files)
+        return find_benchmarks(root), root
+    return list(benchmark_files or []), None
+
+
 def benchmark_job(path: str | os.PathLike, root: str | os.PathLike | None = None) -> tuple[str, str]:
     """(rule, job label) of a benchmark file: ``<root>/<rule>.tsv`` or ``<root>/<rule>/<wildcards>.tsv``.
 
