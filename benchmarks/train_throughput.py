@@ -221,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
         spec = stream_spec(dirs, tr, cfg["seed"])
         loader = {w: loader_rate(spec, w, args.steps) for w in args.workers}
         keras.utils.set_random_seed(cfg["seed"])
-        model = build_from_config(cfg["model"], 3, tr["output_activation"])
+        model = build_from_config(cfg["model"], 3, tr["output_activation"], training=True)  # as train() builds it
         compile_model(model, 3, tr)
         with BatchLoader(spec, num_workers=0) as one:
             batch = next(one.batches())

@@ -108,6 +108,44 @@ class SigmoidDiceBCELoss(keras.losses.Loss):
         }
 
 
+@keras.saving.register_keras_serializable(package="kidney_seg")
+class DeepSupervisionLoss(keras.losses.Loss):
+    """nnU-Net's deep supervision: ``loss`` on the full-resolution logits and on each auxiliary output, weighted.
+
+    ``y_pred`` is a deep-supervised model's packed output (:func:`kidney_seg.model.deep_supervised`):
+    ``channels`` logits at full resolution, then ``channels`` per scale s, each upsampled (nearest) by s
+    from a 1/s grid. Taking every s-th pixel from offset s // 2 gives back that grid's logits and the
+    labels downsampled to it as PyTorch's ``nearest-exact`` does (nnU-Net v2's DownsampleSegForDSTransform).
+    """
+
+    def __init__(self, loss=None, channels: int = 3, scales=(), weights=(1.0,), name="deep_supervision", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.loss = loss if isinstance(loss, keras.losses.Loss) else keras.saving.deserialize_keras_object(loss)
+        self.channels = int(channels)
+        self.scales = tuple(int(s) for s in scales)
+        self.weights = tuple(float(w) for w in weights)
+        if len(self.weights) != len(self.scales) + 1:
+            raise ValueError(f"{len(self.scales)} auxiliary scales need {len(self.scales) + 1} weights, got {weights}")
+
+    def call(self, y_true, y_pred):
+        c = self.channels
+        total = self.weights[0] * self.loss.call(y_true, y_pred[..., :c])
+        for i, s in enumerate(self.scales, start=1):
+            off = s // 2
+            coarse = y_pred[:, off::s, off::s, i * c : (i + 1) * c]
+            total = total + self.weights[i] * self.loss.call(y_true[:, off::s, off::s], coarse)
+        return total
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "loss": keras.saving.serialize_keras_object(self.loss),
+            "channels": self.channels,
+            "scales": list(self.scales),
+            "weights": list(self.weights),
+        }
+
+
 ACTIVATIONS = OUTPUT_ACTIVATIONS
 
 
@@ -138,6 +176,7 @@ class HardDice(keras.metrics.Metric):
         class_name: str | None = None,
         name: str | None = None,
         activation: str = "softmax",
+        channels: int | None = None,
         **kwargs,
     ):
         super().__init__(name=name or f"dice_{class_name or class_id}", **kwargs)
@@ -146,6 +185,7 @@ class HardDice(keras.metrics.Metric):
         self.class_id = class_id
         self.class_name = class_name
         self.activation = activation
+        self.channels = channels  # the first logits of a packed deep-supervised output; None = all
         self.intersection = self.add_variable(shape=(), initializer="zeros", name="intersection")
         self.total = self.add_variable(shape=(), initializer="zeros", name="total")
 
@@ -154,6 +194,8 @@ class HardDice(keras.metrics.Metric):
         if len(labels.shape) == len(y_pred.shape):
             labels = ops.squeeze(labels, axis=-1)
         truth = ops.cast(ops.equal(labels, self.class_id), "float32")
+        if self.channels is not None:
+            y_pred = y_pred[..., : self.channels]
         pred = ops.cast(
             ops.equal(ops.cast(hard_labels(ops.cast(y_pred, "float32"), self.activation), "int32"), self.class_id),
             "float32",
@@ -174,4 +216,5 @@ class HardDice(keras.metrics.Metric):
             "class_id": self.class_id,
             "class_name": self.class_name,
             "activation": self.activation,
+            "channels": self.channels,
         }

@@ -7,6 +7,9 @@ the paper says, or nearest as the authors' code did), concatenates the skip and 
 the same blocks. A 1x1 convolution gives one logit per class (softmax output) or one per
 foreground class (the sigmoid counterpart); the activation lives in the loss. With f0=20,
 6 levels and 2 blocks this has about 12.3M parameters.
+
+With deep supervision (nnU-Net's; training only) the training model also has a 1x1 logit
+head on decoder stages below full resolution; see :func:`deep_supervision_scales`.
 """
 
 from __future__ import annotations
@@ -69,13 +72,21 @@ def build_unet(
     bn_momentum: float = 0.99,
     name: str = "unet2d",
     num_outputs: int | None = None,
+    deep_supervision: bool = False,
 ) -> keras.Model:
     """Build the U-Net; it accepts any H, W divisible by 2^(levels-1).
 
-    The final 1x1 convolution has ``num_outputs`` channels (default ``num_classes``).
+    The final 1x1 convolution has ``num_outputs`` channels (default ``num_classes``). With
+    ``deep_supervision`` the model is the training model of :func:`deep_supervised`.
     """
     if upsampling not in ("bilinear", "nearest"):
         raise ValueError(f"unknown upsampling {upsampling!r}")
+    scales = deep_supervision_scales(levels) if deep_supervision else ()
+    if deep_supervision and not scales:
+        raise ValueError(
+            f"deep supervision needs at least 4 levels (a stage between full resolution and the coarsest), got {levels}"
+        )
+    stages = {}
     inputs = keras.Input(shape=(None, None, in_channels), name="image")
     x = inputs
     skips = []
@@ -97,8 +108,48 @@ def build_unet(
         x = layers.Concatenate(name=f"skip{level}")([x, skips[level]])
         for b in range(blocks_per_level):
             x = conv_block(x, filters, block_order, leaky_alpha, f"dec{level}_{b}", bn_momentum)
+        stages[2**level] = x
     logits = layers.Conv2D(num_outputs or num_classes, 1, name="logits", dtype="float32")(x)
+    if scales:
+        return deep_supervised(inputs, logits, {s: stages[s] for s in scales}, name)
     return keras.Model(inputs, logits, name=name)
+
+
+def deep_supervision_scales(levels: int) -> tuple[int, ...]:
+    """Downsampling factors of the auxiliary outputs: the decoder stages between full resolution and the coarsest.
+
+    nnU-Net v2 supervises every decoder stage (1, 1/2, ... 1/2^(levels-2)) with loss weights
+    1/2^i, normalised, after setting the coarsest stage's weight to 0: that stage is left out here.
+    """
+    return tuple(2**k for k in range(1, levels - 2))
+
+
+def deep_supervision_weights(n_aux: int) -> tuple[float, ...]:
+    """Loss weights of the full-resolution output and ``n_aux`` auxiliary ones: 1/2^i, normalised to sum 1."""
+    raw = [0.5**i for i in range(n_aux + 1)]
+    return tuple(w / sum(raw) for w in raw)
+
+
+def deep_supervised(inputs, logits, stages: dict, name: str) -> keras.Model:
+    """The training model: the logits and, per scale s, a 1x1 head on the stage at 1/s, upsampled (nearest) by s,
+    concatenated on the channel axis (``ds_packed``); :func:`inference_model` takes the logits back out."""
+    packed = [logits]
+    for s, stage in stages.items():
+        head = layers.Conv2D(logits.shape[-1], 1, name=f"ds_logits{s}", dtype="float32")(stage)
+        packed.append(layers.UpSampling2D(s, interpolation="nearest", name=f"ds_up{s}", dtype="float32")(head))
+    return keras.Model(inputs, layers.Concatenate(name="ds_packed", dtype="float32")(packed), name=name)
+
+
+def supervision_scales(model: keras.Model) -> tuple[int, ...]:
+    """The auxiliary outputs' downsampling factors of a training model (empty without deep supervision)."""
+    return tuple(int(layer.name[len("ds_logits") :]) for layer in model.layers if layer.name.startswith("ds_logits"))
+
+
+def inference_model(model: keras.Model) -> keras.Model:
+    """The plain U-Net (its full-resolution logits) of a deep-supervised training model; any other model as it is."""
+    if not supervision_scales(model):
+        return model
+    return keras.Model(model.input, model.get_layer("logits").output, name=model.name)
 
 
 def output_channels(num_classes: int, output_activation: str = "softmax") -> int:
@@ -110,9 +161,13 @@ def output_channels(num_classes: int, output_activation: str = "softmax") -> int
     raise ValueError(f"unknown output_activation {output_activation!r}")
 
 
-def build_from_config(model_cfg: dict, num_classes: int, output_activation: str) -> keras.Model:
-    """Build the U-Net from the config's ``model`` section for the given output activation."""
+def build_from_config(model_cfg: dict, num_classes: int, output_activation: str, training: bool = False) -> keras.Model:
+    """Build the U-Net from the config's ``model`` section for the given output activation.
+
+    ``training``: the training model (with the deep supervision heads where the config asks for them).
+    """
     return build_unet(
+        deep_supervision=training and model_cfg["deep_supervision"],
         num_outputs=output_channels(num_classes, output_activation),
         num_classes=num_classes,
         base_filters=model_cfg["base_filters"],

@@ -1,6 +1,7 @@
 """Training: the paper's Adam and ReduceLROnPlateau (or SGD, poly: :mod:`kidney_seg.schedules`), checkpoints, resume.
 
-Outputs in ``model_dir``: ``model.keras`` (best validation loss), ``history.csv`` (one row
+Outputs in ``model_dir``: ``model.keras`` (best validation loss; the plain U-Net without
+the heads when ``model.deep_supervision`` trained some), ``history.csv`` (one row
 per epoch), ``curves.png`` (the training-curve panels, :mod:`kidney_seg.curves`) and
 ``inference.json`` (a copy of the plan, :mod:`kidney_seg.plan`: everything ``predict``
 needs to preprocess a new scan).
@@ -125,7 +126,8 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
     softmax: Dice + CE over all classes (the paper); sigmoid: the sigmoid counterpart,
     Dice + binary CE over the foreground classes; regions: the same over the nested regions.
     """
-    from kidney_seg.losses import DiceCELoss, HardDice, SigmoidDiceBCELoss
+    from kidney_seg.losses import DeepSupervisionLoss, DiceCELoss, HardDice, SigmoidDiceBCELoss
+    from kidney_seg.model import deep_supervision_weights, output_channels, supervision_scales
     from kidney_seg.schedules import make_optimizer
 
     activation = train_cfg["output_activation"]
@@ -135,11 +137,15 @@ def compile_model(model, num_classes: int, train_cfg: dict) -> None:
         loss = SigmoidDiceBCELoss(num_classes, regions=activation == "regions")
     else:
         raise ValueError(f"unknown output_activation {activation!r}")
+    scales, channels = supervision_scales(model), None
+    if scales:  # a deep-supervised training model: the loss on every output, the metrics on the full resolution's
+        channels = output_channels(num_classes, activation)
+        loss = DeepSupervisionLoss(loss, channels, scales, deep_supervision_weights(len(scales)))
     names = class_names(tuple(range(num_classes)))
     model.compile(
         optimizer=make_optimizer(train_cfg),
         loss=loss,
-        metrics=[HardDice(c, names[c], activation=activation) for c in range(1, num_classes)],
+        metrics=[HardDice(c, names[c], activation=activation, channels=channels) for c in range(1, num_classes)],
         jit_compile=train_cfg["jit_compile"],
     )
 
@@ -168,7 +174,7 @@ def restore_or_build(state_dir: Path, model_cfg: dict, train_cfg: dict, num_clas
     if last.is_file() or len(history):
         log.info("the checkpoint in %s does not match its history: starting afresh", state_dir)
         discard_checkpoints(state_dir)
-    model = build_from_config(model_cfg, num_classes, train_cfg["output_activation"])
+    model = build_from_config(model_cfg, num_classes, train_cfg["output_activation"], training=True)
     compile_model(model, num_classes, train_cfg)
     # The optimizer's variables made here (in the strategy's scope), not in fit's first step: fit then traces
     # its train step once, not twice (about 1.5 s of a tiny model's 4 s train(); the weights are bitwise the same).
@@ -254,14 +260,32 @@ def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
     """
     from kidney_seg.environment import write_environment
 
-    with atomic_path(model_dir / "model.keras") as tmp:
-        shutil.copyfile(state_dir / "best.keras", tmp)
+    publish_model(state_dir / "best.keras", model_dir / "model.keras")
     history = read_history(state_dir / "history.csv")
     write_history(history, model_dir / "history.csv")
     write_curves(history, model_dir / "curves.png")
     write_json_atomic(model_dir / "inference.json", plan)
     write_environment(model_dir / "environment.json", accelerators=True)
     return history
+
+
+def publish_model(best: Path, out: Path) -> None:
+    """The best checkpoint as the published model, atomically: a copy, or the plain U-Net of a deep-supervised one."""
+    from kidney_seg.model import inference_model, load_model
+
+    with atomic_path(out) as tmp:
+        if _has_deep_supervision(best):
+            inference_model(load_model(best, compile=False)).save(tmp)
+        else:
+            shutil.copyfile(best, tmp)
+
+
+def _has_deep_supervision(path: Path) -> bool:
+    """Whether a saved model holds deep supervision heads (read from its config, without building it)."""
+    import zipfile
+
+    with zipfile.ZipFile(path) as archive:
+        return '"ds_packed"' in archive.read("config.json").decode("utf-8")
 
 
 def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> StreamSpec:

@@ -139,3 +139,43 @@ def test_hard_dice_metric_sigmoid():
     assert again.activation == "sigmoid" and again.name == "dice_kidney"
     with pytest.raises(ValueError):
         HardDice(1, "kidney", activation="relu")
+
+
+def _packed(full: np.ndarray, coarse: dict[int, np.ndarray]) -> np.ndarray:
+    """A deep-supervised model's output: the full-resolution logits, then each 1/s grid's repeated s times (nearest)."""
+    parts = [full] + [np.repeat(np.repeat(c, s, axis=1), s, axis=2) for s, c in coarse.items()]
+    return np.concatenate(parts, axis=-1)
+
+
+@pytest.mark.parametrize("base", [DiceCELoss(3), SigmoidDiceBCELoss(3, regions=True)])
+def test_deep_supervision_loss_scores_each_grid_against_nearest_exact_labels(base):
+    from kidney_seg.losses import DeepSupervisionLoss
+
+    rng = np.random.default_rng(4)
+    labels = rng.integers(0, 3, size=(2, 16, 16))
+    channels = 3 if isinstance(base, DiceCELoss) else 2
+    full = rng.normal(size=(2, 16, 16, channels)).astype(np.float32)
+    coarse = {s: rng.normal(size=(2, 16 // s, 16 // s, channels)).astype(np.float32) for s in (2, 4)}
+    weights = (4 / 7, 2 / 7, 1 / 7)
+    loss = DeepSupervisionLoss(base, channels, (2, 4), weights)
+    got = float(keras.ops.convert_to_numpy(loss(labels, _packed(full, coarse))))
+    # PyTorch's interpolate(mode="nearest-exact") to 1/s takes source pixel floor((i + 0.5) * s) = s * i + s // 2
+    want = weights[0] * float(base(labels, full))
+    for w, (s, c) in zip(weights[1:], coarse.items()):
+        want += w * float(base(labels[:, s // 2 :: s, s // 2 :: s], c))
+    assert got == pytest.approx(want, rel=1e-5)
+    again = DeepSupervisionLoss.from_config(loss.get_config())  # as a checkpoint stores and restores it
+    assert type(again.loss) is type(base) and again.scales == (2, 4) and again.weights == weights
+    assert float(keras.ops.convert_to_numpy(again(labels, _packed(full, coarse)))) == pytest.approx(got, rel=1e-6)
+    with pytest.raises(ValueError, match="weights"):
+        DeepSupervisionLoss(base, channels, (2, 4), (1.0,))
+
+
+def test_hard_dice_reads_only_the_full_resolution_logits_of_a_packed_output():
+    labels = np.random.default_rng(5).integers(0, 3, size=(1, 8, 8))
+    right = np.eye(3)[labels].astype(np.float32) * 10
+    packed = np.concatenate([right, np.roll(right, 1, axis=-1)], axis=-1)  # a wrong auxiliary output after it
+    metric = HardDice(1, "kidney", channels=3)
+    metric.update_state(labels, packed)
+    assert float(metric.result()) == pytest.approx(1.0)
+    assert HardDice.from_config(metric.get_config()).channels == 3

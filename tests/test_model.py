@@ -69,3 +69,32 @@ def test_build_from_config_output_channels(activation, channels):
     assert build_unet(num_classes=3, num_outputs=2, base_filters=2, levels=2).output_shape[-1] == 2
     with pytest.raises(ValueError):
         build_from_config(cfg, 3, output_activation="tanh")
+
+
+@pytest.mark.parametrize("levels, scales", [(4, (2,)), (5, (2, 4)), (6, (2, 4, 8))])
+def test_deep_supervision_heads_and_weights_follow_nnunet(levels, scales):
+    from kidney_seg.model import deep_supervision_scales, deep_supervision_weights
+
+    assert deep_supervision_scales(levels) == scales
+    # nnU-Net v2 (nnUNetTrainer._build_loss): 1/2^i over the levels-1 decoder stages, the coarsest set to 0, normalised
+    nnunet = np.array([1 / 2**i for i in range(levels - 1)])
+    nnunet[-1] = 0
+    assert deep_supervision_weights(len(scales)) == pytest.approx(list(nnunet[:-1] / nnunet.sum()))
+
+
+def test_deep_supervised_model_packs_the_heads_and_gives_back_the_plain_unet():
+    from kidney_seg.model import inference_model, supervision_scales
+
+    cfg = with_defaults("model", {"base_filters": 2, "levels": 4, "blocks_per_level": 1, "deep_supervision": True})
+    model = build_from_config(cfg, 3, "softmax", training=True)
+    assert supervision_scales(model) == (2,) and model.output_shape[-1] == 6
+    x = np.random.default_rng(2).normal(size=(1, 16, 24, 1)).astype(np.float32)
+    packed = np.asarray(model(x, training=False))
+    head = packed[..., 3:]  # the 1/2 grid's logits, each repeated over a 2 x 2 block
+    assert np.array_equal(head, np.repeat(np.repeat(head[:, ::2, ::2], 2, axis=1), 2, axis=2))
+    plain = inference_model(model)
+    assert plain.output_shape[-1] == 3 and not supervision_scales(plain)
+    assert np.array_equal(np.asarray(plain(x, training=False)), packed[..., :3])  # the same weights
+    assert build_from_config(cfg, 3, "softmax").output_shape[-1] == 3  # prediction builds the plain U-Net
+    with pytest.raises(ValueError, match="at least 4 levels"):
+        build_unet(num_classes=3, base_filters=2, levels=3, deep_supervision=True)

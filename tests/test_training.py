@@ -361,3 +361,19 @@ def test_prepare_environment_adds_flags_once():
     prepare_environment(env)
     prepare_environment(env)
     assert env == {"XLA_FLAGS": "--xla_gpu_deterministic_ops=true", "CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+
+
+def test_deep_supervision_trains_and_publishes_the_plain_unet(cache, tmp_path):
+    """The checkpoint keeps the heads and the loss (a resume loads it as any other); model.keras is the U-Net alone."""
+    from kidney_seg.model import load_model, supervision_scales
+
+    model_cfg = {**MODEL, "levels": 4, "deep_supervision": True}
+    out = tmp_path / "model"
+    history = train(cache[:2], cache[2:], out, model_cfg, {**TRAIN, "epochs": 1}, plan_for(TRAIN), seed=1, threads=1)
+    assert np.isfinite(history[["loss", "val_loss", "val_dice_kidney", "val_dice_tumor"]].to_numpy(float)).all()
+    best = load_model(out / "checkpoint" / "best.keras")
+    assert supervision_scales(best) == (2,) and type(best.loss).__name__ == "DeepSupervisionLoss"
+    published = load_model(out / "model.keras")
+    assert not supervision_scales(published) and published.output_shape[-1] == 3
+    x = np.random.default_rng(3).normal(size=(2, 16, 16, 1)).astype(np.float32)
+    assert np.array_equal(np.asarray(published(x, training=False)), np.asarray(best(x, training=False))[..., :3])
