@@ -90,6 +90,8 @@ def check_consistency(config: dict) -> None:
     for size in config["training"]["patch_size"]:
         if size % divisor:
             raise ValueError(f"training.patch_size {size} is not divisible by 2^(levels-1) = {divisor}")
+    if config["model"]["deep_supervision"] and config["model"]["levels"] < 4:
+        raise ValueError("model.deep_supervision needs model.levels >= 4 (a decoder stage to supervise)")
     if config["training"]["foreground_per_batch"] > config["training"]["batch_size"]:
         raise ValueError("training.foreground_per_batch exceeds training.batch_size")
     if config["training"]["tumor_per_batch"] > config["training"]["foreground_per_batch"]:

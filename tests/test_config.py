@@ -42,6 +42,8 @@ def test_unknown_keys_and_bad_values_are_rejected():
         validate_config(deep_merge(base(), {"split": {"fractions": [0.5, 0.1, 0.1]}}))
     with pytest.raises(ValueError, match="root or dataset.manifest"):
         validate_config(deep_merge(base(), {"dataset": {"source": "local"}}))
+    with pytest.raises(ValueError, match="levels >= 4"):
+        validate_config(deep_merge(base(), {"model": {"levels": 3, "deep_supervision": True}}))
 
 
 def test_defaults_are_filled():
