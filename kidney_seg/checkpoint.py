@@ -41,7 +41,8 @@ RESUME_KEY_NAME = "resume_key.json"
 CHECKPOINTS = ("last.keras", "best.keras", "history.csv")  # discarded together when they cannot be resumed
 STATE_FILES = CHECKPOINTS + (RESUME_KEY_NAME,)  # in checkpoint_dir
 CHECKPOINT_MEMBER = "kidney_seg_checkpoint.json"  # {"epoch": n} inside a checkpoint's .keras archive
-STREAM_ONLY_KEYS = ("epochs", "num_workers")  # settings that cannot change the weights (epochs: unless poly)
+#: settings that cannot change the trained weights (epochs: unless poly; publish only picks the checkpoint to publish)
+STREAM_ONLY_KEYS = ("epochs", "num_workers", "publish")
 
 
 def read_history(path: Path) -> pd.DataFrame:

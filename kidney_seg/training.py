@@ -1,10 +1,11 @@
 """Training: the paper's Adam and ReduceLROnPlateau (or SGD, poly: :mod:`kidney_seg.schedules`), checkpoints, resume.
 
-Outputs in ``model_dir``: ``model.keras`` (best validation loss; the plain U-Net without
-the heads when ``model.deep_supervision`` trained some), ``history.csv`` (one row
-per epoch), ``curves.png`` (the training-curve panels, :mod:`kidney_seg.curves`) and
-``inference.json`` (a copy of the plan, :mod:`kidney_seg.plan`: everything ``predict``
-needs to preprocess a new scan).
+Outputs in ``model_dir``: ``model.keras`` (best validation loss, or the last epoch with
+``training.publish: final``; the plain U-Net without the heads when
+``model.deep_supervision`` trained some), ``history.csv`` (one row per epoch),
+``curves.png`` (the training-curve panels, :mod:`kidney_seg.curves`) and ``inference.json``
+(a copy of the plan, :mod:`kidney_seg.plan`: everything ``predict`` needs to preprocess a
+new scan).
 While training runs, ``checkpoint_dir`` holds the checkpoints (:mod:`kidney_seg.checkpoint`).
 It is kept apart from the declared outputs, which Snakemake deletes before rerunning a
 job, so a killed run resumes from its last epoch.
@@ -194,7 +195,7 @@ def train(
     threads: int | None = None,
     deterministic: bool = False,
 ) -> pd.DataFrame:
-    """Train (or resume training) the U-Net, publish the best model, return the history.
+    """Train (or resume training) the U-Net, publish the best or final model (``publish``), return the history.
 
     ``model_cfg`` and ``train_cfg`` are validated config sections; ``plan`` is the plan
     (:mod:`kidney_seg.plan`) the slice cache was made with: its classes and output
@@ -250,17 +251,20 @@ def train(
             )
         else:
             log.info("training already complete (%d epochs)", initial_epoch)
-    return publish(state_dir, model_dir, plan)
+    return publish(state_dir, model_dir, plan, train_cfg["publish"])
 
 
-def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
-    """Copy the best model, history, plan (inference.json) and environment to the declared outputs, atomically.
+def publish(state_dir: Path, model_dir: Path, plan: dict, which: str = "best") -> pd.DataFrame:
+    """Copy the ``which`` model (best or final), history, plan (inference.json) and environment to the declared
+    outputs, atomically.
 
     The environment (environment.json) records where the model was trained.
     """
     from kidney_seg.environment import write_environment
 
-    publish_model(state_dir / "best.keras", model_dir / "model.keras")
+    if which not in ("best", "final"):
+        raise ValueError(f"training.publish must be 'best' or 'final', got {which!r}")
+    publish_model(state_dir / ("last.keras" if which == "final" else "best.keras"), model_dir / "model.keras")
     history = read_history(state_dir / "history.csv")
     write_history(history, model_dir / "history.csv")
     write_curves(history, model_dir / "curves.png")
@@ -269,15 +273,15 @@ def publish(state_dir: Path, model_dir: Path, plan: dict) -> pd.DataFrame:
     return history
 
 
-def publish_model(best: Path, out: Path) -> None:
-    """The best checkpoint as the published model, atomically: a copy, or the plain U-Net of a deep-supervised one."""
+def publish_model(checkpoint: Path, out: Path) -> None:
+    """A checkpoint as the published model, atomically: a copy, or the plain U-Net of a deep-supervised one."""
     from kidney_seg.model import inference_model, load_model
 
     with atomic_path(out) as tmp:
-        if _has_deep_supervision(best):
-            inference_model(load_model(best, compile=False)).save(tmp)
+        if _has_deep_supervision(checkpoint):
+            inference_model(load_model(checkpoint, compile=False)).save(tmp)
         else:
-            shutil.copyfile(best, tmp)
+            shutil.copyfile(checkpoint, tmp)
 
 
 def _has_deep_supervision(path: Path) -> bool:

@@ -377,3 +377,15 @@ def test_deep_supervision_trains_and_publishes_the_plain_unet(cache, tmp_path):
     assert not supervision_scales(published) and published.output_shape[-1] == 3
     x = np.random.default_rng(3).normal(size=(2, 16, 16, 1)).astype(np.float32)
     assert np.array_equal(np.asarray(published(x, training=False)), np.asarray(best(x, training=False))[..., :3])
+
+
+def test_publish_final_takes_the_last_epoch_without_training_again(cache, trained, tmp_path):
+    from kidney_seg.checkpoint import best_so_far, checkpoint_epoch
+
+    ref, reference, _ = trained  # published with the default, publish: best
+    assert checkpoint_epoch(ref / "model.keras") == best_so_far(reference)[0]
+    out = copy_of(trained, tmp_path)
+    history = run(cache, out, epochs=3, publish="final")  # the same weights' run: resumed as complete, published
+    pd.testing.assert_frame_equal(history, reference)
+    assert checkpoint_epoch(out / "model.keras") == 3
+    assert (out / "model.keras").read_bytes() == (out / "checkpoint" / "last.keras").read_bytes()
