@@ -98,7 +98,9 @@ def test_the_beyond_paper_preset_validates_and_keeps_nnunets_augmentation():
     assert training["epochs"] * training["steps_per_epoch"] == 250_000  # nnU-Net v2's 1000 x 250
     assert training["crop"] == "foreground" and 0 < training["tumor_per_batch"] <= training["foreground_per_batch"]
     assert training["output_activation"] == "softmax"
+    assert training["publish"] == "final"  # nnU-Net predicts with checkpoint_final; the paper's setup keeps "best"
     paper = load_config(REPO / "config.yaml")
+    assert paper["training"]["publish"] == "best"
     for section in ("dataset", "preprocessing", "split", "model", "inference", "postprocessing"):
         assert beyond[section] == paper[section], f"the preset changes only training, not {section}"
     nnunet = load_config(REPO / "config.yaml", REPO / "presets" / "nnunet-augmentation.yaml")["training"]
@@ -116,7 +118,7 @@ def test_the_cpu_beyond_preset_changes_only_the_recipe_of_the_demo():
     training = cpu["training"]
     for key in ("epochs", "steps_per_epoch", "batch_size", "patch_size", "val_slices"):
         assert training[key] == demo["training"][key], f"equal steps and batches: {key}"
-    for key in ("lr_schedule", "gradient_clip_norm", "dice_include_background", "foreground_per_batch"):
+    for key in ("lr_schedule", "gradient_clip_norm", "dice_include_background", "foreground_per_batch", "publish"):
         assert training[key] == gpu[key], key
     for key in ("tumor_per_batch", "crop", "augmentation", "p_scale", "scale_range", "p_mirror"):
         assert training[key] == gpu[key], key
