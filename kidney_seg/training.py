@@ -288,8 +288,10 @@ def _has_deep_supervision(path: Path) -> bool:
     """Whether a saved model holds deep supervision heads (read from its config, without building it)."""
     import zipfile
 
+    if not zipfile.is_zipfile(path):  # not a Keras archive: published as it is, as any other
+        return False
     with zipfile.ZipFile(path) as archive:
-        return '"ds_packed"' in archive.read("config.json").decode("utf-8")
+        return "config.json" in archive.namelist() and '"ds_packed"' in archive.read("config.json").decode("utf-8")
 
 
 def stream_spec(train_dirs: list[str], train_cfg: dict, seed: int) -> StreamSpec:
