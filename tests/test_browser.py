@@ -68,6 +68,14 @@ def browser() -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def report_inputs(tmp_path_factory) -> dict:
+    """The inputs of one full report, built once for the module's checks (read-only: derived pages go elsewhere)."""
+    kwargs = full_inputs(tmp_path_factory.mktemp("report"))
+    build_report(**kwargs)
+    return kwargs
+
+
 def load(browser: str, page: Path, profile: Path) -> tuple[str, list[str]]:
     """(DOM after the page's scripts ran, console messages) of a local HTML file."""
     proc = subprocess.run(
@@ -132,11 +140,10 @@ CLICK_JS = """
 """
 
 
-def test_report_in_chromium(browser, tmp_path):
+def test_report_in_chromium(browser, report_inputs, tmp_path):
     import pandas as pd
 
-    kwargs = full_inputs(tmp_path)
-    build_report(**kwargs)
+    kwargs = report_inputs
     report = kwargs["out_html"]
     html = report.read_text()
     dom, messages = load(browser, report, tmp_path / "profile")
@@ -149,7 +156,7 @@ def test_report_in_chromium(browser, tmp_path):
     assert dom.count('<figure class="overlay"') == 3 and dom.count('<figure class="dist"') >= 4
     assert 'class="failure" data-case="case_00099"' in dom
     # sorting by a click: ascending, then descending (no NaN in tu_dice here)
-    clicked = report.with_name("clicked.html")
+    clicked = tmp_path / "clicked.html"  # beside nothing the page loads: the report inlines every figure
     clicked.write_text(html.replace("</body>", CLICK_JS + "</body>"))
     dom, messages = load(browser, clicked, tmp_path / "profile-click")
     assert messages == [], "console messages:\n" + "\n".join(messages)
@@ -163,12 +170,10 @@ def test_report_in_chromium(browser, tmp_path):
     assert re.findall(r'<tr class="case-row" data-case="([^"]+)"', dom) == desc
 
 
-def test_sort_keeps_missing_values_last(browser, tmp_path):
-    kwargs = full_inputs(tmp_path)
-    build_report(**kwargs)
-    html = kwargs["out_html"].read_text()
+def test_sort_keeps_missing_values_last(browser, report_inputs, tmp_path):
+    html = report_inputs["out_html"].read_text()
     script = CLICK_JS.replace('th[data-col="tu_dice"]', 'th[data-col="tu_hd95"]')
-    page = kwargs["out_html"].with_name("nan.html")
+    page = tmp_path / "nan.html"
     page.write_text(html.replace("</body>", script + "</body>"))
     dom, messages = load(browser, page, tmp_path / "profile")
     assert messages == []

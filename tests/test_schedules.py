@@ -17,7 +17,7 @@ from kidney_seg.schedules import (
     poly_lr,
 )
 from kidney_seg.training import make_lr_schedule, train
-from tests.test_training import MODEL, make_cache, plan_for
+from tests.test_training import NEAREST_MODEL, make_cache, plan_for
 from tests.test_training import TRAIN as PAPER_TRAIN
 
 #: test_training's settings with nnU-Net v2's optimizer and schedule, for 3 epochs.
@@ -40,7 +40,7 @@ def cache(tmp_path_factory):
 def run(cache, out, **overrides) -> pd.DataFrame:
     """Train (or resume) in ``out`` with the module's settings and these overrides; the history."""
     train_cfg = {**TRAIN, **overrides}
-    return train(cache[:2], cache[2:], out, MODEL, train_cfg, plan_for(train_cfg), seed=1, threads=1)
+    return train(cache[:2], cache[2:], out, NEAREST_MODEL, train_cfg, plan_for(train_cfg), seed=1, threads=1)
 
 
 @pytest.fixture(scope="module")
@@ -172,7 +172,7 @@ def test_a_killed_sgd_poly_run_resumes_bitwise(cache, uninterrupted, tmp_path, m
 def test_poly_puts_epochs_in_the_resume_key(cache, uninterrupted, tmp_path):
     def key(**overrides):
         cfg = {**TRAIN, **overrides}
-        return resume_key(cache[:2], cache[2:], MODEL, cfg, plan_for(cfg), 1, False)
+        return resume_key(cache[:2], cache[2:], NEAREST_MODEL, cfg, plan_for(cfg), 1, False)
 
     assert key()["training"]["epochs"] == 3 and key() != key(epochs=4)
     assert "epochs" not in key(lr_schedule="plateau")["training"]
