@@ -391,6 +391,20 @@ def _integer_values(raw: np.ndarray) -> set[int]:
     return {int(v) for v in found}
 
 
+def _within_gapless_labels(raw: np.ndarray, labels: tuple[int, ...]) -> bool:
+    """Whether an integer array holds only values of ``labels`` where those form one gapless range (0, 1, 2):
+    a min/max check in chunks, about 10x faster than gathering the distinct values; False tells nothing."""
+    lo, hi = min(labels), max(labels)
+    if set(labels) != set(range(lo, hi + 1)):
+        return False
+    check_min = raw.dtype.kind == "i" or lo > 0
+    for axis, sl in chunks(raw):
+        block = take(raw, axis, sl)
+        if block.max() > hi or (check_min and block.min() < lo):
+            return False
+    return True
+
+
 def _scaled_labels(
     raw: np.ndarray, slope: float, inter: float, case_id: str | None, path: object
 ) -> tuple[np.ndarray, set[int]]:
@@ -437,7 +451,7 @@ def read_label(
     raw, slope, inter = _voxels(img, path, case_id)
     del img
     if raw.dtype.kind in "ui" and (slope, inter) == (1.0, 0.0):
-        out, found = raw, _integer_values(raw)
+        out, found = raw, set(labels) if _within_gapless_labels(raw, labels) else _integer_values(raw)
     else:
         out, found = _scaled_labels(raw, slope, inter, case_id, path)
     _check_label_values(found, labels, case_id, path)

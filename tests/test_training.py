@@ -309,11 +309,11 @@ result = {"backend": backend, "op_determinism": tf_config.is_op_determinism_enab
           "inter": tf.config.threading.get_inter_op_parallelism_threads(),
           "xla_flags": os.environ["XLA_FLAGS"], "numpy": float(np.random.random())}
 logging.basicConfig(level=logging.INFO, stream=sys.stdout, format="%(name)s %(message)s")
-from tests.test_training import MODEL, TRAIN, make_cache, plan_for
+from tests.test_training import NEAREST_MODEL, TRAIN, make_cache, plan_for
 tmp = Path(sys.argv[1])
 dirs = make_cache(tmp)
 cfg = {**TRAIN, "epochs": 1, "batch_size": 4, "distribute": "mirrored", "num_workers": 0}
-result["epochs"] = list(train(dirs[:2], dirs[2:], tmp / "model", MODEL, cfg, plan_for(cfg), seed=1)["epoch"])
+result["epochs"] = list(train(dirs[:2], dirs[2:], tmp / "model", NEAREST_MODEL, cfg, plan_for(cfg), seed=1)["epoch"])
 print("RESULT", json.dumps(result))
 """
 

@@ -238,6 +238,27 @@ def test_read_label_rejects_bad_values_in_any_chunk(tmp_path, monkeypatch):
         read_label(lp, "case_00003", (0, 1, 2))
 
 
+@pytest.mark.parametrize(
+    "dtype, value, labels, refused",
+    [
+        (np.uint8, 1, (0, 2), "[1]"),  # a gap in the allowed labels: inside the range, still refused
+        (np.int16, -3, (0, 1, 2), "[-3]"),  # below the range in a signed file
+        (np.uint16, 300, (0, 1, 2, 3), "[300]"),
+        (np.uint8, 2, (0, 2), None),  # a gap that the file respects
+        (np.int32, 3, (0, 1, 2, 3), None),
+    ],
+)
+def test_read_label_checks_every_value_against_the_allowed_set(tmp_path, dtype, value, labels, refused):
+    label = np.zeros((3, 5, 5), dtype)
+    label[2, 4, 4] = value
+    lp = write_nifti(tmp_path / "seg.nii.gz", label, kits_affine())
+    if refused is None:
+        assert read_label(lp, "case_00011", labels)[0].max() == value
+    else:
+        with pytest.raises(CaseDataError, match=rf"case_00011.*unexpected label values \{refused[:-1]}\]"):
+            read_label(lp, "case_00011", labels)
+
+
 def test_read_label_float_and_scaled_files(tmp_path):
     label = np.zeros((3, 6, 6), np.float32)
     label[1, 2, 2] = 1
