@@ -50,10 +50,12 @@ from kidney_seg.localization import cut_at_the_edge, foreground_box, sampled_sli
 from kidney_seg.plan import OUTPUT_ACTIVATIONS, read_plan
 from kidney_seg.preprocessing import (
     Box,
+    ResampledScan,
     box_from_list,
     box_to_list,
     nearest_indices,
     padding_value,
+    prepare_image,
     preprocess_image,
 )
 from kidney_seg.quality import kidney_intensity, normalised_entropy, strict_json, uncertainty_summary
@@ -372,6 +374,13 @@ def resample_linear_slab(
     return out
 
 
+def certain_background_slices(probs: np.ndarray) -> np.ndarray:
+    """Per slice of class scores (C, Z, Y, X): whether background scores 1 and every other class 0 everywhere (as
+    localised inference fills what it does not predict). Any linear blend of such slices is background."""
+    flat = probs.reshape(probs.shape[0], probs.shape[1], -1)
+    return (flat[0] == 1).all(axis=1) & ~flat[1:].any(axis=(0, 2))
+
+
 def probabilities_to_labels(
     probs: np.ndarray,
     shape: tuple[int, int, int],
@@ -382,15 +391,21 @@ def probabilities_to_labels(
     """Resample each class's score to ``shape`` (linear in-plane, ``across_slices`` across); running argmax (uint8).
 
     Works ``slab`` output slices at a time, one class after the other, so beyond the
-    uint8 labels only a few slab-sized float32 arrays exist at the original resolution.
+    uint8 labels only a few slab-sized float32 arrays exist at the original resolution; a slab
+    blended only from :func:`certain_background_slices` is background without being resampled.
     Ties go to the lower class. ``out`` (uint8, ``shape``) receives the labels if given.
     """
     shape = tuple(int(s) for s in shape)
     labels = np.zeros(shape, dtype=np.uint8) if out is None else out
     if labels.shape != shape:
         raise ValueError(f"out has shape {labels.shape}, expected {shape}")
+    certain = certain_background_slices(probs)
+    lo, hi, _ = slice_weights(probs.shape[1], shape[0], across_slices)
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
+        if certain[int(lo[start:stop].min()) : int(hi[start:stop].max()) + 1].all():
+            labels[start:stop] = 0  # every score it blends is background 1, the rest 0: background, exactly
+            continue
         best = None
         chunk = np.zeros((stop - start,) + shape[1:], dtype=np.uint8)
         for c in range(len(probs)):
@@ -464,13 +479,13 @@ def predict_scores(
     ``crop_to_body``), preprocessed and predicted. ``predict_fn`` may be a sequence (a
     fold ensemble, logits averaged).
     """
+    if inference_cfg["localize"]:  # slices resampled as the passes need them
+        scan, box = prepare_image(image, spacing, plan["preprocessing"])
+        grid = plan_grid_of(box, scan.shape, spacing)
+        return predict_localized(scan, predict_fn, plan, inference_cfg, grid.spacing), grid
     volume, box = preprocess_image(image, spacing, plan["preprocessing"])
     grid = plan_grid_of(box, volume.shape, spacing)
-    if inference_cfg["localize"]:
-        probs = predict_localized(volume, predict_fn, plan, inference_cfg, grid.spacing)
-    else:
-        probs = predict_probabilities(volume, predict_fn, **_probability_settings(plan, inference_cfg))
-    return probs, grid
+    return predict_probabilities(volume, predict_fn, **_probability_settings(plan, inference_cfg)), grid
 
 
 def _probability_settings(plan: dict, inference_cfg: dict) -> dict:
@@ -488,7 +503,7 @@ def _probability_settings(plan: dict, inference_cfg: dict) -> dict:
 
 
 def predict_localized(
-    volume: np.ndarray,
+    volume: np.ndarray | ResampledScan,
     predict_fn: PredictFn | Sequence[PredictFn],
     plan: dict,
     inference_cfg: dict,
@@ -499,29 +514,31 @@ def predict_localized(
 
     The full pass predicts the box's slices, cropped in-plane to the box (widened to at least one
     training patch, so that the network sees as much real context as it did in training), with the
-    configured tiling: tiles of the crop, or the crop whole.
+    configured tiling: tiles of the crop, or the crop whole. A :class:`ResampledScan` resamples only
+    the slices these passes read.
     """
+    scan = volume if isinstance(volume, ResampledScan) else ResampledScan(volume, volume.shape)
     settings = _probability_settings(plan, inference_cfg)
     fns = as_predict_fns(predict_fn)
     every, min_ml = inference_cfg["localize_every"], inference_cfg["localize_min_ml"]
-    sampled = sampled_slices(len(volume), every)
+    sampled = sampled_slices(len(scan), every)
     cheap = {**settings, "tiling": "whole_slice", "mirror_tta": False}  # one model, one mirroring, whole slices
-    coarse = predict_probabilities(volume[sampled], fns[:1], **cheap)
+    coarse = predict_probabilities(scan.slices(sampled), fns[:1], **cheap)
     margin = inference_cfg["localize_margin_mm"]
-    box = foreground_box(coarse[0] < 0.5, sampled, volume.shape, spacing, every, margin, min_ml)
+    box = foreground_box(coarse[0] < 0.5, sampled, scan.shape, spacing, every, margin, min_ml)
     if box is None:
         log.warning("localisation: no foreground of %g ml in %d sampled slices; every slice", min_ml, len(sampled))
-        return predict_probabilities(volume, fns, **settings)
-    z, plane = box[0], widened_to(box[1:], settings["patch"], volume.shape[1:])
-    probs = np.zeros((plan["num_classes"],) + volume.shape, dtype=np.float32)
+        return predict_probabilities(scan.volume(), fns, **settings)
+    z, plane = box[0], widened_to(box[1:], settings["patch"], scan.shape[1:])
+    probs = np.zeros((plan["num_classes"],) + scan.shape, dtype=np.float32)
     probs[0] = 1.0  # background outside the predicted slices and pixels
-    probs[(slice(None), z) + plane] = predict_probabilities(volume[(z,) + plane], fns, **settings)
-    covered = np.zeros(volume.shape[1:], dtype=bool)
+    probs[(slice(None), z) + plane] = predict_probabilities(scan.slices(z)[(slice(None),) + plane], fns, **settings)
+    covered = np.zeros(scan.shape[1:], dtype=bool)
     covered[plane] = True
     voxel_ml = float(np.prod(spacing)) / 1000.0
-    if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(volume), voxel_ml, min_ml):
+    if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(scan), voxel_ml, min_ml):
         log.warning("localisation: foreground reaches the edge of what was predicted (box %s); every slice", box)
-        return predict_probabilities(volume, fns, **settings)
+        return predict_probabilities(scan.volume(), fns, **settings)
     share = (z.stop - z.start) * covered.mean() / len(volume)
     log.info(
         "localisation: %d sampled slices; full pass on %.1f%% of the volume (box %s)", len(sampled), 100 * share, box

@@ -42,6 +42,7 @@ import logging
 import math
 import os
 import zlib
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -505,6 +506,52 @@ def label_on_plan_grid(label: np.ndarray, box: Box, shape: tuple[int, int, int])
     return np.ascontiguousarray(picked[:, axes[1][:, None], axes[2][None, :]])
 
 
+class ResampledScan:
+    """A preprocessed volume whose slices are resampled in-plane (cubic) when first asked for.
+
+    Built from the cropped, normalised slices at the target slice count (:func:`prepare_image`);
+    localised inference asks only for the slices it predicts. A finished volume (resampled
+    already) can be wrapped too.
+    """
+
+    def __init__(self, picked: np.ndarray, shape: Sequence[int]):
+        self.shape = tuple(int(n) for n in shape)
+        if picked.shape[0] != self.shape[0]:
+            raise ValueError(f"{picked.shape[0]} slices for a volume of shape {self.shape}")
+        self._picked = picked
+        finished = tuple(picked.shape[1:]) == self.shape[1:]
+        self._out = picked if finished else np.empty(self.shape, dtype=np.float32)
+        self._done = np.full(self.shape[0], finished)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def slices(self, index: slice | Sequence[int] | np.ndarray) -> np.ndarray:
+        """``volume[index]`` along the slice axis, resampling the slices not resampled yet."""
+        wanted = np.arange(self.shape[0])[index]
+        for k in np.atleast_1d(wanted)[~self._done[wanted]]:
+            _zoom2d(self._picked[k], self.shape[1:], order=3, out=self._out[k])
+            self._done[k] = True
+        return self._out[index]
+
+    def volume(self) -> np.ndarray:
+        """The whole preprocessed volume (float32, C order)."""
+        out = self.slices(slice(None))
+        self._picked = out  # every slice resampled: the source slices are no longer needed
+        return out
+
+
+def prepare_image(image: np.ndarray, spacing, settings: dict) -> tuple[ResampledScan, Box]:
+    """Crop, pick slices, clip and normalise an internal-orientation HU volume; its in-plane resampling to the
+    target spacing is left to the :class:`ResampledScan` (see :func:`preprocess_image`)."""
+    box = body_box(image) if settings["crop_to_body"] else tuple(slice(0, int(n)) for n in image.shape)
+    cropped = image[box]
+    shape = resampled_shape(cropped.shape, spacing, settings["target_spacing"])
+    picked = _gather_slices(cropped, nearest_indices(cropped.shape[0], shape[0]))  # the only copy of the scan
+    normalize(picked, settings, inplace=True)
+    return ResampledScan(picked, shape), box
+
+
 def preprocess_image(image: np.ndarray, spacing, settings: dict) -> tuple[np.ndarray, Box]:
     """Crop, clip, normalise and resample an internal-orientation HU volume.
 
@@ -514,17 +561,8 @@ def preprocess_image(image: np.ndarray, spacing, settings: dict) -> tuple[np.nda
     volume at the target spacing (C order) and the crop box (on ``image``'s grid;
     the full volume when ``crop_to_body`` is false).
     """
-    box = body_box(image) if settings["crop_to_body"] else tuple(slice(0, int(n)) for n in image.shape)
-    cropped = image[box]
-    shape = resampled_shape(cropped.shape, spacing, settings["target_spacing"])
-    picked = _gather_slices(cropped, nearest_indices(cropped.shape[0], shape[0]))  # the only copy of the scan
-    normalize(picked, settings, inplace=True)
-    if picked.shape[1:] == tuple(shape[1:]):
-        return picked, box
-    out = np.empty(shape, dtype=np.float32)
-    for k in range(shape[0]):
-        _zoom2d(picked[k], shape[1:], order=3, out=out[k])
-    return out, box
+    scan, box = prepare_image(image, spacing, settings)
+    return scan.volume(), box
 
 
 def slice_index(label: np.ndarray, num_classes: int) -> dict[str, list[int]]:

@@ -274,6 +274,36 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
     assert probabilities_to_labels(probs.astype(np.float32), shape, out=out) is out and out.max() <= 2
 
 
+@pytest.mark.parametrize("across_slices", ["linear", "nearest"])
+def test_slabs_of_certain_background_give_the_labels_a_full_resampling_gives(monkeypatch, across_slices):
+    """Localised scores (background 1, the rest 0 outside the predicted slices) skip those slabs, and the labels
+    are those of resampling every slab."""
+    from kidney_seg import inference
+
+    rng = np.random.default_rng(3)
+    probs = np.zeros((3, 12, 9, 10), np.float32)
+    probs[0] = 1.0
+    inner = rng.dirichlet([1.0, 1.0, 1.0], size=(4, 9, 10)).astype(np.float32)
+    probs[:, 5:9] = np.moveaxis(inner, -1, 0)
+    probs[0, 2, 4, 4] = 0.999  # not certain: its slab is resampled (its argmax is still background)
+    assert (
+        inference.certain_background_slices(probs).tolist()
+        == [True] * 2 + [False] + [True] * 2 + [False] * 4 + [True] * 3
+    )
+    shape = (31, 20, 17)
+    calls = []
+    real = inference.resample_linear_slab
+    monkeypatch.setattr(inference, "resample_linear_slab", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
+    fast = probabilities_to_labels(probs, shape, slab=4, across_slices=across_slices)
+    resampled_slabs = {start for start, _ in calls}
+    monkeypatch.setattr(inference, "certain_background_slices", lambda p: np.zeros(p.shape[1], bool))
+    calls.clear()
+    full = probabilities_to_labels(probs, shape, slab=4, across_slices=across_slices)
+    np.testing.assert_array_equal(fast, full)
+    assert len(resampled_slabs) < len({start for start, _ in calls}) == 8  # some slabs were skipped
+    assert fast.any() and not fast[:4].any() and not fast[-4:].any()
+
+
 def test_real_kits_header_and_its_ras_copy_give_the_same_prediction(tmp_path, kits_labels_dir):
     """A real KiTS case re-saved in RAS with slices last is segmented identically, voxel for voxel.
 

@@ -184,6 +184,22 @@ def test_the_localised_pass_equals_the_full_pass_on_fewer_pixels(caplog, tiling)
     assert any("full pass on" in r.getMessage() for r in caplog.records)
 
 
+def test_the_localised_pass_resamples_only_the_slices_it_predicts(monkeypatch):
+    """On a plan that resamples in-plane: the sampled slices and the box's are resampled, the labels those of the
+    full pass."""
+    from kidney_seg import preprocessing
+
+    image = block_scan(shape=(24, 100, 110))
+    resampled = fake_plan({"target_spacing": [2.5, 1.6, 1.6], "clip": [-100, 300], "crop_to_body": False})
+    full = predict_volume(image, SPACING, resampled, threshold_model, localized_cfg(localize=False))
+    zoomed = []
+    real = preprocessing._zoom2d
+    monkeypatch.setattr(preprocessing, "_zoom2d", lambda plane, *a, **k: zoomed.append(1) or real(plane, *a, **k))
+    fast = predict_volume(image, SPACING, resampled, threshold_model, localized_cfg(localize_margin_mm=5.0))
+    np.testing.assert_array_equal(fast, full)
+    assert (full == 1).any() and 6 <= len(zoomed) < 24, len(zoomed)  # 7 sampled slices, the box's 6 and its margin
+
+
 def test_nothing_found_by_the_cheap_pass_falls_back_to_every_slice(caplog):
     """A 2-slice block between the sampled slices (0, 4, 8, ...): the cheap pass misses it, the full pass does not."""
     image = block_scan(block=((9, 11), (25, 35), (30, 40)))

@@ -328,6 +328,24 @@ def test_preprocess_image_crops_and_handles_any_layout(monkeypatch):
     assert image[0, 0, 0] == -1000  # input untouched
 
 
+def test_a_resampled_scan_resamples_each_slice_once_and_equals_preprocess_image(monkeypatch):
+    from kidney_seg import preprocessing
+
+    image, _ = phantom_body((9, 64, 80))
+    s = settings(target_spacing=[3.0, 1.5, 1.5])
+    whole, box = preprocess_image(image, (3.0, 1.0, 1.0), s)
+    zoomed = []
+    real = preprocessing._zoom2d
+    monkeypatch.setattr(preprocessing, "_zoom2d", lambda plane, *a, **k: zoomed.append(1) or real(plane, *a, **k))
+    scan, box2 = preprocessing.prepare_image(image, (3.0, 1.0, 1.0), s)
+    assert box2 == box and scan.shape == whole.shape and len(scan) == 9 and not zoomed
+    np.testing.assert_array_equal(scan.slices([6, 2]), whole[[6, 2]])
+    np.testing.assert_array_equal(scan.slices(slice(2, 5)), whole[2:5])
+    assert len(zoomed) == 4  # 6, 2, then 3 and 4
+    np.testing.assert_array_equal(scan.volume(), whole)
+    assert len(zoomed) == 9
+
+
 def test_preprocess_image_without_resampling_or_crop_keeps_shape():
     image = np.random.default_rng(0).normal(40, 30, (4, 16, 18)).astype(np.float32)
     out, box = preprocess_image(image, (5.0, 0.7, 0.7), settings(target_spacing=None, crop_to_body=False))
