@@ -327,12 +327,18 @@ def linear_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.nd
     return lo, hi, (x - lo).astype(np.float32)
 
 
-def _zoom_plane_linear(plane: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+def _zoom_plane_linear(
+    plane: np.ndarray, shape: tuple[int, int], rows: slice = slice(None), cols: slice = slice(None)
+) -> np.ndarray:
+    """``plane`` resized linearly to ``shape`` (float32), output ``rows`` x ``cols`` only: separable
+    (:func:`linear_weights`), equal to ``ndimage.zoom(order=1, mode="nearest", grid_mode=True)`` to float32
+    rounding and about 5x faster. Each output pixel is computed alone, so a window equals that part of the whole."""
     if tuple(plane.shape) == tuple(shape):
-        return plane
-    return ndimage.zoom(
-        plane, [n / o for n, o in zip(shape, plane.shape)], output=np.float32, order=1, mode="nearest", grid_mode=True
-    )
+        return plane[rows, cols]
+    (ly, hy, wy), (lx, hx, wx) = (linear_weights(n_in, n_out) for n_in, n_out in zip(plane.shape, shape))
+    ly, hy, wy, lx, hx, wx = ly[rows], hy[rows], wy[rows, None], lx[cols], hx[cols], wx[cols]
+    blended = plane[ly] * (1 - wy) + plane[hy] * wy
+    return blended[:, lx] * (1 - wx) + blended[:, hx] * wx
 
 
 #: How class scores are resampled across slices on the way back to a scan's grid.
@@ -351,10 +357,16 @@ def slice_weights(n_in: int, n_out: int, across_slices: str) -> tuple[np.ndarray
 
 
 def resample_linear_slab(
-    volume: np.ndarray, shape: tuple[int, int, int], start: int, stop: int, across_slices: str = "linear"
+    volume: np.ndarray,
+    shape: tuple[int, int, int],
+    start: int,
+    stop: int,
+    across_slices: str = "linear",
+    rows: slice = slice(None),
+    cols: slice = slice(None),
 ) -> np.ndarray:
     """Output slices ``start:stop`` of ``volume`` (Z, Y, X) resized to ``shape`` (float32): linear
-    in-plane, linear or nearest (``across_slices``) across slices.
+    in-plane, linear or nearest (``across_slices``) across slices; output ``rows`` x ``cols`` only.
 
     Linear resizing is separable: each needed source slice is resized in-plane, then
     neighbouring slices are blended, which equals a full 3D ``ndimage.zoom(order=1,
@@ -365,7 +377,7 @@ def resample_linear_slab(
     first = int(lo.min())
     planes = np.stack(
         [
-            _zoom_plane_linear(np.asarray(volume[i], dtype=np.float32), shape[1:])
+            _zoom_plane_linear(np.asarray(volume[i], dtype=np.float32), shape[1:], rows, cols)
             for i in range(first, int(hi.max()) + 1)
         ]
     )
@@ -374,11 +386,35 @@ def resample_linear_slab(
     return out
 
 
-def certain_background_slices(probs: np.ndarray) -> np.ndarray:
-    """Per slice of class scores (C, Z, Y, X): whether background scores 1 and every other class 0 everywhere (as
-    localised inference fills what it does not predict). Any linear blend of such slices is background."""
-    flat = probs.reshape(probs.shape[0], probs.shape[1], -1)
-    return (flat[0] == 1).all(axis=1) & ~flat[1:].any(axis=(0, 2))
+def uncertain_boxes(probs: np.ndarray) -> list[tuple[int, int, int, int] | None]:
+    """Per slice of class scores (C, Z, Y, X): the (row, row end, col, col end) box of the pixels that are not
+    certain background (background 1, every other class 0, as localised inference fills what it does not
+    predict), or None where the whole slice is. Any linear blend of certain background is background."""
+    uncertain = (probs[0] != 1) | probs[1:].any(axis=0)
+    boxes: list[tuple[int, int, int, int] | None] = []
+    for plane in uncertain:
+        rows, cols = np.flatnonzero(plane.any(axis=1)), np.flatnonzero(plane.any(axis=0))
+        boxes.append(None if rows.size == 0 else (int(rows[0]), int(rows[-1]) + 1, int(cols[0]), int(cols[-1]) + 1))
+    return boxes
+
+
+def _outputs_reading(lo: np.ndarray, hi: np.ndarray, start: int, stop: int) -> slice:
+    """The output positions whose linear sources (``lo``/``hi``, non-decreasing) touch source ``start:stop``."""
+    return slice(int(np.searchsorted(hi, start, side="left")), int(np.searchsorted(lo, stop - 1, side="right")))
+
+
+def _uncertain_window(
+    boxes: list[tuple[int, int, int, int] | None], sources: range, in_plane: tuple[int, int], shape: tuple[int, int]
+) -> tuple[slice, slice] | None:
+    """The output rows x cols that read a pixel outside certain background in any of ``sources``' slices, or
+    None where all of them are certain background."""
+    found = [boxes[i] for i in sources if boxes[i] is not None]
+    if not found:
+        return None
+    r0, r1 = min(b[0] for b in found), max(b[1] for b in found)
+    c0, c1 = min(b[2] for b in found), max(b[3] for b in found)
+    (ly, hy, _), (lx, hx, _) = (linear_weights(n_in, n_out) for n_in, n_out in zip(in_plane, shape))
+    return _outputs_reading(ly, hy, r0, r1), _outputs_reading(lx, hx, c0, c1)
 
 
 def probabilities_to_labels(
@@ -391,25 +427,28 @@ def probabilities_to_labels(
     """Resample each class's score to ``shape`` (linear in-plane, ``across_slices`` across); running argmax (uint8).
 
     Works ``slab`` output slices at a time, one class after the other, so beyond the
-    uint8 labels only a few slab-sized float32 arrays exist at the original resolution; a slab
-    blended only from :func:`certain_background_slices` is background without being resampled.
+    uint8 labels only a few slab-sized float32 arrays exist at the original resolution. Only the
+    window of a slab that reads a pixel outside certain background (:func:`uncertain_boxes`) is
+    resampled; the rest is background, exactly as resampling it would give.
     Ties go to the lower class. ``out`` (uint8, ``shape``) receives the labels if given.
     """
     shape = tuple(int(s) for s in shape)
     labels = np.zeros(shape, dtype=np.uint8) if out is None else out
     if labels.shape != shape:
         raise ValueError(f"out has shape {labels.shape}, expected {shape}")
-    certain = certain_background_slices(probs)
+    boxes = uncertain_boxes(probs)
     lo, hi, _ = slice_weights(probs.shape[1], shape[0], across_slices)
     for start in range(0, shape[0], slab):
         stop = min(start + slab, shape[0])
-        if certain[int(lo[start:stop].min()) : int(hi[start:stop].max()) + 1].all():
-            labels[start:stop] = 0  # every score it blends is background 1, the rest 0: background, exactly
+        sources = range(int(lo[start:stop].min()), int(hi[start:stop].max()) + 1)
+        window = _uncertain_window(boxes, sources, probs.shape[2:], shape[1:])
+        labels[start:stop] = 0  # what reads only certain background (background 1, the rest 0) is background
+        if window is None:
             continue
         best = None
-        chunk = np.zeros((stop - start,) + shape[1:], dtype=np.uint8)
+        chunk = np.zeros((stop - start, window[0].stop - window[0].start, window[1].stop - window[1].start), np.uint8)
         for c in range(len(probs)):
-            prob = resample_linear_slab(probs[c], shape, start, stop, across_slices)
+            prob = resample_linear_slab(probs[c], shape, start, stop, across_slices, *window)
             if best is None:
                 best = prob
                 chunk[...] = c
@@ -417,7 +456,7 @@ def probabilities_to_labels(
             better = prob > best
             chunk[better] = c
             np.copyto(best, prob, where=better)
-        labels[start:stop] = chunk
+        labels[(slice(start, stop), *window)] = chunk
     return labels
 
 

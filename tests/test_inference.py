@@ -275,32 +275,33 @@ def test_probabilities_to_labels_matches_per_class_full_zoom():
 
 
 @pytest.mark.parametrize("across_slices", ["linear", "nearest"])
-def test_slabs_of_certain_background_give_the_labels_a_full_resampling_gives(monkeypatch, across_slices):
-    """Localised scores (background 1, the rest 0 outside the predicted slices) skip those slabs, and the labels
-    are those of resampling every slab."""
+def test_certain_background_is_not_resampled_and_the_labels_do_not_change(monkeypatch, across_slices):
+    """Localised scores (background 1, the rest 0 outside what was predicted) resample only the windows that read
+    a predicted pixel, and give the labels of resampling everything."""
     from kidney_seg import inference
 
     rng = np.random.default_rng(3)
     probs = np.zeros((3, 12, 9, 10), np.float32)
     probs[0] = 1.0
-    inner = rng.dirichlet([1.0, 1.0, 1.0], size=(4, 9, 10)).astype(np.float32)
-    probs[:, 5:9] = np.moveaxis(inner, -1, 0)
-    probs[0, 2, 4, 4] = 0.999  # not certain: its slab is resampled (its argmax is still background)
-    assert (
-        inference.certain_background_slices(probs).tolist()
-        == [True] * 2 + [False] + [True] * 2 + [False] * 4 + [True] * 3
-    )
+    probs[:, 5:9, 2:6, 3:8] = np.moveaxis(rng.dirichlet([1.0, 1.0, 1.0], size=(4, 4, 5)), -1, 0)
+    probs[0, 2, 4, 4] = 0.999  # not certain: read by its slab (its argmax is still background)
+    boxes = inference.uncertain_boxes(probs)
+    assert boxes[2] == (4, 5, 4, 5) and boxes[5:9] == [(2, 6, 3, 8)] * 4
+    assert [i for i, b in enumerate(boxes) if b is None] == [0, 1, 3, 4, 9, 10, 11]
     shape = (31, 20, 17)
-    calls = []
+    sizes = []
     real = inference.resample_linear_slab
-    monkeypatch.setattr(inference, "resample_linear_slab", lambda *a, **k: calls.append(a[2:4]) or real(*a, **k))
+    monkeypatch.setattr(
+        inference, "resample_linear_slab", lambda *a, **k: sizes.append(real(*a, **k).size) or real(*a, **k)
+    )
     fast = probabilities_to_labels(probs, shape, slab=4, across_slices=across_slices)
-    resampled_slabs = {start for start, _ in calls}
-    monkeypatch.setattr(inference, "certain_background_slices", lambda p: np.zeros(p.shape[1], bool))
-    calls.clear()
+    resampled = sum(sizes)
+    everywhere = [(0, 9, 0, 10)] * 12
+    monkeypatch.setattr(inference, "uncertain_boxes", lambda p: everywhere)
+    sizes.clear()
     full = probabilities_to_labels(probs, shape, slab=4, across_slices=across_slices)
     np.testing.assert_array_equal(fast, full)
-    assert len(resampled_slabs) < len({start for start, _ in calls}) == 8  # some slabs were skipped
+    assert sum(sizes) == 3 * 31 * 20 * 17 and resampled < sum(sizes) / 4, (resampled, sum(sizes))
     assert fast.any() and not fast[:4].any() and not fast[-4:].any()
 
 
