@@ -578,7 +578,7 @@ def predict_localized(
     if cut_at_the_edge(probs[0][z] < 0.5, z, covered, len(scan), voxel_ml, min_ml):
         log.warning("localisation: foreground reaches the edge of what was predicted (box %s); every slice", box)
         return predict_probabilities(scan.volume(), fns, **settings)
-    share = (z.stop - z.start) * covered.mean() / len(volume)
+    share = (z.stop - z.start) * covered.mean() / len(scan)
     log.info(
         "localisation: %d sampled slices; full pass on %.1f%% of the volume (box %s)", len(sampled), 100 * share, box
     )
